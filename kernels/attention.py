@@ -1,0 +1,83 @@
+"""Paged attention: new tokens attend (causally) to their context in the paged KV cache.
+
+The caller has already written the step's new K/V into the cache (`kernels.cache.reshape_and_cache`),
+so one code path serves a whole prompt, a chunk of a prompt that continues earlier chunks or a
+prefix-cache hit, and a decode token: every query reads all of its context through the block table.
+
+Shapes: query (num_tokens, num_heads, head_dim); key_cache / value_cache
+(num_blocks, block_size, num_kv_heads, head_dim); output like query. GQA: query head h reads KV head
+h // (num_heads // num_kv_heads).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backend import use_triton
+from .metadata import AttentionMetadata
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Dispatch: Triton on CUDA, the torch reference elsewhere."""
+    if use_triton(query):
+        from . import attention_triton
+
+        return attention_triton.paged_attention(query, key_cache, value_cache, metadata, scale)
+    return paged_attention_ref(query, key_cache, value_cache, metadata, scale)
+
+
+def paged_attention_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Torch reference: gather each sequence's context into a padded batch, one masked SDPA call.
+
+    Vectorised (no per-sequence Python loop) so it doubles as the CPU fast path.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    num_seqs = metadata.num_seqs
+    max_q, max_s = metadata.max_query_len, metadata.max_seq_len
+    device = query.device
+
+    qsl = metadata.query_start_loc.long()
+    q_lens = qsl[1:] - qsl[:-1]                                  # (num_seqs,)
+    seq_lens = metadata.seq_lens.long()                          # (num_seqs,)
+
+    num_blocks = (max_s + block_size - 1) // block_size
+    tables = metadata.block_tables[:, :num_blocks].long()        # (num_seqs, num_blocks)
+    # (num_seqs, num_blocks, block_size, Hkv, D) -> (num_seqs, Hkv, max_s, D)
+    keys = key_cache[tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
+    values = value_cache[tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
+    keys = keys[:, :max_s].transpose(1, 2)
+    values = values[:, :max_s].transpose(1, 2)
+
+    # Scatter the flat queries into (num_seqs, max_q) slots.
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)  # (T,)
+    index_in_seq = torch.arange(num_tokens, device=device) - qsl[seq_of_token]             # (T,)
+    padded_q = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
+    padded_q[seq_of_token, index_in_seq] = query
+
+    # Query j of sequence i sits at position seq_lens[i] - q_lens[i] + j; it sees keys at <= that.
+    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]    # (S, max_q)
+    k_pos = torch.arange(max_s, device=device)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
+
+    out = F.scaled_dot_product_attention(
+        padded_q.transpose(1, 2),          # (S, H, max_q, D)
+        keys.to(query.dtype),              # (S, Hkv, max_s, D)
+        values.to(query.dtype),
+        attn_mask=mask[:, None],           # (S, 1, max_q, max_s)
+        scale=scale,
+        enable_gqa=num_heads != num_kv_heads,
+    )                                      # (S, H, max_q, D)
+    return out.transpose(1, 2)[seq_of_token, index_in_seq]       # (T, H, D)
