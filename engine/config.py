@@ -1,0 +1,255 @@
+"""Engine configuration: the user-facing `EngineArgs` and one validated dataclass per subsystem.
+
+`EngineArgs` mirrors vLLM's argument names. `EngineArgs.create_config()` resolves the model, reads
+its Hugging Face config, picks the device and dtype and checks every value, raising `ValueError`
+that names the parameter and the value. KV-cache capacity (and so the final `max_model_len`) is
+known only once the executor has sized the cache; `EngineConfig.finalize_capacity` applies it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import torch
+
+from .model_source import ModelSource, load_hf_config, resolve_model
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class ModelConfig:
+    source: ModelSource
+    hf_config: Any                      # transformers.PretrainedConfig
+    dtype: torch.dtype
+    max_model_len: int                  # prompt + output tokens of one sequence
+    served_model_name: str
+    load_format: Literal["auto", "dummy"] = "auto"   # dummy = random weights of the real shape
+    skip_tokenizer_init: bool = False
+    seed: int = 0
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.hf_config, "architectures", None) or []
+        return archs[0] if archs else "<none>"
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.hf_config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.hf_config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.hf_config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        head_dim = getattr(self.hf_config, "head_dim", None)
+        return int(head_dim or self.hf_config.hidden_size // self.num_heads)
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: Optional[int] = None      # explicit budget; on CPU the default is 1 GiB
+    num_blocks: Optional[int] = None                  # set by the executor once the cache is sized
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+    policy: Literal["fcfs", "priority"] = "fcfs"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    executor_backend: Literal["uni", "mp", "ray"] = "uni"
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: torch.device
+    enforce_eager: bool = False
+    max_model_len_explicit: bool = False
+
+    def finalize_capacity(self, num_blocks: int) -> None:
+        """Records the sized KV cache and makes sure one sequence of max_model_len fits in it.
+
+        Invariant afterwards: any single request with prompt + max_tokens <= max_model_len can be
+        scheduled alone, so the scheduler never waits forever for blocks.
+        """
+        if num_blocks < 1:
+            raise ValueError(
+                "the KV cache budget leaves no room for a single block "
+                f"(block_size={self.cache.block_size}); raise kv_cache_memory_bytes or gpu_memory_utilization"
+            )
+        self.cache.num_blocks = num_blocks
+        capacity_tokens = num_blocks * self.cache.block_size
+        if self.model.max_model_len > capacity_tokens:
+            if self.max_model_len_explicit:
+                raise ValueError(
+                    f"max_model_len={self.model.max_model_len} needs more KV cache than the budget holds "
+                    f"({num_blocks} blocks x {self.cache.block_size} = {capacity_tokens} tokens); lower "
+                    "max_model_len or raise kv_cache_memory_bytes / gpu_memory_utilization"
+                )
+            self.model.max_model_len = capacity_tokens
+            self.scheduler.max_model_len = capacity_tokens
+
+
+@dataclass
+class EngineArgs:
+    model: str = "default"
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    max_model_len: Optional[int] = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: Optional[int] = None
+    seed: int = 0
+    device: str = "auto"
+    load_format: str = "auto"
+    skip_tokenizer_init: bool = False
+    served_model_name: Optional[str] = None
+    scheduling_policy: str = "fcfs"
+    enforce_eager: bool = False
+    distributed_executor_backend: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def create_config(self) -> EngineConfig:
+        def bad(name: str, value: object, rule: str) -> ValueError:
+            return ValueError(f"{name} must be {rule}, got {value!r}")
+
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise bad("max_num_seqs", self.max_num_seqs, "an integer >= 1")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise bad("block_size", self.block_size, "one of 8, 16, 32, 64, 128")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise bad("gpu_memory_utilization", self.gpu_memory_utilization, "in (0, 1]")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise bad("kv_cache_memory_bytes", self.kv_cache_memory_bytes, "a positive number of bytes")
+        if self.load_format not in ("auto", "dummy"):
+            raise bad("load_format", self.load_format, "'auto' or 'dummy'")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise bad("scheduling_policy", self.scheduling_policy, "'fcfs' or 'priority'")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise bad("max_model_len", self.max_model_len, "an integer >= 1")
+        if self.max_num_batched_tokens is not None and (
+            not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
+        ):
+            raise bad("max_num_batched_tokens", self.max_num_batched_tokens, "an integer >= 1")
+
+        device = _resolve_device(self.device)
+        source = resolve_model(self.model)
+        hf_config = load_hf_config(source)
+        dtype = _resolve_dtype(self.dtype, hf_config, device)
+
+        derived_len = _derived_max_model_len(hf_config)
+        if self.max_model_len is not None and self.max_model_len > derived_len:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's limit of {derived_len} tokens"
+            )
+        max_model_len = self.max_model_len or derived_len
+        max_num_batched_tokens = self.max_num_batched_tokens or 8192
+        backend = self.distributed_executor_backend or ("uni" if self.tensor_parallel_size == 1 else "mp")
+        if backend not in ("uni", "mp", "ray"):
+            raise bad("distributed_executor_backend", backend, "'uni', 'mp' or 'ray'")
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"distributed_executor_backend='uni' runs one process; tensor_parallel_size="
+                f"{self.tensor_parallel_size} needs 'mp' or 'ray'"
+            )
+
+        model = ModelConfig(
+            source=source,
+            hf_config=hf_config,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            served_model_name=self.served_model_name or source.name,
+            load_format=self.load_format,  # type: ignore[arg-type]
+            skip_tokenizer_init=self.skip_tokenizer_init,
+            seed=self.seed,
+        )
+        from .models.llama import check_tensor_parallel
+        from .models.registry import check_architecture
+
+        check_architecture(model.architecture)
+        check_tensor_parallel(hf_config, self.tensor_parallel_size)
+        return EngineConfig(
+            model=model,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                enable_prefix_caching=self.enable_prefix_caching,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len,
+                policy=self.scheduling_policy,  # type: ignore[arg-type]
+            ),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size, executor_backend=backend),  # type: ignore[arg-type]
+            device=device,
+            enforce_eager=self.enforce_eager,
+            max_model_len_explicit=self.max_model_len is not None,
+        )
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32   # CPU matmuls are fastest (and HF-exact) in fp32
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(config_dtype, str):
+            config_dtype = _DTYPES.get(config_dtype)
+        return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _derived_max_model_len(hf_config: Any) -> int:
+    limit = int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
+    # NOTE: the kernels implement full attention only, so a sliding-window model (Mistral) is served
+    # up to its window, where full and windowed attention agree.
+    window = getattr(hf_config, "sliding_window", None)
+    if window and (getattr(hf_config, "use_sliding_window", True)):
+        limit = min(limit, int(window))
+    return limit

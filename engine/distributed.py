@@ -1,0 +1,72 @@
+"""Tensor-parallel process group: setup, rank/size helpers and the collectives the layers use.
+
+One process per TP rank. NCCL on CUDA, gloo on CPU. Without `init_tensor_parallel` the helpers
+describe a single rank and the collectives are no-ops, so single-process code needs no branches.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class TPGroup:
+    rank: int = 0
+    world_size: int = 1
+    group: Optional[dist.ProcessGroup] = None
+
+
+_TP = TPGroup()
+
+
+def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device,
+                         timeout_s: float = 600.0) -> None:
+    """Joins this process to the TP group (rank 0 .. world_size-1) at `init_method` (tcp://host:port)."""
+    global _TP
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    _TP = TPGroup(rank=rank, world_size=world_size, group=dist.group.WORLD)
+
+
+def destroy_tensor_parallel() -> None:
+    global _TP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _TP = TPGroup()
+
+
+def get_tp_rank() -> int:
+    return _TP.rank
+
+
+def get_tp_size() -> int:
+    return _TP.world_size
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (returns x)."""
+    if _TP.world_size > 1:
+        dist.all_reduce(x, group=_TP.group)
+    return x
+
+
+def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenates every rank's x along `dim`, in rank order."""
+    if _TP.world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_TP.world_size)]
+    dist.all_gather(parts, x.contiguous(), group=_TP.group)
+    return torch.cat(parts, dim=dim)
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator != 0:
+        raise ValueError(f"{what} ({numerator}) is not divisible by the tensor parallel size ({denominator})")
+    return numerator // denominator

@@ -1,0 +1,73 @@
+"""The engine core: add_request / step / abort over token ids.
+
+    step() = schedule -> execute (forward + sample) -> update (append tokens, finish requests)
+
+No text here: tokenization and detokenization live in the input and output processors so that the
+core can run on its own thread or process, free of the callers' work.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from .config import EngineConfig
+from .executor.base import Executor, executor_class_for
+from .outputs import EngineCoreOutput, EngineStats
+from .request import Request, RequestStatus
+from .scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor_class: Optional[type[Executor]] = None) -> None:
+        self.config = config
+        self.executor = (executor_class or executor_class_for(config))(config)
+        num_blocks = self.executor.determine_num_blocks()
+        config.finalize_capacity(num_blocks)
+        self.executor.initialize_cache(num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache)
+        self.num_steps = 0
+        logger.info("KV cache: %d blocks of %d tokens; max_model_len %d", num_blocks,
+                    config.cache.block_size, config.model.max_model_len)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already running")
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        aborted = self.scheduler.abort_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        return [EngineCoreOutput(r.request_id, [], finish_reason="abort") for r in aborted]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.executor.execute_model(scheduler_output)
+        self.num_steps += 1
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def get_stats(self) -> EngineStats:
+        kv = self.scheduler.kv
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=kv.usage,
+            num_blocks=kv.pool.num_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.scheduler.num_prompt_tokens,
+            generation_tokens=self.scheduler.num_generation_tokens,
+            num_steps=self.num_steps,
+            cached_prefix_hashes=kv.cached_prefix_hashes(),
+        )
+
+    def check_health(self) -> None:
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

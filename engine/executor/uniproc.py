@@ -1,0 +1,24 @@
+"""One process, one model runner."""
+from __future__ import annotations
+
+from ..config import EngineConfig
+from ..model_runner import ModelRunner
+from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
+from .base import Executor
+
+
+class UniprocExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.runner = ModelRunner(config)
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        output = self.runner.execute_model(scheduler_output)
+        assert output is not None
+        return output

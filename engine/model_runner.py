@@ -1,0 +1,281 @@
+"""Runs one forward pass per step over the flattened batch, and samples.
+
+All per-step device inputs are built in one place (`_prepare_inputs`) from the scheduler's
+descriptor and passed explicitly to the model:
+
+    scheduled:  A (prefill chunk, 5 tokens)      B (decode, 1 token)
+    input_ids   [a5 a6 a7 a8 a9 | b41]           positions [5 6 7 8 9 | 41]
+    query_start_loc [0, 5, 6]                    seq_lens  [10, 42]
+    slot_mapping    block_table[pos // bs] * bs + pos % bs for each token
+    logits_indices  rows whose hidden state feeds the sampler (last token of a finished prefill
+                    or decode), plus every prompt row of requests asking for prompt logprobs
+
+Every TP rank runs the model; only rank 0 samples (`is_driver`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pagoda.kernels import AttentionMetadata
+
+from .config import EngineConfig
+from .distributed import get_tp_size
+from .models.registry import get_model_class
+from .sampler import Sampler, SamplingRow
+from .scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass
+class CachedRequestState:
+    data: NewRequestData
+    block_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, is_driver: bool = True) -> None:
+        self.config = config
+        self.device = config.device
+        self.dtype = config.model.dtype
+        self.block_size = config.cache.block_size
+        self.is_driver = is_driver
+        self.model = self._load_model()
+        self.sampler = Sampler(self.device, config.model.seed)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_cache: Optional[torch.Tensor] = None
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def _load_model(self) -> torch.nn.Module:
+        mc = self.config.model
+        model_class = get_model_class(mc.architecture)
+        max_position = max(mc.max_model_len, 1)
+        with torch.device(self.device):
+            model = model_class(mc.hf_config, max_position, self.dtype)
+        if mc.load_format == "dummy":
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(mc.seed)
+            for param in model.parameters():
+                param.data.uniform_(-1e-3, 1e-3, generator=generator)
+        else:
+            from .weights import iterate_weights
+
+            model.load_weights(iterate_weights(mc.source))
+        model.eval()
+        return model
+
+    def kv_bytes_per_block(self) -> int:
+        layer = self.model.attention_layers()[0]
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return (len(self.model.attention_layers()) * 2 * self.block_size * layer.num_kv_heads
+                * layer.head_dim * element)
+
+    def determine_num_blocks(self) -> int:
+        """Blocks that fit the KV budget: explicit bytes, 1 GiB on CPU, or profiled on GPU."""
+        cache = self.config.cache
+        if cache.kv_cache_memory_bytes is not None:
+            return int(cache.kv_cache_memory_bytes // self.kv_bytes_per_block())
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_KV_BYTES // self.kv_bytes_per_block()
+        return self._profile_num_blocks()
+
+    @torch.inference_mode()
+    def _profile_num_blocks(self) -> int:
+        """Runs a dummy max-size step and gives the KV cache what `gpu_memory_utilization` leaves."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = self.config.scheduler.max_num_batched_tokens
+        seq_len = min(self.config.model.max_model_len, num_tokens)
+        num_seqs = max(1, num_tokens // seq_len)
+        num_blocks = num_seqs * -(-seq_len // self.block_size)
+        self.allocate_kv_cache(num_blocks)
+        kv_temp_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        tokens = num_seqs * seq_len
+        blocks_per_seq = -(-seq_len // self.block_size)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.arange(tokens, device=self.device, dtype=torch.int64),
+            query_start_loc=torch.arange(0, tokens + 1, seq_len, device=self.device, dtype=torch.int32),
+            seq_lens=torch.full((num_seqs,), seq_len, device=self.device, dtype=torch.int32),
+            block_tables=torch.arange(num_blocks, device=self.device, dtype=torch.int32).view(num_seqs, blocks_per_seq),
+            max_query_len=seq_len, max_seq_len=seq_len)
+        input_ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        positions = torch.arange(seq_len, device=self.device).repeat(num_seqs)
+        hidden = self.model(input_ids, positions, metadata)
+        self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - kv_temp_bytes
+        self.kv_cache = None
+        for layer in self.model.attention_layers():
+            layer.kv_cache = torch.empty(0)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.cache.gpu_memory_utilization - peak - max(used_by_others, 0)
+        logger.info("profiled peak %.2f GiB (excluding KV); KV budget %.2f GiB", peak / 2**30, budget / 2**30)
+        return int(max(budget, 0) // self.kv_bytes_per_block())
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        layers = self.model.attention_layers()
+        first = layers[0]
+        # (layers, K/V, blocks, block_size, kv_heads, head_dim): one allocation, a view per layer
+        self.kv_cache = torch.zeros(len(layers), 2, num_blocks, self.block_size, first.num_kv_heads,
+                                    first.head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            layer.kv_cache = self.kv_cache[i]
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        for request_id in scheduler_output.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for data in scheduler_output.new_requests:
+            self.requests[data.request_id] = CachedRequestState(data, output_token_ids=list(data.output_token_ids))
+        for item in scheduler_output.scheduled:
+            self.requests[item.request_id].block_ids.extend(item.new_block_ids)
+
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput):
+        block_size = self.block_size
+        scheduled = scheduler_output.scheduled
+        input_ids: list[int] = []
+        positions_parts, slot_parts = [], []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        prompt_rows: dict[str, tuple[int, int, int]] = {}   # id -> (first row, count, first position)
+        max_blocks = 0
+        for item in scheduled:
+            state = self.requests[item.request_id]
+            num_new = len(item.token_ids)
+            start = item.num_computed_tokens
+            cursor = len(input_ids)
+            input_ids.extend(item.token_ids)
+            pos = np.arange(start, start + num_new, dtype=np.int64)
+            block_ids = np.asarray(state.block_ids, dtype=np.int64)
+            positions_parts.append(pos)
+            slot_parts.append(block_ids[pos // block_size] * block_size + pos % block_size)
+            query_start_loc.append(cursor + num_new)
+            seq_lens.append(start + num_new)
+            max_blocks = max(max_blocks, len(state.block_ids))
+            prompt_len = len(state.data.prompt_token_ids)
+            if state.data.sampling_params.prompt_logprobs is not None and start < prompt_len:
+                count = max(0, min(start + num_new, prompt_len - 1) - start)
+                prompt_rows[item.request_id] = (len(logits_indices), count, start)
+                logits_indices.extend(range(cursor, cursor + count))
+            if item.sample:
+                logits_indices.append(cursor + num_new - 1)
+
+        block_tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
+        for i, item in enumerate(scheduled):
+            ids = self.requests[item.request_id].block_ids
+            block_tables[i, : len(ids)] = ids
+        device = self.device
+        pin = device.type == "cuda"
+
+        def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            tensor = torch.from_numpy(array).to(dtype)
+            if pin:
+                tensor = tensor.pin_memory()
+            return tensor.to(device, non_blocking=True)
+
+        metadata = AttentionMetadata(
+            slot_mapping=to_device(np.concatenate(slot_parts), torch.int64),
+            query_start_loc=to_device(np.asarray(query_start_loc, dtype=np.int32), torch.int32),
+            seq_lens=to_device(np.asarray(seq_lens, dtype=np.int32), torch.int32),
+            block_tables=to_device(block_tables, torch.int32),
+            max_query_len=max(len(item.token_ids) for item in scheduled),
+            max_seq_len=max(seq_lens),
+        )
+        return (to_device(np.asarray(input_ids, dtype=np.int64), torch.int64),
+                to_device(np.concatenate(positions_parts), torch.int64),
+                metadata,
+                to_device(np.asarray(logits_indices, dtype=np.int64), torch.int64),
+                prompt_rows)
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        self._update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput() if self.is_driver else None
+        input_ids, positions, metadata, logits_indices, prompt_rows = self._prepare_inputs(scheduler_output)
+        hidden = self.model(input_ids, positions, metadata)                  # (T, hidden)
+        if get_tp_size() > 1 and not self.is_driver:
+            # non-driver ranks still join the LM head's all-gather
+            self.model.compute_logits(hidden[logits_indices])
+            return None
+        logits = self.model.compute_logits(hidden[logits_indices])           # (rows, vocab)
+        return self._sample(scheduler_output, logits, prompt_rows)
+
+    def _sample(self, scheduler_output: SchedulerOutput, logits: torch.Tensor,
+                prompt_rows: dict[str, tuple[int, int, int]]) -> ModelRunnerOutput:
+        out = ModelRunnerOutput()
+        rows: list[SamplingRow] = []
+        row_index: list[int] = []
+        row_ids: list[str] = []
+        cursor = 0
+        for item in scheduler_output.scheduled:
+            if item.request_id in prompt_rows:
+                cursor += prompt_rows[item.request_id][1]
+            if not item.sample:
+                continue
+            state = self.requests[item.request_id]
+            params = state.data.sampling_params
+            num_out = len(state.output_token_ids)
+            penalties = params.needs_penalties
+            rows.append(SamplingRow(
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                seed=state.data.seed, num_output_tokens=num_out,
+                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                repetition_penalty=params.repetition_penalty,
+                prompt_token_ids=state.data.prompt_token_ids if penalties else None,
+                output_token_ids=state.output_token_ids if penalties else None,
+                logit_bias=params.logit_bias,
+                banned_token_ids=state.data.min_tokens_banned_ids if num_out < params.min_tokens else [],
+                num_logprobs=params.logprobs,
+            ))
+            row_index.append(cursor)
+            row_ids.append(item.request_id)
+            cursor += 1
+        if rows:
+            result = self.sampler(logits[row_index], rows)
+            for request_id, token, logprobs in zip(row_ids, result.token_ids, result.logprobs):
+                self.requests[request_id].output_token_ids.append(token)
+                out.sampled_token_ids[request_id] = token
+                if logprobs is not None:
+                    out.logprobs[request_id] = logprobs
+        if prompt_rows:
+            out.prompt_logprobs = self._prompt_logprobs(logits, prompt_rows)
+        return out
+
+    def _prompt_logprobs(self, logits: torch.Tensor,
+                         prompt_rows: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, list]]:
+        """Per request: (prompt index of the first entry, entries). Entry i is the distribution that
+        predicted prompt token i (None for token 0), so a chunk recomputed after a preemption
+        overwrites the same indices instead of duplicating them."""
+        result: dict[str, tuple[int, list]] = {}
+        for request_id, (first_row, count, start) in prompt_rows.items():
+            state = self.requests[request_id]
+            if count == 0:
+                result[request_id] = (0, [None]) if start == 0 else (start + 1, [])
+                continue
+            k = state.data.sampling_params.prompt_logprobs or 0
+            prompt = state.data.prompt_token_ids
+            logprobs = torch.log_softmax(logits[first_row:first_row + count], dim=-1)   # (count, V)
+            targets = torch.tensor(prompt[start + 1:start + 1 + count], device=logprobs.device)
+            chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+            top_vals, top_ids = (logprobs.topk(k, dim=-1) if k else (None, None))
+            entries: list[Optional[dict[int, float]]] = [None] if start == 0 else []
+            for j in range(count):
+                entry: dict[int, float] = {}
+                if top_ids is not None:
+                    entry.update(zip(top_ids[j].tolist(), top_vals[j].tolist()))
+                entry[prompt[start + 1 + j]] = chosen[j]
+                entries.append(entry)
+            result[request_id] = (0 if start == 0 else start + 1, entries)
+        return result

@@ -1,0 +1,200 @@
+"""The Llama decoder family: Llama 2/3 (incl. llama3 rope scaling), SmolLM2, TinyLlama, Mistral,
+and, through two switches, Qwen2 (bias on q/k/v) and Qwen3 (RMSNorm on q and k per head).
+
+Written tensor-parallel from the start: every rank holds `num_heads / tp` query heads and its
+share of KV heads; the embedding and LM head are split over the vocabulary.
+
+The forward pass takes the flattened batch (T tokens of all sequences) with explicit positions
+and attention metadata, and returns hidden states (T, hidden); logits are computed only for the
+rows the sampler needs (`compute_logits`).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from pagoda.kernels import AttentionMetadata
+
+from ..layers.activation import SiluAndMul
+from ..layers.attention import PagedAttention
+from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding, rope_parameters
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, bias=qkv_bias, dtype=dtype)
+        self.num_heads = self.qkv_proj.num_heads          # per rank
+        self.num_kv_heads = self.qkv_proj.num_kv_heads    # per rank
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden, bias=False, dtype=dtype)
+        theta, scaling = rope_parameters(config)
+        self.rotary = RotaryEmbedding(self.head_dim, max_position, theta, scaling)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+        self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)                                           # (T, (H + 2 Hkv) D)
+        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)              # (T, H, D)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)           # (T, Hkv, D)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, metadata)                                    # (T, H, D)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], dtype=dtype)
+        self.act = SiluAndMul()
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, max_position, dtype, qkv_bias, qk_norm)
+        self.mlp = LlamaMLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, max_position, dtype, qkv_bias, qk_norm)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)                                 # (T, hidden)
+        residual: Optional[torch.Tensor] = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    qkv_bias = False
+    qk_norm = False
+    # checkpoint name fragment -> (our fused parameter fragment, shard id)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: Any, max_position: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, max_position, dtype, self.qkv_bias, self.qk_norm)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:    # (S, hidden) -> (S, vocab) fp32
+        return self.lm_head.compute_logits(hidden).float()
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Loads Hugging Face-named checkpoint tensors; every parameter must be filled exactly once."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, weight in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            target, shard_id = name, None
+            for fragment, (fused, shard) in self.packed_modules_mapping.items():
+                if f".{fragment}." in name:
+                    target, shard_id = name.replace(f".{fragment}.", f".{fused}."), shard
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:
+                param.data.copy_(weight.load(dtype=param.dtype))
+            else:
+                loader(param, weight, shard_id)
+            loaded.add(target if shard_id is None else f"{target}:{shard_id}")
+        expected = set()
+        for name, param in params.items():
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            if ".qkv_proj." in name:
+                expected |= {f"{name}:{s}" for s in ("q", "k", "v")}
+            elif ".gate_up_proj." in name:
+                expected |= {f"{name}:{s}" for s in (0, 1)}
+            else:
+                expected.add(name)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+def check_tensor_parallel(config: Any, tp_size: int) -> None:
+    """Raises a clear error when the head counts do not split over tp_size ranks."""
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    if num_heads % tp_size:
+        raise ValueError(f"the model has {num_heads} attention heads, which tensor_parallel_size={tp_size} "
+                         "does not divide")
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        raise ValueError(f"the model has {num_kv_heads} KV heads; tensor_parallel_size={tp_size} must divide "
+                         "it or be a multiple of it")
+    if config.intermediate_size % tp_size:
+        raise ValueError(f"intermediate_size={config.intermediate_size} is not divisible by "
+                         f"tensor_parallel_size={tp_size}")

@@ -1,0 +1,251 @@
+"""Continuous batching: each step mixes running decodes with (chunked) prefills under a token
+budget, admits waiting requests in priority/FCFS order and preempts by recompute when the KV cache
+runs out.
+
+There is no prefill/decode phase split (as in vLLM v1): every request simply has
+`num_tokens - num_computed_tokens` tokens left to compute, and a step gives each request as many of
+them as the budget allows.
+"""
+from __future__ import annotations
+
+import bisect
+import time
+from typing import Optional
+
+from .config import CacheConfig, SchedulerConfig
+from .kv_cache import KVCacheManager
+from .outputs import EngineCoreOutput
+from .request import Request, RequestStatus
+from .scheduler_output import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+        assert cache_config.num_blocks is not None, "the cache must be sized before scheduling"
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.kv = KVCacheManager(cache_config.num_blocks, cache_config.block_size,
+                                 cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []          # sorted by (priority, arrival_seq)
+        self.running: list[Request] = []          # in admission order
+        self._needs_new_data: set[str] = set()    # workers have no state for these yet
+        self._dropped: list[str] = []             # workers must forget these
+        self._errored: list[Request] = []
+        self.num_preemptions = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # -- queue management ---------------------------------------------------------------------------
+    @staticmethod
+    def _order(request: Request) -> tuple[int, int]:
+        return (request.priority, request.arrival_seq)
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, request, key=self._order)
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+                       ) -> list[Request]:
+        """Finishes the requests now and frees their blocks at once."""
+        aborted = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.status.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._finish(request)
+            aborted.append(request)
+        return aborted
+
+    def _finish(self, request: Request) -> None:
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+        self._needs_new_data.discard(request.request_id)
+        self._dropped.append(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # -- scheduling -----------------------------------------------------------------------------------
+    def _preempt(self, victim: Request) -> None:
+        """Preemption by recompute: drop the KV, keep every token, go back to the queue head."""
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.status = RequestStatus.WAITING
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self._dropped.append(victim.request_id)
+        self._needs_new_data.add(victim.request_id)
+        bisect.insort(self.waiting, victim, key=self._order)
+
+    def _victim(self) -> Request:
+        # the lowest-priority (largest value), latest-arriving running request
+        return max(self.running, key=self._order)
+
+    def schedule(self) -> SchedulerOutput:
+        """Builds one step.
+
+        Invariants: the step computes at most `max_num_batched_tokens` tokens; at most
+        `max_num_seqs` requests run; every scheduled request owns blocks for all of its computed and
+        scheduled tokens; running requests are served before waiting ones are admitted, and nothing
+        is admitted in a step that had to preempt.
+        """
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int, int]] = []    # (request, num_new_tokens, num_old_blocks)
+        preempted_any = False
+
+        # 1. running requests, in admission order
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_old_blocks = len(self.kv.req_blocks.get(request.request_id, []))
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self._victim()
+                preempted_any = True
+                if victim is request:
+                    break
+                self._preempt(victim)
+                # the victim may have been scheduled earlier in this loop: unschedule it
+                for i, (r, n, _) in enumerate(scheduled):
+                    if r is victim:
+                        budget += n
+                        del scheduled[i]
+                        index -= 1
+                        break
+            else:
+                scheduled.append((request, num_new, num_old_blocks))
+                budget -= num_new
+                index += 1
+                continue
+            # the request itself was the victim
+            if len(self.running) == 1 and not scheduled:
+                self._fail(request, "the request no longer fits in the whole KV cache")
+            else:
+                self._preempt(request)
+
+        # 2. admit waiting requests
+        while (self.waiting and budget > 0 and not preempted_any
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[0]
+            hits, num_hit_tokens = [], 0
+            if request.num_computed_tokens == 0:
+                hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            if not self.kv.allocate_slots(request, num_new, hits):
+                if not self.running and not scheduled:
+                    # An empty engine cannot fit it: it never will. Fail it rather than hang.
+                    self.waiting.pop(0)
+                    self._fail(request, (
+                        f"request needs {-(-request.num_tokens // self.block_size)} KV blocks but the "
+                        f"cache has {self.kv.pool.num_blocks}"))
+                    continue
+                break
+            self.waiting.pop(0)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self._needs_new_data.add(request.request_id)
+            self.running.append(request)
+            scheduled.append((request, num_new, 0))
+            budget -= num_new
+
+        return self._build_output(scheduled)
+
+    def _fail(self, request: Request, message: str) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        request.status = RequestStatus.FINISHED_ERROR
+        request.error = message
+        self._finish(request)
+        self._errored.append(request)
+
+    def _build_output(self, scheduled: list[tuple[Request, int, int]]) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._dropped)
+        self._dropped = []
+        for request, num_new, num_old_blocks in scheduled:
+            if request.request_id in self._needs_new_data:
+                self._needs_new_data.discard(request.request_id)
+                num_old_blocks = 0
+                out.new_requests.append(NewRequestData(
+                    request_id=request.request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=list(request.output_token_ids),
+                    sampling_params=request.sampling_params,
+                    seed=request.seed,
+                    min_tokens_banned_ids=request.min_tokens_banned_ids,
+                ))
+            start = request.num_computed_tokens
+            out.scheduled.append(ScheduledRequest(
+                request_id=request.request_id,
+                token_ids=request.token_ids_slice(start, start + num_new),
+                num_computed_tokens=start,
+                new_block_ids=self.kv.block_ids(request.request_id)[num_old_blocks:],
+                sample=start + num_new == request.num_tokens,
+            ))
+            out.num_scheduled_tokens += num_new
+        return out
+
+    # -- after the forward pass ---------------------------------------------------------------------
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        for request in self._errored:
+            outputs.append(EngineCoreOutput(request.request_id, [], finish_reason="error",
+                                            error=request.error))
+        self._errored = []
+        for item in scheduler_output.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            if request.num_computed_tokens < request.num_prompt_tokens:
+                self.num_prompt_tokens += min(len(item.token_ids),
+                                              request.num_prompt_tokens - request.num_computed_tokens)
+            request.num_computed_tokens += len(item.token_ids)
+            prompt_logprobs = runner_output.prompt_logprobs.get(item.request_id)
+            token = runner_output.sampled_token_ids.get(item.request_id)
+            if token is None:
+                if prompt_logprobs is not None:
+                    outputs.append(EngineCoreOutput(request.request_id, [],
+                                                    new_prompt_logprobs=prompt_logprobs))
+                continue
+            request.output_token_ids.append(token)
+            self.num_generation_tokens += 1
+            finished = request.check_stop(self.config.max_model_len)
+            logprobs = runner_output.logprobs.get(item.request_id)
+            outputs.append(EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[token],
+                new_logprobs=[logprobs] if logprobs is not None else None,
+                new_prompt_logprobs=prompt_logprobs,
+                finish_reason=request.finish_reason if finished else None,
+                stop_reason=request.stop_reason,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+            ))
+            if finished:
+                self.running.remove(request)
+                self._finish(request)
+        return outputs
+
+    def take_errored(self) -> list[EngineCoreOutput]:
+        """Errors raised while scheduling a step that then had nothing to run."""
+        out = [EngineCoreOutput(r.request_id, [], finish_reason="error", error=r.error) for r in self._errored]
+        self._errored = []
+        return out

@@ -1,0 +1,54 @@
+"""The compact step descriptor the scheduler hands to the executor (and, under tensor
+parallelism, that rank 0 sends to every worker). Plain data: no tensors, no references to
+scheduler state, so it pickles small and the workers never reach into the scheduler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """First schedule of a request (or its resumption after a preemption)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]          # tokens generated before a preemption (for penalties)
+    sampling_params: SamplingParams
+    seed: Optional[int]                  # the request's own seed; None = the engine's shared generator
+    min_tokens_banned_ids: list[int]     # EOS / stop tokens masked until min_tokens are out
+
+
+@dataclass
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]                 # the tokens whose KV this step computes
+    num_computed_tokens: int             # tokens already in the cache before this step
+    new_block_ids: list[int]             # appended to the request's block table
+    sample: bool                         # this step reaches the end of the sequence: sample a token
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # requests whose per-request state the workers drop (finished, aborted or preempted)
+    finished_request_ids: list[str] = field(default_factory=list)
+    num_scheduled_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Rank 0's answer for one step: one entry per request that sampled."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+    # request id -> (prompt index of the first entry, entries); entry i predicted prompt token i
+    prompt_logprobs: dict[str, tuple[int, list[Optional[dict[int, float]]]]] = field(default_factory=dict)

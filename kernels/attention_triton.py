@@ -1,0 +1,504 @@
+"""Triton paged attention: one flash-attention kernel for prefill-shaped batches, one flash-decoding
+kernel (plus a reduce) for pure decode steps. Same contract as `attention.paged_attention_ref`.
+
+Prefill, chunked prefill, prefix hits and mixed batches (`max_query_len > 1`)
+    One program owns one KV head and a tile of BLOCK_M rows, a row being one (query token, query
+    head) pair: the tile packs BLOCK_Q = BLOCK_M // GROUP consecutive tokens of one sequence times
+    all GROUP query heads that share that KV head, so each K/V tile is loaded once per GQA group.
+    The program streams its context through the block table with an online softmax. Tiles that every
+    row of the query tile sees completely are processed without the causal mask; only the tiles on
+    the diagonal pay for it.
+
+        query tiles of sequence i: first tile id = query_start_loc[i] // BLOCK_Q + i
+        grid dim 0 = num_tokens // BLOCK_Q + num_seqs   (an upper bound; spare programs exit)
+
+    Each program finds its sequence by binary search over `query_start_loc`, so the grid depends
+    only on shapes and nothing is read back to the host.
+
+Decode (`max_query_len == 1`)
+    At small batch, one program per (sequence, KV head) leaves most SMs idle on long contexts, so the
+    context is split into NUM_SPLITS partitions (flash-decoding). Each (sequence, KV head, split)
+    program writes a partial max, sum and unnormalised output; a second kernel merges the splits.
+    Split boundaries are computed in the kernel from each sequence's own `seq_lens`, so any split
+    count is correct for any batch: the count is only a performance choice (made from the batch
+    size and `max_seq_len`), and the grid depends only on it and on shapes (CUDA-graph friendly).
+
+Numerics: fp16/bf16/fp32 inputs, fp32 accumulation, softmax in base 2 (scale * log2(e) folded in).
+fp32 inputs use exact ("ieee") dot products, not TF32, so fp32 stays a tight oracle. Running maxima
+start at a finite -1e30 rather than -inf so that fully masked rows never produce inf - inf = NaN.
+Positions at or beyond `seq_lens[i]` are never loaded, so stale or NaN cache slots cannot leak in,
+and `block_tables` may have any number of spare columns.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .metadata import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Decode splitting: aim for about two waves of programs, never a split shorter than this.
+_MIN_SPLIT_TOKENS = 128
+_MAX_SPLITS = 32
+
+
+@triton.jit
+def _attend_kv_range(
+    acc,                # (BLOCK_M, HEAD_DIM_PAD) fp32 running unnormalised output
+    l_i,                # (BLOCK_M,) fp32 running softmax denominator
+    m_i,                # (BLOCK_M,) fp32 running max of the base-2 logits
+    q,                  # (BLOCK_M, HEAD_DIM_PAD) query rows, MMA operand dtype
+    q_pos,              # (BLOCK_M,) int32 context position of each row's query token
+    kv_lo,              # first context position to attend (multiple of BLOCK_N)
+    kv_hi,              # one past the last context position to attend
+    key_cache_ptr,      # (num_blocks, block_size, num_kv_heads, head_dim)
+    value_cache_ptr,    # (num_blocks, block_size, num_kv_heads, head_dim), same strides as keys
+    block_table_ptr,    # (max_blocks_per_seq,) int32: this sequence's row of block_tables
+    kv_head,            # KV head index
+    scale_log2,         # softmax scale * log2(e)
+    stride_c_block, stride_c_slot, stride_c_head,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,     # tokens per KV cache block
+    BLOCK_N: tl.constexpr,        # context tokens per iteration
+    BOUNDED: tl.constexpr,        # mask positions >= kv_hi (kv_hi not a multiple of BLOCK_N)
+    CAUSAL: tl.constexpr,         # mask positions > q_pos per row
+    UPCAST: tl.constexpr,         # do MMA in fp32 (Triton interpreter cannot compute in bf16)
+    DOT_PRECISION: tl.constexpr,
+):
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    for kv_start in range(kv_lo, kv_hi, BLOCK_N):
+        k_pos = kv_start + tl.arange(0, BLOCK_N)                                  # (BLOCK_N,)
+        if BOUNDED:
+            k_valid = k_pos < kv_hi
+        else:  # a constant mask that the compiler folds away
+            k_valid = tl.full([BLOCK_N], 1, tl.int1)
+        block_id = tl.load(block_table_ptr + k_pos // BLOCK_SIZE, mask=k_valid, other=0)
+        slot_offs = (block_id.to(tl.int64) * stride_c_block
+                     + (k_pos % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head)  # (BLOCK_N,)
+        kv_mask = k_valid[:, None] & dim_valid[None, :]                           # (BLOCK_N, HEAD_DIM_PAD)
+        kv_offs = slot_offs[:, None] + dims[None, :]                              # (BLOCK_N, HEAD_DIM_PAD)
+        k = tl.load(key_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(value_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        else:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
+        if CAUSAL:
+            visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+        elif BOUNDED:
+            qk = tl.where(k_valid[None, :], qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))                                    # (BLOCK_M,)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])                                          # (BLOCK_M, BLOCK_N)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST:  # round p like the GPU path does before its bf16 MMA
+            p = p.to(tl.bfloat16).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, tile_id, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence whose query tiles contain `tile_id` (tiles of sequence i start at qsl[i] // BLOCK_Q + i)."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile_id:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _prefill_kernel(
+    out_ptr,                # (num_tokens, num_heads, head_dim)
+    query_ptr,              # (num_tokens, num_heads, head_dim)
+    key_cache_ptr,          # (num_blocks, block_size, num_kv_heads, head_dim)
+    value_cache_ptr,        # (num_blocks, block_size, num_kv_heads, head_dim)
+    block_tables_ptr,       # (num_seqs, max_blocks_per_seq) int32
+    seq_lens_ptr,           # (num_seqs,) int32
+    query_start_loc_ptr,    # (num_seqs + 1,) int32
+    scale_log2,             # softmax scale * log2(e)
+    num_seqs,
+    stride_q_tok, stride_q_head,
+    stride_o_tok, stride_o_head,
+    stride_c_block, stride_c_slot, stride_c_head,
+    stride_bt_seq,
+    GROUP: tl.constexpr,          # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,   # next power of 2 of HEAD_DIM
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,        # rows per program: BLOCK_Q tokens x GROUP heads (+ padding)
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
+    tile_id = tl.program_id(0)
+    kv_head = tl.program_id(1)
+
+    seq = _find_sequence(query_start_loc_ptr, tile_id, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    tile_start = (tile_id - (q_start // BLOCK_Q + seq)) * BLOCK_Q   # first token of this tile in the sequence
+    if tile_start >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len                                    # cached tokens before the new ones
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile_start + rows // GROUP                                 # (BLOCK_M,) token index in the sequence
+    head = kv_head * GROUP + rows % GROUP                            # (BLOCK_M,) query head
+    row_valid = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    io_mask = row_valid[:, None] & (dims < HEAD_DIM)[None, :]        # (BLOCK_M, HEAD_DIM_PAD)
+    q_offs = (q_start + tok)[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(query_ptr + q_offs, mask=io_mask, other=0.0)        # (BLOCK_M, HEAD_DIM_PAD)
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = context_len + tok                                        # (BLOCK_M,)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+
+    # Context positions [0, full_end) are visible to every row of the tile: no mask needed there.
+    # [full_end, kv_end) is the diagonal band, masked per row; nothing past the tile's last token.
+    last_tok = tl.minimum(tile_start + BLOCK_Q, q_len) - 1
+    kv_end = context_len + last_tok + 1
+    full_end = (context_len + tile_start + 1) // BLOCK_N * BLOCK_N
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    acc, l_i, m_i = _attend_kv_range(
+        acc, l_i, m_i, q, q_pos, 0, full_end, key_cache_ptr, value_cache_ptr, block_table_ptr,
+        kv_head, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, False, UPCAST, DOT_PRECISION)
+    acc, l_i, m_i = _attend_kv_range(
+        acc, l_i, m_i, q, q_pos, full_end, kv_end, key_cache_ptr, value_cache_ptr, block_table_ptr,
+        kv_head, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, True, UPCAST, DOT_PRECISION)
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)                             # padding rows: avoid 0 / 0
+    out = acc / l_i[:, None]
+    o_offs = (q_start + tok)[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :]
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _decode_kernel(
+    out_ptr,                # (num_tokens, num_heads, head_dim): written only when NUM_SPLITS == 1
+    partial_out_ptr,        # (num_seqs, num_heads, NUM_SPLITS, HEAD_DIM_PAD) fp32, unnormalised
+    partial_max_ptr,        # (num_seqs, num_heads, NUM_SPLITS) fp32, base-2 logits
+    partial_sum_ptr,        # (num_seqs, num_heads, NUM_SPLITS) fp32
+    query_ptr,              # (num_tokens, num_heads, head_dim)
+    key_cache_ptr,          # (num_blocks, block_size, num_kv_heads, head_dim)
+    value_cache_ptr,        # (num_blocks, block_size, num_kv_heads, head_dim)
+    block_tables_ptr,       # (num_seqs, max_blocks_per_seq) int32
+    seq_lens_ptr,           # (num_seqs,) int32
+    query_start_loc_ptr,    # (num_seqs + 1,) int32
+    scale_log2,
+    num_heads,
+    stride_q_tok, stride_q_head,
+    stride_o_tok, stride_o_head,
+    stride_c_block, stride_c_slot, stride_c_head,
+    stride_bt_seq,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,        # GROUP padded to a power of 2 >= 16 (MMA minimum)
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_start:           # a sequence with no new token
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    kv_lo = split * split_len
+    kv_hi = tl.minimum(kv_lo + split_len, seq_len)                   # kv_lo >= kv_hi: an empty split
+
+    rows = tl.arange(0, BLOCK_H)
+    head = kv_head * GROUP + rows                                    # (BLOCK_H,)
+    row_valid = rows < GROUP
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    io_mask = row_valid[:, None] & (dims < HEAD_DIM)[None, :]        # (BLOCK_H, HEAD_DIM_PAD)
+    q_offs = q_start * stride_q_tok + head[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(query_ptr + q_offs, mask=io_mask, other=0.0)        # (BLOCK_H, HEAD_DIM_PAD)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM_PAD], tl.float32)
+    acc, l_i, m_i = _attend_kv_range(
+        acc, l_i, m_i, q, rows, kv_lo, kv_hi, key_cache_ptr, value_cache_ptr,
+        block_tables_ptr + seq.to(tl.int64) * stride_bt_seq,
+        kv_head, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, False, UPCAST, DOT_PRECISION)
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_offs = q_start * stride_o_tok + head[:, None] * stride_o_head + dims[None, :]
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        part = (seq * num_heads + head) * NUM_SPLITS + split         # (BLOCK_H,)
+        tl.store(partial_max_ptr + part, m_i, mask=row_valid)
+        tl.store(partial_sum_ptr + part, l_i, mask=row_valid)
+        tl.store(partial_out_ptr + part[:, None] * HEAD_DIM_PAD + dims[None, :], acc,
+                 mask=row_valid[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,                # (num_tokens, num_heads, head_dim)
+    partial_out_ptr,        # (num_seqs, num_heads, NUM_SPLITS, HEAD_DIM_PAD) fp32
+    partial_max_ptr,        # (num_seqs, num_heads, NUM_SPLITS) fp32
+    partial_sum_ptr,        # (num_seqs, num_heads, NUM_SPLITS) fp32
+    query_start_loc_ptr,    # (num_seqs + 1,) int32
+    num_heads,
+    stride_o_tok, stride_o_head,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,     # next power of 2 of NUM_SPLITS
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_start:
+        return
+    splits = tl.arange(0, SPLITS_PAD)
+    split_valid = splits < NUM_SPLITS
+    part = (seq * num_heads + head) * NUM_SPLITS + splits            # (SPLITS_PAD,)
+    # Empty splits hold max -1e30 and sum 0, so their weight below underflows to exactly 0.
+    m_s = tl.load(partial_max_ptr + part, mask=split_valid, other=-1.0e30)
+    l_s = tl.load(partial_sum_ptr + part, mask=split_valid, other=0.0)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    acc_s = tl.load(partial_out_ptr + part[:, None] * HEAD_DIM_PAD + dims[None, :],
+                    mask=split_valid[:, None], other=0.0)            # (SPLITS_PAD, HEAD_DIM_PAD)
+    weight = tl.exp2(m_s - tl.max(m_s, 0))                           # (SPLITS_PAD,)
+    total = tl.sum(weight * l_s, 0)
+    out = tl.sum(weight[:, None] * acc_s, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + q_start * stride_o_tok + head * stride_o_head + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the new tokens against their paged context; returns (num_tokens, num_heads, head_dim).
+
+    Output rows not covered by `metadata.query_start_loc` (graph padding) are left unwritten.
+    """
+    _check_inputs(query, key_cache, value_cache, metadata, scale)
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if query.shape[0] == 0 or metadata.num_seqs == 0:
+        return out
+    if metadata.max_query_len == 1:
+        decode_attention(query, key_cache, value_cache, metadata, scale, out=out)
+    else:
+        prefill_attention(query, key_cache, value_cache, metadata, scale, out=out)
+    return out
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Flash-attention path; correct for any batch (decode tokens included). Inputs pre-checked."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    group = num_heads // num_kv_heads
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    block_m, block_n, num_warps = _prefill_config(group, metadata.max_query_len, head_dim_pad, query.dtype)
+    block_q = block_m // group
+    grid = (num_tokens // block_q + metadata.num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        out, query, key_cache, value_cache,
+        metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
+        scale * _LOG2E, metadata.num_seqs,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        metadata.block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        UPCAST=_needs_upcast(query), DOT_PRECISION=_dot_precision(query),
+        num_warps=num_warps, num_stages=2,
+    )
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+    num_splits: int | None = None,
+) -> None:
+    """Flash-decoding path for batches with at most one new token per sequence. Inputs pre-checked.
+
+    `num_splits` (default: `num_decode_splits`) only changes speed, never the result.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    num_seqs = metadata.num_seqs
+    if num_splits is None:
+        num_splits = num_decode_splits(num_seqs, num_kv_heads, metadata.max_seq_len, query.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    group = num_heads // num_kv_heads
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    if num_splits > 1:
+        partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_pad,
+                                  dtype=torch.float32, device=query.device)
+        partial_max = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        partial_sum = torch.empty_like(partial_max)
+    else:  # the kernel writes `out` directly; the partial pointers are never touched
+        partial_out = partial_max = partial_sum = out
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        out, partial_out, partial_max, partial_sum,
+        query, key_cache, value_cache,
+        metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
+        scale * _LOG2E, num_heads,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        metadata.block_tables.stride(0),
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
+        BLOCK_N=64 if query.element_size() <= 2 else 32, NUM_SPLITS=num_splits,
+        UPCAST=_needs_upcast(query), DOT_PRECISION=_dot_precision(query),
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, partial_out, partial_max, partial_sum, metadata.query_start_loc,
+            num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+
+
+def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Context partitions per sequence: enough programs for ~2 waves, none shorter than 128 tokens.
+
+    A power of 2 (bounded set of compiled variants), 1 once the batch alone fills the GPU.
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    wanted = triton.cdiv(2 * _num_sms(device), programs)
+    by_length = max(1, triton.cdiv(max_seq_len, _MIN_SPLIT_TOKENS))
+    limit = min(wanted, by_length, _MAX_SPLITS)
+    return 1 << (limit.bit_length() - 1)                             # largest power of 2 <= limit
+
+
+def _prefill_config(group: int, max_query_len: int, head_dim_pad: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): 128-row tiles for 16-bit inputs, smaller when fp32 or short queries."""
+    large = 128 if dtype != torch.float32 and head_dim_pad <= 128 else 64
+    block_m = min(large, max(16, triton.next_power_of_2(group * max(1, max_query_len))))
+    block_m = max(block_m, triton.next_power_of_2(group))           # at least one token's heads per tile
+    block_n = 64 if dtype != torch.float32 and head_dim_pad <= 128 else 32
+    num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
+    return block_m, block_n, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_of(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    return 128                                                        # interpreter: any plausible GPU
+
+
+def _num_sms(device: torch.device) -> int:
+    device = torch.device(device)
+    index = device.index if device.index is not None else (
+        torch.cuda.current_device() if device.type == "cuda" else None)
+    return _num_sms_of(device.type, index)
+
+
+def _needs_upcast(query: torch.Tensor) -> bool:
+    # The Triton interpreter keeps bf16 as raw uint16 and only supports casting it, not arithmetic.
+    return query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _dot_precision(query: torch.Tensor) -> str:
+    return "ieee" if query.dtype == torch.float32 else "tf32"         # tf32 is ignored for 16-bit inputs
+
+
+def _check_inputs(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> None:
+    if query.dim() != 3:
+        raise ValueError(f"query must be (num_tokens, num_heads, head_dim), got shape {tuple(query.shape)}")
+    if key_cache.dim() != 4:
+        raise ValueError("key_cache must be (num_blocks, block_size, num_kv_heads, head_dim), "
+                         f"got shape {tuple(key_cache.shape)}")
+    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
+        raise ValueError(f"value_cache shape/strides {tuple(value_cache.shape)}/{value_cache.stride()} must match "
+                         f"key_cache {tuple(key_cache.shape)}/{key_cache.stride()}")
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = key_cache.shape[2]
+    if key_cache.shape[3] != head_dim:
+        raise ValueError(f"key_cache head_dim {key_cache.shape[3]} != query head_dim {head_dim}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    for name, tensor in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"{name} dtype must be one of {_DTYPES}, got {tensor.dtype}")
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim, got strides {tensor.stride()}")
+        if tensor.device != query.device:
+            raise ValueError(f"{name} is on {tensor.device}, query on {query.device}")
+    num_seqs = metadata.seq_lens.shape[0]
+    for name, tensor, shape in (
+        ("seq_lens", metadata.seq_lens, (num_seqs,)),
+        ("query_start_loc", metadata.query_start_loc, (num_seqs + 1,)),
+        ("block_tables", metadata.block_tables, (num_seqs, metadata.block_tables.shape[-1])),
+    ):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"metadata.{name} must have shape {shape}, got {tuple(tensor.shape)}")
+        if tensor.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"metadata.{name} must be int32 or int64, got {tensor.dtype}")
+        if tensor.device != query.device:
+            raise ValueError(f"metadata.{name} is on {tensor.device}, query on {query.device}")
+    if metadata.block_tables.stride(-1) != 1:
+        raise ValueError(f"metadata.block_tables must be row-contiguous, got strides {metadata.block_tables.stride()}")
+    if metadata.max_query_len < 1 and query.shape[0] > 0:
+        raise ValueError(f"metadata.max_query_len must be >= 1, got {metadata.max_query_len}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
