@@ -1,0 +1,61 @@
+"""Engine test helpers: cached tiny-model engines and the "block pool is whole again" check.
+
+Every LLM built through `make_llm` is checked after each test: no request left in the scheduler
+and every KV block back in the free queue (cached prefix blocks count as free: they are evictable).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import model_factory
+from pagoda.engine import SamplingParams
+from pagoda.engine.llm import LLM
+
+TINY_KV_BYTES = 16 << 20
+
+_ENGINES: dict[tuple, LLM] = {}
+
+
+def assert_pool_whole(llm: LLM) -> None:
+    scheduler = llm.engine.core.scheduler
+    assert not scheduler.waiting and not scheduler.running, "requests left in the scheduler"
+    kv = scheduler.kv
+    assert kv.num_free_blocks == kv.pool.num_blocks, (
+        f"leaked KV blocks: {kv.pool.num_blocks - kv.num_free_blocks} of {kv.pool.num_blocks} still referenced")
+    assert not kv.req_blocks, f"block tables left for {sorted(kv.req_blocks)}"
+    assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+
+@pytest.fixture
+def make_llm(tiny_checkpoint) -> Iterator[Callable[..., LLM]]:
+    """`make_llm(spec=TinyModelSpec(), **llm_kwargs)`: an engine on a tiny checkpoint, cached per
+    (spec, kwargs) for the session and checked for leaks after the test."""
+    used: list[LLM] = []
+
+    def build(spec: model_factory.TinyModelSpec = model_factory.TinyModelSpec(), **kwargs: Any) -> LLM:
+        kwargs.setdefault("kv_cache_memory_bytes", TINY_KV_BYTES)
+        key = (spec, tuple(sorted(kwargs.items())))
+        if key not in _ENGINES:
+            _ENGINES[key] = LLM(model=str(tiny_checkpoint(spec)), **kwargs)
+        used.append(_ENGINES[key])
+        return _ENGINES[key]
+
+    yield build
+    for llm in used:
+        assert_pool_whole(llm)
+
+
+def greedy(max_tokens: int = 16, **kwargs: Any) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
+
+
+def token_prompts(count: int = 10, vocab: int = 400, seed: int = 0) -> list[list[int]]:
+    """Prompts of different lengths (1 .. ~70 tokens) from a fixed RNG, over real-token ids."""
+    import random
+
+    rng = random.Random(seed)
+    lengths = [1, 3, 7, 16, 17, 31, 33, 48, 64, 70][:count] + [rng.randint(2, 60) for _ in range(max(0, count - 10))]
+    return [[rng.randint(3, vocab - 1) for _ in range(n)] for n in lengths]
