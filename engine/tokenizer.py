@@ -28,7 +28,9 @@ def load_tokenizer(source: ModelSource) -> transformers.PreTrainedTokenizerBase:
         return transformers.AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
     except (OSError, ValueError) as error:
         where = source.gguf_file if source.gguf_file is not None else source.path
-        raise ValueError(f"could not load a tokenizer for model {source.name!r} from {str(where)!r}: {error}") from error
+        raise ValueError(
+            f"could not load a tokenizer for model {source.name!r} from {str(where)!r}: {error}"
+        ) from error
 
 
 def apply_chat_template(tokenizer: transformers.PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:

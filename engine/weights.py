@@ -66,7 +66,9 @@ class LazyWeight(ABC):
                 )
             return None, 0, 0
         if not isinstance(dim, int) or not 0 <= dim < len(self.shape):
-            raise ValueError(f"weight {self.name!r} of shape {self.shape}: dim={dim!r} is not in [0, {len(self.shape)})")
+            raise ValueError(
+                f"weight {self.name!r} of shape {self.shape}: dim={dim!r} is not in [0, {len(self.shape)})"
+            )
         size = self.shape[dim]
         if length is None:
             length = size - start
@@ -140,7 +142,9 @@ def _safetensors_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{str(index_file)!r} is not a safetensors index with a 'weight_map': {error}") from error
+            raise ValueError(
+                f"{str(index_file)!r} is not a safetensors index with a 'weight_map': {error}"
+            ) from error
         files = sorted({directory / shard for shard in weight_map.values()})
         missing = [file.name for file in files if not file.is_file()]
         if missing:
@@ -226,11 +230,13 @@ class GGUFWeight(LazyWeight):
         qtype = self._tensor.tensor_type
         # Quantization blocks never cross a row, so rows of the raw data dequantize on their own (and
         # bit-identically); for a dim-0 slice we gather just those rows, permutation included.
-        rows_are_separable = len(self.shape) >= 2 or qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-        gather_rows = dim == 0 and rows_are_separable
+        plain_values = qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+        gather_rows = dim == 0 and (len(self.shape) >= 2 or plain_values)
         if gather_rows:
-            rows = slice(start, start + length) if self._row_order is None else self._row_order[start : start + length]
-            raw = raw[rows]
+            if self._row_order is None:
+                raw = raw[start : start + length]
+            else:
+                raw = raw[self._row_order[start : start + length]]
         values = self._dequantize(raw)
         if self._row_order is not None and not gather_rows:
             values = values[self._row_order]
@@ -261,13 +267,14 @@ def _iterate_gguf(file: Path) -> Iterator[tuple[str, LazyWeight]]:
     architecture = _gguf_field(reader, "general.architecture", file)
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"GGUF file {str(file)!r} has architecture {architecture!r}; supported: {list(GGUF_SUPPORTED_ARCHITECTURES)}"
+            f"GGUF file {str(file)!r} has architecture {architecture!r}; "
+            f"supported: {list(GGUF_SUPPORTED_ARCHITECTURES)}"
         )
     num_heads = num_kv_heads = None
     if architecture in _GGUF_PERMUTED_ARCHITECTURES:
-        num_heads = int(_gguf_field(reader, f"{architecture}.attention.head_count", file))
+        num_heads = _gguf_int_field(reader, f"{architecture}.attention.head_count", file)
         # llama.cpp's default when the key is absent: no grouped-query attention.
-        num_kv_heads = int(_gguf_field(reader, f"{architecture}.attention.head_count_kv", file, default=num_heads))
+        num_kv_heads = _gguf_int_field(reader, f"{architecture}.attention.head_count_kv", file, default=num_heads)
 
     for tensor in reader.tensors:
         if tensor.name in _GGUF_SKIPPED_NAMES:
@@ -304,7 +311,8 @@ def _unpermute_row_order(num_rows: int, num_heads: int, gguf_name: str, file: Pa
     """
     if num_rows % (2 * num_heads) != 0:
         raise ValueError(
-            f"GGUF tensor {gguf_name!r} in {str(file)!r} has {num_rows} rows, not a multiple of 2 * {num_heads} heads"
+            f"GGUF tensor {gguf_name!r} in {str(file)!r} has {num_rows} rows, "
+            f"not a multiple of 2 * {num_heads} heads"
         )
     return np.arange(num_rows).reshape(num_heads, num_rows // num_heads // 2, 2).swapaxes(2, 1).reshape(-1)
 
@@ -334,3 +342,10 @@ def _gguf_field(reader, key: str, file: Path, default=_MISSING):
             raise ValueError(f"GGUF file {str(file)!r} lacks the metadata key {key!r}")
         return default
     return field.contents()
+
+
+def _gguf_int_field(reader, key: str, file: Path, default=_MISSING) -> int:
+    value = _gguf_field(reader, key, file, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"GGUF file {str(file)!r}: metadata {key!r} must be one integer, got {value!r}")
+    return value

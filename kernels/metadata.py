@@ -13,6 +13,7 @@ context, so token j of sequence i sits at position `seq_lens[i] - q_len_i + j`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -25,6 +26,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor      # (num_seqs, max_blocks_per_seq) int32; unused entries are 0
     max_query_len: int              # max new tokens of one sequence in this step (1 = pure decode)
     max_seq_len: int                # max of seq_lens
+    # decode only: fixed context partitions per sequence (CUDA graphs need a grid that does not
+    # depend on the current lengths); None = let the kernel choose from max_seq_len
+    num_decode_splits: Optional[int] = None
 
     @property
     def num_seqs(self) -> int:

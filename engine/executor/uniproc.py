@@ -17,6 +17,7 @@ class UniprocExecutor(Executor):
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_cuda_graphs()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         output = self.runner.execute_model(scheduler_output)
