@@ -80,6 +80,9 @@ class SchedulerConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     executor_backend: Literal["uni", "mp", "ray"] = "uni"
+    # A step (or one collective in it) running longer than this means a worker hung: the executor
+    # raises ExecutorError and the engine turns dead instead of waiting forever.
+    step_timeout_s: float = 300.0
 
 
 @dataclass

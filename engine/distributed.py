@@ -2,10 +2,12 @@
 
 One process per TP rank. NCCL on CUDA, gloo on CPU. Without `init_tensor_parallel` the helpers
 describe a single rank and the collectives are no-ops, so single-process code needs no branches.
+The rendezvous is TCP (`tcp://host:port`, rank 0 hosts the store); `get_open_port` picks the port.
 """
 from __future__ import annotations
 
 import datetime
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,10 +25,27 @@ class TPGroup:
 _TP = TPGroup()
 
 
+def get_open_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now, for the rendezvous.
+
+    NOTE: the port is released before rank 0 binds it, so another process could take it in between;
+    the window is milliseconds and the loser fails loudly in `init_process_group`, never silently.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device,
                          timeout_s: float = 600.0) -> None:
-    """Joins this process to the TP group (rank 0 .. world_size-1) at `init_method` (tcp://host:port)."""
+    """Joins this process to the TP group (rank 0 .. world_size-1) at `init_method` (tcp://host:port).
+
+    `timeout_s` bounds the rendezvous and every collective: a collective stuck longer (a peer hung
+    or gone) raises in this process instead of blocking it forever.
+    """
     global _TP
+    if _TP.world_size > 1 or dist.is_initialized():
+        raise RuntimeError("this process already belongs to a tensor-parallel group")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

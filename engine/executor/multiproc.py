@@ -1,0 +1,268 @@
+"""Tensor parallelism on one host: one spawned worker process per TP rank.
+
+    engine process (EngineCore: scheduler)            worker processes, one per rank (Worker)
+    execute_model(SchedulerOutput)
+      pickle once ──── pipe ────> rank 0: forward, all-gather logits, sample ──┐
+                  ──── pipe ────> rank 1: forward, all-gather logits (None)    │ gloo (CPU) /
+                  ──── pipe ────> ...                                          │ NCCL (CUDA)
+      wait for every rank's reply, any worker's exit, or the step deadline <───┘
+      return rank 0's ModelRunnerOutput
+
+Every rank, rank 0 included, is a worker process; the engine process only schedules. Why:
+- the engine process never blocks inside a collective. It waits on pipes and process sentinels with
+  a deadline, so a dead worker is noticed at once and a stuck collective within
+  `ParallelConfig.step_timeout_s`; either raises `ExecutorError` and the engine turns dead.
+- the engine process joins no process group (torch.distributed state is process-global), so engines
+  of any TP size, TP=1 included, can live side by side in one process.
+- every rank is driven the same way, as the Ray executor's actors will be.
+The cost is one more pipe hop per step for rank 0's sampled tokens (a few hundred bytes).
+
+No orphans: `shutdown` (also run at exit and when the executor is garbage-collected) closes the
+command pipes, joins, then terminates and kills what is left. A worker whose engine process died,
+even by SIGKILL, sees EOF on its command pipe, and a watcher thread catches the case where it is
+blocked in a collective: it exits when its parent pid changes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch.multiprocessing as mp
+
+from ..config import EngineConfig
+from ..distributed import get_open_port
+from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
+from .base import Executor, ExecutorError
+from .worker import Worker
+
+logger = logging.getLogger(__name__)
+
+# Loading and profiling a large model takes minutes; a worker that dies meanwhile is still noticed
+# at once through its sentinel.
+STARTUP_TIMEOUT_S = 1800.0
+# How long workers get to leave on their own after their command pipe closes.
+SHUTDOWN_GRACE_S = 5.0
+# How often a worker checks that its engine process is still alive.
+PARENT_POLL_INTERVAL_S = 0.5
+
+
+@dataclass
+class _WorkerHandle:
+    rank: int
+    process: Any                 # a spawn-context multiprocessing.Process
+    conn: Connection             # the engine's end of this worker's command pipe
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.world_size = config.parallel.tensor_parallel_size
+        self._failure: str | None = None
+        self._workers: list[_WorkerHandle] = []
+        # NOTE: the finalizer holds the handle list, not self, so it runs both at interpreter exit
+        # and when an executor that was never shut down (e.g. its engine failed to start) is collected.
+        self._finalizer = weakref.finalize(self, _stop_workers, self._workers, SHUTDOWN_GRACE_S)
+        context = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{get_open_port()}"
+        try:
+            for rank in range(self.world_size):
+                # NOTE: daemon, so that multiprocessing's own exit handler terminates the workers
+                # rather than joining them forever should it run before our finalizer.
+                engine_conn, worker_conn = context.Pipe()
+                process = context.Process(
+                    target=_worker_main, name=f"pagoda-tp-rank{rank}", daemon=True,
+                    args=(config, rank, init_method, worker_conn, os.getpid()))
+                process.start()
+                worker_conn.close()       # the worker holds the only other end: EOF when it dies
+                self._workers.append(_WorkerHandle(rank, process, engine_conn))
+            self._collective_rpc("init_device", timeout_s=STARTUP_TIMEOUT_S)
+            self._collective_rpc("load_model", timeout_s=STARTUP_TIMEOUT_S)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- the Executor interface --------------------------------------------------------------------
+    def determine_num_blocks(self) -> int:
+        # Every rank holds the same block ids, so the smallest rank decides.
+        return min(self._collective_rpc("determine_num_blocks", timeout_s=STARTUP_TIMEOUT_S))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self._collective_rpc("initialize_cache", num_blocks, timeout_s=STARTUP_TIMEOUT_S)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        replies = self._collective_rpc("execute_model", scheduler_output,
+                                       timeout_s=self.config.parallel.step_timeout_s)
+        assert isinstance(replies[0], ModelRunnerOutput), "rank 0 is the driver and must sample"
+        return replies[0]
+
+    def check_health(self) -> None:
+        """Raises ExecutorError if the executor failed or any worker has exited.
+
+        Only looks (sentinels are polled, nothing is reaped or closed), so another thread may call it
+        while a step runs; the step itself notices the same exit and stops the workers.
+        """
+        if self._failure is not None:
+            raise ExecutorError(self._failure)
+        exited = wait([w.process.sentinel for w in self._workers], timeout=0)
+        for worker in self._workers:
+            if worker.process.sentinel in exited:
+                raise ExecutorError(f"TP rank {worker.rank} worker (pid {worker.process.pid}) has exited")
+
+    def shutdown(self) -> None:
+        if self._failure is None:
+            self._failure = "the executor was shut down"
+        self._finalizer()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids by rank (for operators and tests)."""
+        return [worker.process.pid for worker in self._workers]
+
+    # -- transport ---------------------------------------------------------------------------------
+    def _collective_rpc(self, method: str, *args: Any, timeout_s: float) -> list[Any]:
+        """Calls `Worker.<method>(*args)` on every rank; returns the replies in rank order.
+
+        Invariant: every rank receives every call, in the same order, and the next call is sent only
+        once every rank has answered, so the command pipes never hold more than one message.
+        """
+        if self._failure is not None:
+            raise ExecutorError(self._failure)
+        message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)   # once for all ranks
+        try:
+            for worker in self._workers:
+                try:
+                    worker.conn.send_bytes(message)
+                except OSError:
+                    raise self._fail(self._exit_message(worker, method))
+            return self._gather_replies(method, timeout_s)
+        except ExecutorError:
+            raise
+        except BaseException:
+            # NOTE: e.g. Ctrl-C while waiting. This call's replies may still arrive and would be read
+            # as the next call's, so the pipes can't be trusted again: stop the workers.
+            self._fail(f"interrupted during {method}")
+            raise
+
+    def _gather_replies(self, method: str, timeout_s: float) -> list[Any]:
+        deadline = time.monotonic() + timeout_s
+        replies: dict[int, Any] = {}
+        waiting = {w.conn: w for w in self._workers}
+        by_sentinel = {w.process.sentinel: w for w in self._workers}
+        while waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                ranks = sorted(w.rank for w in waiting.values())
+                raise self._fail(f"{method} did not finish within {timeout_s:g} s on TP rank(s) {ranks}: "
+                                 "a worker or a collective is stuck")
+            ready = wait([*waiting, *by_sentinel], timeout=remaining)
+            for conn in [r for r in ready if r in waiting]:
+                worker = waiting.pop(conn)
+                try:
+                    status, payload = conn.recv()
+                except (EOFError, OSError):
+                    raise self._fail(self._exit_message(worker, method))
+                if status == "error":
+                    raise self._fail(f"TP rank {worker.rank} raised in {method}:\n{payload}")
+                replies[worker.rank] = payload
+            for sentinel in [r for r in ready if r in by_sentinel]:
+                # Any exit is fatal, even of a rank that already answered: it is gone for the next step.
+                worker = by_sentinel[sentinel]
+                if worker.conn in waiting and worker.conn.poll():   # it may have said why first
+                    status, payload = worker.conn.recv()
+                    if status == "error":
+                        raise self._fail(f"TP rank {worker.rank} raised in {method}:\n{payload}")
+                raise self._fail(self._exit_message(worker, method))
+        return [replies[rank] for rank in range(self.world_size)]
+
+    def _exit_message(self, worker: _WorkerHandle, method: str) -> str:
+        worker.process.join(timeout=1.0)
+        code = worker.process.exitcode
+        if code is None:
+            how = "closed its pipe"
+        elif code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        return f"TP rank {worker.rank} worker (pid {worker.process.pid}) {how} during {method}"
+
+    def _fail(self, reason: str) -> ExecutorError:
+        """Marks the executor dead and stops every worker (no grace: peers may be stuck in a
+        collective); returns the error to raise."""
+        self._failure = reason
+        logger.error("multiproc executor failed: %s", reason)
+        _stop_workers(self._workers, grace_s=0.0)
+        return ExecutorError(reason)
+
+
+def _stop_workers(workers: list[_WorkerHandle], grace_s: float) -> None:
+    """Closes every command pipe (a worker leaves its loop on EOF), waits up to `grace_s`, then
+    terminates and finally kills what is left. Safe to call twice."""
+    for worker in workers:
+        worker.conn.close()
+    deadline = time.monotonic() + grace_s
+    for worker in workers:
+        worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.process.is_alive():
+            worker.process.terminate()
+    for worker in workers:
+        worker.process.join(timeout=1.0)
+        if worker.process.is_alive():
+            # SIGTERM stays pending on a stopped (SIGSTOP) process; SIGKILL does not.
+            worker.process.kill()
+            worker.process.join()
+
+
+# -- the worker process ----------------------------------------------------------------------------
+def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connection, parent_pid: int) -> None:
+    """Runs `Worker` calls read from `conn` until EOF; replies ("ok", result) or ("error", traceback)."""
+    # Ctrl-C reaches the whole process group; the engine decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_parent_dies, args=(parent_pid,), name="pagoda-parent-watch",
+                     daemon=True).start()
+    worker = Worker(config, rank, init_method)
+    while True:
+        try:
+            method, args = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            break                          # shutdown, or the engine process is gone
+        try:
+            result = getattr(worker, method)(*args)
+        except BaseException:
+            # NOTE: after a failed step the rank's state (KV cache, the peers' collectives) is undefined:
+            # report and leave without the collective teardown, which could block on the peers.
+            try:
+                conn.send(("error", traceback.format_exc()))
+            except OSError:
+                pass
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        try:
+            conn.send(("ok", result))
+        except OSError:
+            break
+    worker.shutdown()
+    # NOTE: skip the interpreter's teardown (seconds of module and tensor finalization that no one
+    # waits for): the process group is already destroyed and the OS reclaims the rest.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _exit_when_parent_dies(parent_pid: int) -> None:
+    """Exits the worker once the engine process is gone (it is then re-parented), even while the
+    main thread is blocked in a collective, which releases the GIL."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_INTERVAL_S)
+    os._exit(1)

@@ -1,0 +1,71 @@
+"""One tensor-parallel rank, whatever transport drives it.
+
+A `Worker` holds one rank's share of the model: it joins the TP group, builds the `ModelRunner`
+(rank 0 is the driver, the only rank that samples), sizes and allocates its shard of the paged KV
+cache (its own KV heads) and runs steps. It knows nothing of pipes, processes or actors: the
+multiproc executor calls these methods from a spawned process, and a Ray executor can wrap the same
+class as an actor (`ray.remote(Worker)`) and call them remotely.
+
+Call order: `init_device` -> `load_model` -> `determine_num_blocks` -> `initialize_cache(min over
+ranks)` -> `execute_model` per step -> `shutdown`. Every rank must receive every step, in the same
+order: the model's collectives pair up across ranks call by call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+
+from ..config import EngineConfig
+from ..distributed import destroy_tensor_parallel, init_tensor_parallel
+from ..model_runner import ModelRunner
+from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int, distributed_init_method: str,
+                 local_rank: Optional[int] = None) -> None:
+        """local_rank: the CUDA device index on this host (defaults to rank; a Ray actor that sees
+        only its own GPU passes 0)."""
+        self.rank = rank
+        self.world_size = config.parallel.tensor_parallel_size
+        self.distributed_init_method = distributed_init_method
+        device = config.device
+        if device.type == "cuda":
+            device = torch.device("cuda", rank if local_rank is None else local_rank)
+        # NOTE: a copy, so the caller's config (shared by the engine in-process) keeps its device.
+        self.config = dataclasses.replace(config, device=device)
+        self.runner: Optional[ModelRunner] = None
+
+    def init_device(self) -> None:
+        """Joins the TP group (gloo on CPU, NCCL on CUDA) and sets this process's CPU threads."""
+        if self.config.device.type == "cpu" and self.world_size > 1:
+            # Every rank computes at once: split the cores between them instead of oversubscribing.
+            num_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, num_cores // self.world_size))
+        init_tensor_parallel(self.rank, self.world_size, self.distributed_init_method, self.config.device,
+                             timeout_s=self.config.parallel.step_timeout_s)
+
+    def load_model(self) -> None:
+        """Builds this rank's model; each rank reads only its slice of every weight."""
+        self.runner = ModelRunner(self.config, is_driver=self.rank == 0)
+
+    def determine_num_blocks(self) -> int:
+        assert self.runner is not None, "load_model first"
+        return self.runner.determine_num_blocks()
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        assert self.runner is not None, "load_model first"
+        self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_cuda_graphs()
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        """One step; rank 0 returns the sampled tokens, the other ranks None."""
+        assert self.runner is not None, "load_model first"
+        return self.runner.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        self.runner = None
+        destroy_tensor_parallel()
