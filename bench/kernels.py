@@ -1,0 +1,304 @@
+"""Kernel benchmark: pagoda's Triton kernels vs their torch references at llama3-8b sizes.
+
+First measures this GPU's ceilings in the same run (device-to-device copy bandwidth of a 2 GiB
+buffer, counting read + write bytes; bf16 8192^3 matmul TFLOP/s, median of 20), then times each
+kernel and reports achieved GB/s (memory-bound kernels) or TFLOP/s (prefill attention) as a
+percentage of the matching ceiling, next to the torch reference's time.
+
+    python bench/kernels.py                       # everything
+    python bench/kernels.py --only attention      # one family: attention, cache, norm, rotary, activation
+    python bench/kernels.py --no-reference        # skip the (slow, memory-hungry) torch references
+
+Shapes: hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336, KV block 16, bf16.
+Decode: batch 1 / 32 / 256 x context 512 / 2k / 8k. Prefill: 8 x 512 fresh prompts (and 1 x 4096).
+Norm / rotary / silu / cache write: 256 and 8192 tokens. Times are medians of triton.testing.do_bench,
+which flushes L2 between runs, so memory-bound numbers are DRAM numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Callable, Iterator
+
+import torch
+
+HIDDEN, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, INTERMEDIATE, BLOCK_SIZE = 4096, 32, 8, 128, 14336, 16
+DTYPE = torch.bfloat16
+FAMILIES = ("attention", "cache", "norm", "rotary", "activation")
+
+
+@dataclasses.dataclass
+class Case:
+    family: str
+    name: str
+    shape: str
+    triton_fn: Callable[[], object]
+    torch_fn: Callable[[], object] | None
+    bytes_moved: float = 0.0          # memory-bound: bytes read + written by an ideal kernel
+    flops: float = 0.0                # compute-bound: useful FLOPs
+
+
+@dataclasses.dataclass
+class Ceilings:
+    copy_gbps: float
+    matmul_tflops: float
+
+
+def measure_ceilings() -> Ceilings:
+    import triton.testing
+
+    src = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")          # 2 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=500, return_mode="median")
+    copy_gbps = 2 * src.numel() / (ms * 1e-3) / 1e9                         # read + write
+    del src, dst
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    matmul_tflops = 2 * n**3 / (sorted(times)[len(times) // 2] * 1e-3) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return Ceilings(copy_gbps, matmul_tflops)
+
+
+# ---- cases ---------------------------------------------------------------------------------------------
+
+def paged_batch(seqs: list[tuple[int, int]], num_blocks_alloc: int | None = None):
+    """(query, key_cache, value_cache, metadata) for (query_len, seq_len) sequences on shuffled blocks."""
+    from pagoda.kernels.metadata import AttentionMetadata
+
+    blocks_per_seq = [-(-seq_len // BLOCK_SIZE) for _, seq_len in seqs]
+    num_blocks = num_blocks_alloc or sum(blocks_per_seq)
+    key_cache = torch.empty(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE).normal_()
+    value_cache = torch.empty_like(key_cache).normal_()
+    block_ids = torch.randperm(num_blocks, device="cuda", dtype=torch.int64)[:sum(blocks_per_seq)].int()
+    block_tables = torch.zeros(len(seqs), max(blocks_per_seq), dtype=torch.int32, device="cuda")
+    offset = 0
+    for i, n in enumerate(blocks_per_seq):
+        block_tables[i, :n] = block_ids[offset:offset + n]
+        offset += n
+    query_lens = torch.tensor([q for q, _ in seqs], dtype=torch.int32)
+    query_start_loc = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    query_start_loc[1:] = query_lens.cumsum(0)
+    num_tokens = int(query_start_loc[-1])
+    metadata = AttentionMetadata(
+        slot_mapping=torch.zeros(num_tokens, dtype=torch.int64, device="cuda"),
+        query_start_loc=query_start_loc.cuda(),
+        seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32, device="cuda"),
+        block_tables=block_tables,
+        max_query_len=int(query_lens.max()),
+        max_seq_len=max(s for _, s in seqs),
+    )
+    query = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    return query, key_cache, value_cache, metadata
+
+
+def attention_cases() -> Iterator[Case]:
+    from pagoda.kernels import attention_triton
+    from pagoda.kernels.attention import paged_attention_ref
+
+    scale = HEAD_DIM ** -0.5
+    kv_bytes_per_token = 2 * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize        # K and V
+    for batch in (1, 32, 256):
+        for context in (512, 2048, 8192):
+            q, kc, vc, md = paged_batch([(1, context)] * batch)
+            splits = attention_triton.num_decode_splits(batch, NUM_KV_HEADS, context, q.device)
+            yield Case(
+                "attention", "decode", f"batch {batch} ctx {context} ({splits} splits)",
+                lambda q=q, kc=kc, vc=vc, md=md: attention_triton.paged_attention(q, kc, vc, md, scale),
+                lambda q=q, kc=kc, vc=vc, md=md: paged_attention_ref(q, kc, vc, md, scale),
+                bytes_moved=batch * context * kv_bytes_per_token + 2 * q.numel() * q.element_size(),
+            )
+    for num_seqs, prompt in ((8, 512), (1, 4096)):
+        q, kc, vc, md = paged_batch([(prompt, prompt)] * num_seqs)
+        causal_pairs = num_seqs * prompt * (prompt + 1) / 2
+        yield Case(
+            "attention", "prefill", f"{num_seqs} x {prompt} tokens",
+            lambda q=q, kc=kc, vc=vc, md=md: attention_triton.paged_attention(q, kc, vc, md, scale),
+            lambda q=q, kc=kc, vc=vc, md=md: paged_attention_ref(q, kc, vc, md, scale),
+            flops=4 * causal_pairs * NUM_HEADS * HEAD_DIM,                     # QK^T and PV, 2 FLOPs per MAC
+        )
+
+
+def cache_cases() -> Iterator[Case]:
+    from pagoda.kernels import cache_triton
+    from pagoda.kernels.cache import reshape_and_cache_ref
+
+    for tokens in (256, 8192):
+        num_blocks = 4 * tokens // BLOCK_SIZE + 1                             # a cache 4x the tokens
+        key = torch.randn(tokens, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        value = torch.randn_like(key)
+        key_cache = torch.zeros(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        value_cache = torch.zeros_like(key_cache)
+        slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:tokens]
+        args = (key, value, key_cache, value_cache, slots)
+        yield Case(
+            "cache", "reshape_and_cache", f"{tokens} tokens",
+            lambda args=args: cache_triton.reshape_and_cache(*args),
+            lambda args=args: reshape_and_cache_ref(*args),
+            bytes_moved=2 * 2 * key.numel() * key.element_size() + slots.numel() * 8,
+        )
+
+
+def norm_cases() -> Iterator[Case]:
+    from pagoda.kernels import norm_triton
+    from pagoda.kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
+
+    for tokens in (256, 8192):
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=DTYPE)
+        residual = torch.randn_like(x)
+        weight = torch.rand(HIDDEN, device="cuda", dtype=DTYPE)
+        row_bytes = x.numel() * x.element_size()
+        yield Case(
+            "norm", "rms_norm", f"{tokens} x {HIDDEN}",
+            lambda x=x, w=weight: norm_triton.rms_norm(x, w, 1e-5),
+            lambda x=x, w=weight: rms_norm_ref(x, w, 1e-5),
+            bytes_moved=2 * row_bytes,
+        )
+        yield Case(
+            "norm", "fused_add_rms_norm", f"{tokens} x {HIDDEN}",
+            lambda x=x, r=residual, w=weight: norm_triton.fused_add_rms_norm(x, r, w, 1e-5),
+            lambda x=x, r=residual, w=weight: fused_add_rms_norm_ref(x, r, w, 1e-5),
+            bytes_moved=4 * row_bytes,
+        )
+
+
+def rotary_cases() -> Iterator[Case]:
+    from pagoda.kernels import rotary_triton
+    from pagoda.kernels.rotary import apply_rotary_ref
+
+    max_position = 8192
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda", dtype=torch.float32) / HEAD_DIM)
+    freqs = torch.outer(torch.arange(max_position, device="cuda", dtype=torch.float32), inv_freq)
+    cos_sin_cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)             # (max_position, head_dim) fp32
+    for tokens in (256, 8192):
+        positions = torch.randint(0, max_position, (tokens,), device="cuda")
+        query = torch.randn(tokens, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        key = torch.randn(tokens, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        args = (positions, query, key, cos_sin_cache)
+        yield Case(
+            "rotary", "apply_rotary", f"{tokens} tokens",
+            lambda args=args: rotary_triton.apply_rotary(*args),
+            lambda args=args: apply_rotary_ref(*args),
+            bytes_moved=2 * (query.numel() + key.numel()) * DTYPE.itemsize + tokens * (HEAD_DIM * 4 + 8),
+        )
+
+
+def activation_cases() -> Iterator[Case]:
+    from pagoda.kernels import activation_triton
+    from pagoda.kernels.activation import silu_and_mul_ref
+
+    for tokens in (256, 8192):
+        x = torch.randn(tokens, 2 * INTERMEDIATE, device="cuda", dtype=DTYPE)
+        yield Case(
+            "activation", "silu_and_mul", f"{tokens} x 2*{INTERMEDIATE}",
+            lambda x=x: activation_triton.silu_and_mul(x),
+            lambda x=x: silu_and_mul_ref(x),
+            bytes_moved=1.5 * x.numel() * x.element_size(),
+        )
+
+
+BUILDERS = {"attention": attention_cases, "cache": cache_cases, "norm": norm_cases,
+            "rotary": rotary_cases, "activation": activation_cases}
+
+
+# ---- timing and report ---------------------------------------------------------------------------------
+
+def time_ms(fn: Callable[[], object], warmup_ms: int, rep_ms: int) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def max_error(case: Case) -> str:
+    """Max |triton - torch| on this case's inputs: a smoke check that the timed kernel is the right one."""
+    if case.torch_fn is None or case.family == "cache":
+        return "-"
+    try:
+        got, expected = case.triton_fn(), case.torch_fn()
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "ref OOM"
+    got = got if isinstance(got, tuple) else (got,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    return f"{max((g.float() - e.float()).abs().max().item() for g, e in zip(got, expected)):.1e}"
+
+
+def run_case(case: Case, ceilings: Ceilings, args: argparse.Namespace) -> list[str]:
+    triton_ms = time_ms(case.triton_fn, args.warmup_ms, args.rep_ms)
+    if case.flops:
+        achieved, unit, ceiling = case.flops / (triton_ms * 1e-3) / 1e12, "TFLOP/s", ceilings.matmul_tflops
+    else:
+        achieved, unit, ceiling = case.bytes_moved / (triton_ms * 1e-3) / 1e9, "GB/s", ceilings.copy_gbps
+    torch_cell, speedup = "-", "-"
+    if case.torch_fn is not None and not args.no_reference:
+        try:
+            torch_ms = time_ms(case.torch_fn, args.warmup_ms, args.rep_ms)
+            torch_cell, speedup = f"{torch_ms * 1e3:.1f}", f"{torch_ms / triton_ms:.1f}x"
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            torch_cell = "OOM"
+    error = "-" if args.no_reference else max_error(case)
+    return [case.name, case.shape, f"{triton_ms * 1e3:.1f}", f"{achieved:.1f} {unit}",
+            f"{100 * achieved / ceiling:.0f}%", torch_cell, speedup, error]
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    print(line(header))
+    print(line(["-" * w for w in widths]))
+    for row in rows:
+        print(line(row))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(FAMILIES),
+                        help=f"comma-separated kernel families to run, from {FAMILIES}")
+    parser.add_argument("--no-reference", action="store_true", help="do not time the torch references")
+    parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warmup budget per case")
+    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measurement budget per case")
+    args = parser.parse_args()
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(args.only) - set(FAMILIES))
+    if unknown:
+        parser.error(f"--only: unknown kernel families {unknown}; choose from {FAMILIES}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs a CUDA GPU, and torch.cuda.is_available() is False here. "
+                 "On CPU, check correctness instead: python -m pytest -q tests/kernels")
+    torch.manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    ceilings = measure_ceilings()
+    print(f"ceilings: copy {ceilings.copy_gbps:.0f} GB/s (2 GiB D2D, read+write), "
+          f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s (8192^3, median of 20)\n")
+    header = ["kernel", "shape", "triton us", "achieved", "% ceiling", "torch us", "speedup", "max err"]
+    rows = []
+    for family in args.only:
+        for case in BUILDERS[family]():            # built lazily: one case's tensors alive at a time
+            rows.append(run_case(case, ceilings, args))
+            print(f"  done: {' | '.join(rows[-1][:3])} us", file=sys.stderr)
+            del case
+        torch.cuda.empty_cache()
+    print_table(header, rows)
+
+
+if __name__ == "__main__":
+    main()
