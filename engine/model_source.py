@@ -107,7 +107,18 @@ def load_hf_config(source: ModelSource) -> transformers.PretrainedConfig:
     """
     if source.gguf_file is None:
         return transformers.AutoConfig.from_pretrained(str(source.path), local_files_only=True)
+    from .gguf_cache import cached
 
+    config = cached(
+        source.gguf_file, "config",
+        load_saved=lambda d: transformers.AutoConfig.from_pretrained(str(d), local_files_only=True),
+        build=lambda: _config_from_gguf(source),
+        save=lambda config, d: config.save_pretrained(str(d)))
+    config._name_or_path = str(source.path)      # as transformers sets it (not the cache folder)
+    return config
+
+
+def _config_from_gguf(source: ModelSource) -> transformers.PretrainedConfig:
     import gguf  # imported here: only GGUF sources need it
 
     config = transformers.AutoConfig.from_pretrained(

@@ -22,9 +22,15 @@ def load_tokenizer(source: ModelSource) -> transformers.PreTrainedTokenizerBase:
     """The fast tokenizer for `source`, read from local files only."""
     try:
         if source.gguf_file is not None:
-            return transformers.AutoTokenizer.from_pretrained(
-                str(source.gguf_file.parent), gguf_file=source.gguf_file.name, local_files_only=True
-            )
+            from .gguf_cache import cached
+
+            gguf_file = source.gguf_file
+            return cached(
+                gguf_file, "tokenizer",
+                load_saved=lambda d: transformers.AutoTokenizer.from_pretrained(str(d), local_files_only=True),
+                build=lambda: transformers.AutoTokenizer.from_pretrained(
+                    str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True),
+                save=lambda tokenizer, d: tokenizer.save_pretrained(str(d)))
         return transformers.AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
     except (OSError, ValueError) as error:
         where = source.gguf_file if source.gguf_file is not None else source.path

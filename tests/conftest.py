@@ -14,6 +14,12 @@ from pathlib import Path
 # Before anything imports huggingface_hub: tests must never reach the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# A fresh GGUF metadata cache per test session (inherited by server/worker subprocesses): the
+# first default-model load exercises the real GGUF path, later ones the cache.
+if "PAGODA_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["PAGODA_CACHE_DIR"] = tempfile.mkdtemp(prefix="pagoda-test-cache-")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

@@ -159,3 +159,27 @@ def test_default_chat_template(default_tokenizer):
 def test_default_eos(default_source, default_hf_config, default_tokenizer):
     assert eos_token_ids(default_tokenizer, default_hf_config, default_source) == {2}
     assert default_tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
+
+
+@pytest.mark.slow
+def test_gguf_metadata_cache_round_trips(tmp_path, monkeypatch):
+    """The cached config/tokenizer equal what transformers derives from the GGUF itself."""
+    import transformers
+
+    from pagoda.engine.model_source import load_hf_config, resolve_model
+    from pagoda.engine.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
+    source = resolve_model("default")
+    fresh_config, fresh_tokenizer = load_hf_config(source), load_tokenizer(source)
+    assert list((tmp_path / "gguf").iterdir()), "nothing was cached"
+    cached_config, cached_tokenizer = load_hf_config(source), load_tokenizer(source)
+    assert cached_config.to_dict() == fresh_config.to_dict()
+    direct = transformers.AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file.name)
+    texts = ["Hello world, é 😀 世界", "  leading spaces\nand\ttabs", "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
+        assert cached_tokenizer.encode(text) == direct.encode(text) == fresh_tokenizer.encode(text)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert cached_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        direct.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert cached_tokenizer.eos_token_id == direct.eos_token_id
