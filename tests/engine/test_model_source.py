@@ -153,11 +153,12 @@ def test_gguf_config_takes_head_dim_from_key_length(tiny_gguf):
 
 
 def test_gguf_config_for_unknown_model_type(tiny_gguf, monkeypatch, tmp_path):
+    gguf_path = tiny_gguf()                                      # built before the registry is patched
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))     # derive the config afresh, not from the cache
     causal_lm_names = model_source.transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     monkeypatch.delitem(causal_lm_names, "llama")
     with pytest.raises(ValueError, match=r"model_type 'llama'.*no causal-LM class"):
-        load_hf_config(resolve_model(str(tiny_gguf())))
+        load_hf_config(resolve_model(str(gguf_path)))
 
 
 @pytest.mark.slow
