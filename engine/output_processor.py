@@ -102,6 +102,8 @@ class OutputProcessor:
                 continue
             touched[parent_id] = state
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+            if state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = out.first_scheduled_time
             if out.new_prompt_logprobs is not None and state.prompt_logprobs is not None \
                     and completion.index == 0:
                 start, entries = out.new_prompt_logprobs

@@ -30,6 +30,7 @@ class EngineCoreOutput:
     stop_reason: Optional[int | str] = None
     num_cached_tokens: int = 0
     error: Optional[str] = None
+    first_scheduled_time: Optional[float] = None             # when the request first ran (queue time)
 
     @property
     def finished(self) -> bool:

@@ -238,6 +238,7 @@ class Scheduler:
                 finish_reason=request.finish_reason if finished else None,
                 stop_reason=request.stop_reason,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
+                first_scheduled_time=request.first_scheduled_time,
             ))
             if finished:
                 self.running.remove(request)

@@ -1,0 +1,229 @@
+"""The `pagoda` command.
+
+    pagoda generate --model default --prompt "Once upon a time" [--max-tokens 64 --temperature 0 --seed 1]
+    pagoda serve [MODEL] [--standalone] [--host 127.0.0.1 --port 8000 --api-key KEY --grpc-port 50051 ...]
+
+Flags are named as vLLM's where the meaning is the same. `serve --standalone` runs the HTTP (and
+optional gRPC) server in this process. Without `--standalone`, `serve` hands over to the cluster
+CLI (`pagoda.cluster.cli.serve(args)`, Ray Serve) when that exists, and otherwise runs standalone.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import re
+import sys
+from typing import Callable, Optional
+
+from ..config import EngineArgs
+from .auth import API_KEY_ENV
+from .settings import ServerSettings
+
+logger = logging.getLogger("pagoda.cli")
+
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'16777216', '16MiB', '16M', '1.5GiB' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgG]i?)?[bB]?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes such as 16777216 or 16MiB, got {text!r}")
+    number, unit = match.groups()
+    value = int(float(number) * _SIZE_UNITS[(unit or "").lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return value
+
+
+def parse_origins(text: str) -> list[str]:
+    """A JSON list ('["https://a.example"]', as vLLM takes it) or comma-separated origins."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            origins = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise argparse.ArgumentTypeError(f"--allowed-origins is not a JSON list: {error}") from None
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise argparse.ArgumentTypeError(f"--allowed-origins must be a list of strings, got {text!r}")
+        return origins
+    return [origin.strip() for origin in text.split(",") if origin.strip()]
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    group.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
+    group.add_argument("--max-num-seqs", type=int, default=256, help="sequences per batch")
+    group.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step")
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    group.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,
+                       help="KV-cache budget, e.g. 16MiB (default: from gpu-memory-utilization; 1 GiB on CPU)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--served-model-name", default=None, help="the name clients use (default: MODEL)")
+    group.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    group.add_argument("--enforce-eager", action="store_true")
+
+
+def engine_args_from(args: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
+        served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager)
+
+
+def server_settings_from(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        host=args.host, port=args.port, api_key=args.api_key or None, allowed_origins=args.allowed_origins,
+        max_request_body_bytes=args.max_request_body_bytes, shutdown_timeout_s=args.shutdown_timeout,
+        grpc_port=args.grpc_port, log_level=args.uvicorn_log_level)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description="pagoda: LLM inference and serving")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="complete one prompt and print the text")
+    generate.add_argument("--model", default="default", help="'default', a checkpoint directory or a .gguf file")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    _add_engine_flags(generate)
+    generate.set_defaults(handler=run_generate)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API (and gRPC)")
+    serve.add_argument("model_positional", nargs="?", metavar="MODEL", default=None,
+                       help="'default', a checkpoint directory or a .gguf file")
+    serve.add_argument("--model", default=None, help="same as MODEL")
+    serve.add_argument("--standalone", action="store_true", help="one process, no Ray")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC on this port")
+    serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                       help=f"require 'Authorization: Bearer KEY' on inference routes (default: ${API_KEY_ENV})")
+    serve.add_argument("--allowed-origins", type=parse_origins, default=[],
+                       help="CORS origins, JSON list or comma-separated (default: CORS off)")
+    serve.add_argument("--max-request-body-bytes", type=parse_bytes, default=16 * 2**20)
+    serve.add_argument("--max-queued-requests", type=int, default=None,
+                       help="answer 503 while this many requests wait (default: unbounded)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds SIGTERM lets in-flight requests finish before aborting them")
+    serve.add_argument("--uvicorn-log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+    _add_engine_flags(serve)
+    serve.set_defaults(handler=run_serve)
+    cluster_cli = _cluster_cli_module()
+    if cluster_cli is not None:   # pagoda.cluster adds the Ray flags to `serve` and the `status` command
+        cluster_cli.add_serve_flags(serve)
+        cluster_cli.add_status_command(commands)
+    return parser
+
+
+def _cluster_cli_module():
+    """pagoda.cluster.cli (imports no Ray at module level), or None when it is not installed."""
+    try:
+        return importlib.import_module("pagoda.cluster.cli")
+    except ModuleNotFoundError as error:
+        if error.name == "pagoda.cluster.cli":
+            return None
+        raise
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..llm import LLM
+    from ..sampling_params import SamplingParams
+
+    engine_args = engine_args_from(args)
+    llm = LLM(**{f.name: getattr(engine_args, f.name) for f in dataclasses.fields(engine_args) if f.name != "extra"})
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    try:
+        if args.chat:
+            outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+        else:
+            outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    print(outputs[0].outputs[0].text)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if args.model_positional and args.model and args.model_positional != args.model:
+        raise ValueError(f"MODEL {args.model_positional!r} and --model {args.model!r} disagree; pass one")
+    args.model = args.model_positional or args.model or "default"
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
+        raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    if args.standalone:
+        return serve_standalone(args)
+    cluster_serve = cluster_entrypoint()
+    if cluster_serve is None:
+        logger.info("no cluster CLI (pagoda.cluster.cli.serve) available: serving standalone")
+        return serve_standalone(args)
+    return cluster_serve(args)
+
+
+def cluster_entrypoint() -> Optional[Callable[[argparse.Namespace], int]]:
+    """`pagoda.cluster.cli.serve(args) -> exit code`, or None when the cluster path is not available.
+
+    NOTE: this is the hook the cluster issue fills in: define `serve(args)` in cluster/cli.py (it gets
+    the parsed `serve` flags; `engine_args_from(args)` and `server_settings_from(args)` build the
+    engine and server settings) and `pagoda serve` without --standalone goes through Ray Serve.
+    """
+    try:
+        module = importlib.import_module("pagoda.cluster.cli")
+    except ModuleNotFoundError as error:
+        if error.name in ("pagoda.cluster.cli", "ray") or (error.name or "").startswith("ray."):
+            if error.name != "pagoda.cluster.cli":
+                logger.warning("the cluster CLI needs Ray (%s); pip install 'pagoda[cluster]'", error)
+            return None
+        raise
+    return getattr(module, "serve", None)
+
+
+def serve_standalone(args: argparse.Namespace) -> int:
+    from ..async_engine import AsyncEngine
+    from .openai.api_server import run_server
+
+    settings = server_settings_from(args)
+    engine = AsyncEngine.from_engine_args(engine_args_from(args), max_queued_requests=args.max_queued_requests)
+    logger.info("serving model %r on http://%s:%d (max_model_len %d)", engine.model_names[0], settings.host,
+                settings.port, engine.max_model_len)
+    try:
+        asyncio.run(run_server(engine, settings))
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.command == "serve" else logging.WARNING,
+                        format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except ValueError as error:
+        print(f"pagoda: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
