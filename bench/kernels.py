@@ -1,13 +1,14 @@
 """Kernel benchmark: pagoda's Triton kernels vs their torch references at llama3-8b sizes.
 
-First measures this GPU's ceilings in the same run (device-to-device copy bandwidth of a 2 GiB
-buffer, counting read + write bytes; bf16 8192^3 matmul TFLOP/s, median of 20), then times each
-kernel and reports achieved GB/s (memory-bound kernels) or TFLOP/s (prefill attention) as a
-percentage of the matching ceiling, next to the torch reference's time.
+First measures this GPU's ceilings in the same run with `bench.ceilings.measure_ceilings` (the
+same definition every pagoda benchmark uses: device-to-device copy of a 2 GiB buffer counting read +
+write bytes; bf16 8192^3 matmul; medians of 20), then times each kernel and reports achieved GB/s
+(memory-bound kernels) or TFLOP/s (prefill attention) as a percentage of the matching ceiling, next
+to the torch reference's time.
 
-    python bench/kernels.py                       # everything
-    python bench/kernels.py --only attention      # one family: attention, cache, norm, rotary, activation
-    python bench/kernels.py --no-reference        # skip the (slow, memory-hungry) torch references
+    python -m bench.kernels                       # everything (from the repo root)
+    python -m bench.kernels --only attention      # one family: attention, cache, norm, rotary, activation
+    python -m bench.kernels --no-reference        # skip the (slow, memory-hungry) torch references
 
 Shapes: hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336, KV block 16, bf16.
 Decode: batch 1 / 32 / 256 x context 512 / 2k / 8k. Prefill: 8 x 512 fresh prompts (and 1 x 4096).
@@ -19,9 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+
+if __package__ in (None, ""):                       # run as `python bench/kernels.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.ceilings import Ceilings, measure_ceilings  # noqa: E402
 
 HIDDEN, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, INTERMEDIATE, BLOCK_SIZE = 4096, 32, 8, 128, 14336, 16
 DTYPE = torch.bfloat16
@@ -37,40 +43,6 @@ class Case:
     torch_fn: Callable[[], object] | None
     bytes_moved: float = 0.0          # memory-bound: bytes read + written by an ideal kernel
     flops: float = 0.0                # compute-bound: useful FLOPs
-
-
-@dataclasses.dataclass
-class Ceilings:
-    copy_gbps: float
-    matmul_tflops: float
-
-
-def measure_ceilings() -> Ceilings:
-    import triton.testing
-
-    src = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")          # 2 GiB
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=500, return_mode="median")
-    copy_gbps = 2 * src.numel() / (ms * 1e-3) / 1e9                         # read + write
-    del src, dst
-
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    matmul_tflops = 2 * n**3 / (sorted(times)[len(times) // 2] * 1e-3) / 1e12
-    del a, b
-    torch.cuda.empty_cache()
-    return Ceilings(copy_gbps, matmul_tflops)
 
 
 # ---- cases ---------------------------------------------------------------------------------------------
@@ -238,10 +210,11 @@ def max_error(case: Case) -> str:
 
 def run_case(case: Case, ceilings: Ceilings, args: argparse.Namespace) -> list[str]:
     triton_ms = time_ms(case.triton_fn, args.warmup_ms, args.rep_ms)
+    seconds = triton_ms * 1e-3
     if case.flops:
-        achieved, unit, ceiling = case.flops / (triton_ms * 1e-3) / 1e12, "TFLOP/s", ceilings.matmul_tflops
+        achieved, unit, ceiling = case.flops / seconds / 1e12, "TFLOP/s", ceilings.matmul_flops / 1e12
     else:
-        achieved, unit, ceiling = case.bytes_moved / (triton_ms * 1e-3) / 1e9, "GB/s", ceilings.copy_gbps
+        achieved, unit, ceiling = case.bytes_moved / seconds / 1e9, "GB/s", ceilings.copy_bandwidth_Bps / 1e9
     torch_cell, speedup = "-", "-"
     if case.torch_fn is not None and not args.no_reference:
         try:
@@ -282,13 +255,13 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU, and torch.cuda.is_available() is False here. "
+        sys.exit("bench.kernels needs a CUDA GPU, and torch.cuda.is_available() is False here. "
                  "On CPU, check correctness instead: python -m pytest -q tests/kernels")
     torch.manual_seed(0)
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    ceilings = measure_ceilings()
-    print(f"ceilings: copy {ceilings.copy_gbps:.0f} GB/s (2 GiB D2D, read+write), "
-          f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s (8192^3, median of 20)\n")
+    ceilings = measure_ceilings("cuda")
+    print(f"device: {ceilings.device_name}  torch {torch.__version__}")
+    print(f"ceilings: copy {ceilings.copy_bandwidth_Bps / 1e9:.0f} GB/s (2 GiB D2D, read+write), "
+          f"bf16 matmul {ceilings.matmul_flops / 1e12:.0f} TFLOP/s (8192^3), medians of 20\n")
     header = ["kernel", "shape", "triton us", "achieved", "% ceiling", "torch us", "speedup", "max err"]
     rows = []
     for family in args.only:

@@ -33,18 +33,18 @@ def _silu_and_mul_kernel(
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """silu(x[:, :I]) * x[:, I:] for x (num_tokens, 2 * I); returns a new (num_tokens, I) tensor."""
-    if x.dim() != 2 or x.shape[1] % 2 != 0:
+    """silu(x[..., :I]) * x[..., I:] for x (num_tokens, 2 * I), leading dims flattened; a new (num_tokens, I)."""
+    if x.dim() == 0 or x.shape[-1] % 2 != 0:
         raise ValueError(f"x must be (num_tokens, 2 * intermediate), got shape {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"x dtype must be one of {_DTYPES}, got {x.dtype}")
     if x.stride(-1) != 1:
         raise ValueError(f"x must be contiguous in its last dim, got strides {x.stride()}")
-    num_tokens, intermediate = x.shape[0], x.shape[1] // 2
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])          # (num_tokens, 2 * I)
+    num_tokens, intermediate = x2d.shape[0], x2d.shape[1] // 2
     out = torch.empty(num_tokens, intermediate, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    block = min(_BLOCK, triton.next_power_of_2(intermediate))
-    _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
-        out, x, x.stride(0), intermediate, BLOCK=block, num_warps=4 if block >= 512 else 1)
-    return out
+    if out.numel() > 0:
+        block = min(_BLOCK, triton.next_power_of_2(intermediate))
+        _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
+            out, x2d, x2d.stride(0), intermediate, BLOCK=block, num_warps=4 if block >= 512 else 1)
+    return out.view(*x.shape[:-1], intermediate)

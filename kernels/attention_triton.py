@@ -21,13 +21,16 @@ Decode (`max_query_len == 1`)
     program writes a partial max, sum and unnormalised output; a second kernel merges the splits.
     Split boundaries are computed in the kernel from each sequence's own `seq_lens`, so any split
     count is correct for any batch: the count is only a performance choice (made from the batch
-    size and `max_seq_len`), and the grid depends only on it and on shapes (CUDA-graph friendly).
+    size and `max_seq_len`, or fixed by `metadata.num_decode_splits` when a CUDA graph is captured),
+    and the grid depends only on it and on shapes.
 
 Numerics: fp16/bf16/fp32 inputs, fp32 accumulation, softmax in base 2 (scale * log2(e) folded in).
-fp32 inputs use exact ("ieee") dot products, not TF32, so fp32 stays a tight oracle. Running maxima
-start at a finite -1e30 rather than -inf so that fully masked rows never produce inf - inf = NaN.
-Positions at or beyond `seq_lens[i]` are never loaded, so stale or NaN cache slots cannot leak in,
-and `block_tables` may have any number of spare columns.
+fp32 inputs use 3xTF32 dot products (fp32-level accuracy on tensor cores), never plain TF32, so fp32
+stays a tight oracle. Running maxima start at a finite -1e30 rather than -inf so that fully masked
+rows never produce inf - inf = NaN. Positions at or beyond `seq_lens[i]` are never loaded, so stale
+or NaN cache slots cannot leak in, and `block_tables` may have any number of spare columns.
+Under the Triton interpreter (CPU tests) bf16 MMA operands are upcast to fp32, because the
+interpreter stores bf16 as raw uint16 and cannot do arithmetic on it (`UPCAST`).
 """
 from __future__ import annotations
 
@@ -369,15 +372,18 @@ def decode_attention(
 ) -> None:
     """Flash-decoding path for batches with at most one new token per sequence. Inputs pre-checked.
 
-    `num_splits` (default: `num_decode_splits`) only changes speed, never the result.
+    `num_splits` (default: `metadata.num_decode_splits`, fixed by CUDA-graph capture, else
+    `num_decode_splits` from the batch size and `max_seq_len`) only changes speed, never the result.
     """
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     num_seqs = metadata.num_seqs
     if num_splits is None:
+        num_splits = metadata.num_decode_splits
+    if num_splits is None:
         num_splits = num_decode_splits(num_seqs, num_kv_heads, metadata.max_seq_len, query.device)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits (metadata.num_decode_splits) must be an int >= 1, got {num_splits!r}")
     group = num_heads // num_kv_heads
     head_dim_pad = triton.next_power_of_2(head_dim)
     if num_splits > 1:
@@ -397,9 +403,9 @@ def decode_attention(
         metadata.block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
-        BLOCK_N=64 if query.element_size() <= 2 else 32, NUM_SPLITS=num_splits,
+        BLOCK_N=_decode_block_n(head_dim_pad, query.dtype), NUM_SPLITS=num_splits,
         UPCAST=_needs_upcast(query), DOT_PRECISION=_dot_precision(query),
-        num_warps=4, num_stages=2,
+        num_warps=4 if query.element_size() <= 2 else 8, num_stages=2,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -424,13 +430,25 @@ def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device
 
 
 def _prefill_config(group: int, max_query_len: int, head_dim_pad: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): 128-row tiles for 16-bit inputs, smaller when fp32 or short queries."""
-    large = 128 if dtype != torch.float32 and head_dim_pad <= 128 else 64
+    """(BLOCK_M, BLOCK_N, num_warps), sized so the sm_80/sm_90 builds do not spill (checked with ptxas):
+    128x64 tiles for 16-bit inputs up to head_dim 128, smaller for larger heads and for fp32 (exact
+    fp32 dots take 3 tf32 MMAs each); short queries shrink BLOCK_M so a batch
+    of decode tokens does not pad every tile to 128 rows."""
+    if dtype != torch.float32:
+        large, block_n = (128, 64) if head_dim_pad <= 128 else (64, 32)
+    else:
+        large, block_n = (32, 32) if head_dim_pad <= 128 else (16, 16)
     block_m = min(large, max(16, triton.next_power_of_2(group * max(1, max_query_len))))
     block_m = max(block_m, triton.next_power_of_2(group))           # at least one token's heads per tile
-    block_n = 64 if dtype != torch.float32 and head_dim_pad <= 128 else 32
-    num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
+    num_warps = 8 if block_m >= 128 else 4
     return block_m, block_n, num_warps
+
+
+def _decode_block_n(head_dim_pad: int, dtype: torch.dtype) -> int:
+    """Context tokens per decode iteration: 64 for 16-bit inputs; fp32 tiles are twice the bytes."""
+    if dtype != torch.float32:
+        return 64
+    return 32 if head_dim_pad <= 128 else 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -453,7 +471,7 @@ def _needs_upcast(query: torch.Tensor) -> bool:
 
 
 def _dot_precision(query: torch.Tensor) -> str:
-    return "ieee" if query.dtype == torch.float32 else "tf32"         # tf32 is ignored for 16-bit inputs
+    return "tf32x3" if query.dtype == torch.float32 else "tf32"       # tf32 is ignored for 16-bit inputs
 
 
 def _check_inputs(

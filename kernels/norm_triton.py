@@ -79,38 +79,45 @@ def _fused_add_rms_norm_kernel(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim of x (num_tokens, hidden); returns a new tensor."""
-    _check_inputs(x, weight, eps)
-    num_tokens, hidden = x.shape
+    """RMSNorm over the last dim of x (num_tokens, hidden) (leading dims are flattened); a new tensor."""
+    x2d = _as_rows(x)
+    _check_inputs(x2d, weight, eps)
+    num_tokens, hidden = x2d.shape
     out = torch.empty(num_tokens, hidden, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    if num_tokens == 0:
-        return out
-    block = triton.next_power_of_2(hidden)
-    _rms_norm_kernel[(num_tokens,)](out, x, weight, x.stride(0), hidden, eps,
-                                    BLOCK=block, num_warps=_num_warps(block))
-    return out
+    if num_tokens > 0:
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_kernel[(num_tokens,)](out, x2d, weight, x2d.stride(0), hidden, eps,
+                                        BLOCK=block, num_warps=_num_warps(block))
+    return out.view(x.shape)
 
 
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual) as new tensors; the sum is in x.dtype."""
-    _check_inputs(x, weight, eps)
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype} {x.device}, "
                          f"got {tuple(residual.shape)} {residual.dtype} {residual.device}")
-    if residual.stride(-1) != 1:
+    x2d, residual2d = _as_rows(x), _as_rows(residual)
+    _check_inputs(x2d, weight, eps)
+    if residual2d.stride(-1) != 1:
         raise ValueError(f"residual must be contiguous in hidden, got strides {residual.stride()}")
-    num_tokens, hidden = x.shape
+    num_tokens, hidden = x2d.shape
     out = torch.empty(num_tokens, hidden, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     summed = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
-    if num_tokens == 0:
-        return out, summed
-    block = triton.next_power_of_2(hidden)
-    _fused_add_rms_norm_kernel[(num_tokens,)](
-        out, summed, x, residual, weight, x.stride(0), residual.stride(0), hidden, eps,
-        BLOCK=block, num_warps=_num_warps(block))
-    return out, summed
+    if num_tokens > 0:
+        block = triton.next_power_of_2(hidden)
+        _fused_add_rms_norm_kernel[(num_tokens,)](
+            out, summed, x2d, residual2d, weight, x2d.stride(0), residual2d.stride(0), hidden, eps,
+            BLOCK=block, num_warps=_num_warps(block))
+    return out.view(x.shape), summed.view(x.shape)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., hidden) -> (rows, hidden); a view whenever possible (2-D inputs always stay as they are)."""
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (hidden), got a scalar")
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 def _num_warps(block: int) -> int:
@@ -118,8 +125,6 @@ def _num_warps(block: int) -> int:
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"x must be (num_tokens, hidden), got shape {tuple(x.shape)}")
     if weight.shape != (x.shape[1],):
         raise ValueError(f"weight must have shape ({x.shape[1]},), got {tuple(weight.shape)}")
     if x.shape[1] > _MAX_HIDDEN:

@@ -98,7 +98,8 @@ def _check_inputs(
     positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> None:
     if query.dim() != 3 or key.dim() != 3:
-        raise ValueError(f"query/key must be (num_tokens, heads, head_dim), got {tuple(query.shape)} / {tuple(key.shape)}")
+        raise ValueError("query/key must be (num_tokens, heads, head_dim), "
+                         f"got {tuple(query.shape)} / {tuple(key.shape)}")
     num_tokens, _, head_dim = query.shape
     if key.shape[0] != num_tokens or key.shape[2] != head_dim:
         raise ValueError(f"key shape {tuple(key.shape)} does not match query {tuple(query.shape)}")
