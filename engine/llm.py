@@ -117,7 +117,7 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         try:
             while pending:
-                for output in self.engine.step():
+                for output in self.engine.step(finished_only=True):
                     if output.finished and output.request_id in pending:
                         finished[output.request_id] = output
                         pending.discard(output.request_id)

@@ -64,9 +64,9 @@ class LLMEngine:
                 outputs.append(output)
         return outputs
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
         core_outputs = self.core.step()
-        outputs, to_abort = self.output_processor.process(core_outputs)
+        outputs, to_abort = self.output_processor.process(core_outputs, finished_only)
         if to_abort:
             self.core.abort_requests(to_abort)
         return outputs

@@ -28,6 +28,7 @@ from .distributed import get_tp_size
 from .models.registry import get_model_class
 from .sampler import Sampler, SamplingRow
 from .scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from .step_inputs import BlockTable, PinnedStaging
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,10 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 @dataclass
 class CachedRequestState:
     data: NewRequestData
-    block_ids: list[int] = field(default_factory=list)
+    row: int                                   # its row in the runner's BlockTable
     output_token_ids: list[int] = field(default_factory=list)
+    # sampling is a plain argmax: greedy, no logprobs, penalties, biases or min_tokens
+    plain_greedy: bool = False
 
 
 class ModelRunner:
@@ -53,6 +56,9 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_cache: Optional[torch.Tensor] = None
         self.graphs = None            # DecodeGraphs once captured
+        max_blocks_per_seq = -(-config.model.max_model_len // self.block_size)
+        self.block_table = BlockTable(config.scheduler.max_num_seqs, max_blocks_per_seq)
+        self.staging = PinnedStaging(self.device)
 
     # -- start-up ---------------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
@@ -152,69 +158,73 @@ class ModelRunner:
     # -- one step ----------------------------------------------------------------------------------
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for request_id in scheduler_output.finished_request_ids:
-            self.requests.pop(request_id, None)
+            state = self.requests.pop(request_id, None)
+            if state is not None:
+                self.block_table.free_row(state.row)
         for data in scheduler_output.new_requests:
-            self.requests[data.request_id] = CachedRequestState(data, output_token_ids=list(data.output_token_ids))
+            params = data.sampling_params
+            self.requests[data.request_id] = CachedRequestState(
+                data, row=self.block_table.add_row(), output_token_ids=list(data.output_token_ids),
+                plain_greedy=(params.is_greedy and params.logprobs is None and not params.needs_penalties
+                              and not params.logit_bias and params.min_tokens == 0))
         for item in scheduler_output.scheduled:
-            self.requests[item.request_id].block_ids.extend(item.new_block_ids)
+            self.block_table.append(self.requests[item.request_id].row, item.new_block_ids)
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput):
+        """The flattened batch as device tensors; vectorised over requests (see step_inputs.py)."""
         block_size = self.block_size
         scheduled = scheduler_output.scheduled
-        input_ids: list[int] = []
-        positions_parts, slot_parts = [], []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
+        states = [self.requests[item.request_id] for item in scheduled]
+        num_seqs = len(scheduled)
+        num_new = np.fromiter((len(item.token_ids) for item in scheduled), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter((item.num_computed_tokens for item in scheduled), dtype=np.int64, count=num_seqs)
+        rows = np.fromiter((state.row for state in states), dtype=np.int64, count=num_seqs)
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(num_new, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        if num_tokens == num_seqs:                     # pure decode: one token per sequence
+            seq_of_token = np.arange(num_seqs)
+            positions = starts
+        else:
+            seq_of_token = np.repeat(np.arange(num_seqs), num_new)
+            positions = starts[seq_of_token] + (np.arange(num_tokens) - query_start_loc[:-1][seq_of_token])
+        table = self.block_table.table
+        slot_mapping = table[rows[seq_of_token], positions // block_size].astype(np.int64) * block_size \
+            + positions % block_size
+        seq_lens = starts + num_new
+        max_seq_len = int(seq_lens.max())
+        block_tables = table[rows, : -(-max_seq_len // block_size)]
+        input_ids = np.fromiter((t for item in scheduled for t in item.token_ids), dtype=np.int64, count=num_tokens)
+
+        # rows of the hidden states that feed the LM head, in the order _sample reads them
         prompt_rows: dict[str, tuple[int, int, int]] = {}   # id -> (first row, count, first position)
-        max_blocks = 0
-        for item in scheduled:
-            state = self.requests[item.request_id]
-            num_new = len(item.token_ids)
-            start = item.num_computed_tokens
-            cursor = len(input_ids)
-            input_ids.extend(item.token_ids)
-            pos = np.arange(start, start + num_new, dtype=np.int64)
-            block_ids = np.asarray(state.block_ids, dtype=np.int64)
-            positions_parts.append(pos)
-            slot_parts.append(block_ids[pos // block_size] * block_size + pos % block_size)
-            query_start_loc.append(cursor + num_new)
-            seq_lens.append(start + num_new)
-            max_blocks = max(max_blocks, len(state.block_ids))
-            prompt_len = len(state.data.prompt_token_ids)
-            if state.data.sampling_params.prompt_logprobs is not None and start < prompt_len:
-                count = max(0, min(start + num_new, prompt_len - 1) - start)
-                prompt_rows[item.request_id] = (len(logits_indices), count, start)
-                logits_indices.extend(range(cursor, cursor + count))
-            if item.sample:
-                logits_indices.append(cursor + num_new - 1)
+        sample_mask = np.fromiter((item.sample for item in scheduled), dtype=bool, count=num_seqs)
+        if any(state.data.sampling_params.prompt_logprobs is not None for state in states):
+            logits_indices: list[int] = []
+            for i, (item, state) in enumerate(zip(scheduled, states)):
+                cursor, start = int(query_start_loc[i]), item.num_computed_tokens
+                prompt_len = len(state.data.prompt_token_ids)
+                if state.data.sampling_params.prompt_logprobs is not None and start < prompt_len:
+                    count = max(0, min(start + len(item.token_ids), prompt_len - 1) - start)
+                    prompt_rows[item.request_id] = (len(logits_indices), count, start)
+                    logits_indices.extend(range(cursor, cursor + count))
+                if item.sample:
+                    logits_indices.append(int(query_start_loc[i + 1]) - 1)
+            indices = np.asarray(logits_indices, dtype=np.int64)
+        else:
+            indices = (query_start_loc[1:] - 1)[sample_mask]
 
-        block_tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
-        for i, item in enumerate(scheduled):
-            ids = self.requests[item.request_id].block_ids
-            block_tables[i, : len(ids)] = ids
-        device = self.device
-        pin = device.type == "cuda"
-
-        def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            tensor = torch.from_numpy(array).to(dtype)
-            if pin:
-                tensor = tensor.pin_memory()
-            return tensor.to(device, non_blocking=True)
-
+        stage = self.staging.to_device
         metadata = AttentionMetadata(
-            slot_mapping=to_device(np.concatenate(slot_parts), torch.int64),
-            query_start_loc=to_device(np.asarray(query_start_loc, dtype=np.int32), torch.int32),
-            seq_lens=to_device(np.asarray(seq_lens, dtype=np.int32), torch.int32),
-            block_tables=to_device(block_tables, torch.int32),
-            max_query_len=max(len(item.token_ids) for item in scheduled),
-            max_seq_len=max(seq_lens),
+            slot_mapping=stage("slot_mapping", slot_mapping, torch.int64),
+            query_start_loc=stage("query_start_loc", query_start_loc, torch.int32),
+            seq_lens=stage("seq_lens", seq_lens, torch.int32),
+            block_tables=stage("block_tables", block_tables, torch.int32),
+            max_query_len=int(num_new.max()),
+            max_seq_len=max_seq_len,
         )
-        return (to_device(np.asarray(input_ids, dtype=np.int64), torch.int64),
-                to_device(np.concatenate(positions_parts), torch.int64),
-                metadata,
-                to_device(np.asarray(logits_indices, dtype=np.int64), torch.int64),
-                prompt_rows)
+        return (stage("input_ids", input_ids, torch.int64), stage("positions", positions, torch.int64),
+                metadata, stage("logits_indices", indices, torch.int64), prompt_rows)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
@@ -236,43 +246,50 @@ class ModelRunner:
     def _sample(self, scheduler_output: SchedulerOutput, logits: torch.Tensor,
                 prompt_rows: dict[str, tuple[int, int, int]]) -> ModelRunnerOutput:
         out = ModelRunnerOutput()
-        rows: list[SamplingRow] = []
-        row_index: list[int] = []
+        row_index: list[int] = []          # row of `logits` for each sampling request
         row_ids: list[str] = []
         cursor = 0
         for item in scheduler_output.scheduled:
             if item.request_id in prompt_rows:
                 cursor += prompt_rows[item.request_id][1]
-            if not item.sample:
-                continue
-            state = self.requests[item.request_id]
-            params = state.data.sampling_params
-            num_out = len(state.output_token_ids)
-            penalties = params.needs_penalties
-            rows.append(SamplingRow(
-                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-                seed=state.data.seed, num_output_tokens=num_out,
-                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-                repetition_penalty=params.repetition_penalty,
-                prompt_token_ids=state.data.prompt_token_ids if penalties else None,
-                output_token_ids=state.output_token_ids if penalties else None,
-                logit_bias=params.logit_bias,
-                banned_token_ids=state.data.min_tokens_banned_ids if num_out < params.min_tokens else [],
-                num_logprobs=params.logprobs,
-            ))
-            row_index.append(cursor)
-            row_ids.append(item.request_id)
-            cursor += 1
-        if rows:
-            result = self.sampler(logits[row_index], rows)
-            for request_id, token, logprobs in zip(row_ids, result.token_ids, result.logprobs):
-                self.requests[request_id].output_token_ids.append(token)
+            if item.sample:
+                row_index.append(cursor)
+                row_ids.append(item.request_id)
+                cursor += 1
+        if row_ids:
+            states = [self.requests[r] for r in row_ids]
+            sample_logits = logits if len(row_index) == logits.shape[0] else logits[row_index]
+            if all(state.plain_greedy for state in states):
+                # fast path: greedy without extras is one argmax and one device-to-host copy
+                tokens, logprobs = sample_logits.argmax(dim=-1).tolist(), [None] * len(states)
+            else:
+                result = self.sampler(sample_logits, [self._sampling_row(state) for state in states])
+                tokens, logprobs = result.token_ids, result.logprobs
+            for request_id, state, token, entry in zip(row_ids, states, tokens, logprobs):
+                state.output_token_ids.append(token)
                 out.sampled_token_ids[request_id] = token
-                if logprobs is not None:
-                    out.logprobs[request_id] = logprobs
+                if entry is not None:
+                    out.logprobs[request_id] = entry
         if prompt_rows:
             out.prompt_logprobs = self._prompt_logprobs(logits, prompt_rows)
         return out
+
+    @staticmethod
+    def _sampling_row(state: CachedRequestState) -> SamplingRow:
+        params = state.data.sampling_params
+        num_out = len(state.output_token_ids)
+        penalties = params.needs_penalties
+        return SamplingRow(
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+            seed=state.data.seed, num_output_tokens=num_out,
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            prompt_token_ids=state.data.prompt_token_ids if penalties else None,
+            output_token_ids=state.output_token_ids if penalties else None,
+            logit_bias=params.logit_bias,
+            banned_token_ids=state.data.min_tokens_banned_ids if num_out < params.min_tokens else [],
+            num_logprobs=params.logprobs,
+        )
 
     def _prompt_logprobs(self, logits: torch.Tensor,
                          prompt_rows: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, list]]:

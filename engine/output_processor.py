@@ -87,8 +87,11 @@ class OutputProcessor:
             out[token] = Logprob(value, rank, decoded)
         return out
 
-    def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the outputs of requests that changed, and core ids to abort (stop strings)."""
+    def process(self, core_outputs: list[EngineCoreOutput],
+                finished_only: bool = False) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the outputs of requests that changed (only finished ones with `finished_only`,
+        which spares the offline API building a snapshot of every request every step), and core
+        ids to abort (stop strings)."""
         touched: dict[str, RequestState] = {}
         to_abort: list[str] = []
         now = time.monotonic()
@@ -133,6 +136,8 @@ class OutputProcessor:
                 completion.stop_reason = completion.detokenizer.stop_reason
         results = []
         for parent_id, state in touched.items():
+            if finished_only and not state.finished:
+                continue
             results.append(self._make_output(state, now))
             if state.finished:
                 self._forget(parent_id)

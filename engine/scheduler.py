@@ -197,7 +197,7 @@ class Scheduler:
                 request_id=request.request_id,
                 token_ids=request.token_ids_slice(start, start + num_new),
                 num_computed_tokens=start,
-                new_block_ids=self.kv.block_ids(request.request_id)[num_old_blocks:],
+                new_block_ids=[b.block_id for b in self.kv.req_blocks[request.request_id][num_old_blocks:]],
                 sample=start + num_new == request.num_tokens,
             ))
             out.num_scheduled_tokens += num_new

@@ -1,0 +1,59 @@
+"""Host-side state for building each step's device inputs fast.
+
+- `BlockTable`: one row per live request (rows reused as requests come and go), holding its KV block
+  ids, so a step's block tables and slot mapping are numpy gathers rather than per-request loops.
+- `PinnedStaging`: persistent pinned host buffers; a step's arrays are copied in and sent to the
+  device with non-blocking copies. NOTE: reusing a staging buffer is safe because every step ends
+  with a device-to-host read of the sampled tokens, which orders it after the previous copies.
+
+    block_table row r: [ 7  2  9  0  0 ...]   (request with 3 blocks, block_size 16)
+    position 37 -> block_table[r, 37 // 16] * 16 + 37 % 16 = 9 * 16 + 5 = slot 149
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class BlockTable:
+    def __init__(self, max_rows: int, max_blocks_per_row: int) -> None:
+        self.table = np.zeros((max_rows, max_blocks_per_row), dtype=np.int32)
+        self.num_blocks = np.zeros(max_rows, dtype=np.int64)
+        self.free_rows = list(range(max_rows - 1, -1, -1))
+
+    def add_row(self) -> int:
+        if not self.free_rows:
+            raise RuntimeError("block table full: more live requests than max_num_seqs")
+        row = self.free_rows.pop()
+        self.num_blocks[row] = 0
+        return row
+
+    def free_row(self, row: int) -> None:
+        self.free_rows.append(row)
+
+    def append(self, row: int, block_ids: list[int]) -> None:
+        if block_ids:
+            start = self.num_blocks[row]
+            self.table[row, start:start + len(block_ids)] = block_ids
+            self.num_blocks[row] = start + len(block_ids)
+
+
+class PinnedStaging:
+    """Named 1-D pinned buffers that grow on demand (CPU tensors stay unpinned off CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pin = device.type == "cuda"
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def to_device(self, name: str, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        flat = np.ascontiguousarray(array).reshape(-1)
+        if not self.pin:
+            return torch.from_numpy(flat.copy()).to(dtype).reshape(array.shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < flat.size or buffer.dtype != dtype:
+            buffer = torch.empty(max(flat.size, 1024) * 2, dtype=dtype, pin_memory=True)
+            self.buffers[name] = buffer
+        staged = buffer[: flat.size]
+        staged.numpy()[:] = flat
+        return staged.to(self.device, non_blocking=True).reshape(array.shape)
