@@ -92,7 +92,8 @@ def main() -> None:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True, detokenize=False)
               for r in requests]
-    llm.generate(prompts[:4], [SamplingParams(max_tokens=4, ignore_eos=True)] * 4, use_tqdm=False)
+    warmup = prompts[:4]
+    llm.generate(warmup, [SamplingParams(max_tokens=4, ignore_eos=True)] * len(warmup), use_tqdm=False)
     totals.clear()
     sync()
     start = time.perf_counter()
