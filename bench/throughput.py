@@ -180,6 +180,11 @@ def _dtype_name(args: argparse.Namespace) -> str:
 
 
 def _commit() -> str:
+    """HEAD of the checkout, or $PAGODA_COMMIT where the tree travelled without .git (GPU box)."""
+    import os
+
+    if os.environ.get("PAGODA_COMMIT"):
+        return os.environ["PAGODA_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
