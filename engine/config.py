@@ -74,6 +74,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
     policy: Literal["fcfs", "priority"] = "fcfs"
+    # schedule step N+1 while step N runs on the device (its sampled tokens feed N+1 there)
+    async_scheduling: bool = False
 
 
 @dataclass
@@ -139,6 +141,7 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     enforce_eager: bool = False
     distributed_executor_backend: Optional[str] = None
+    async_scheduling: Optional[bool] = None     # None = on for one CUDA device (uniproc), else off
     extra: dict = field(default_factory=dict)
 
     def create_config(self) -> EngineConfig:
@@ -215,6 +218,8 @@ class EngineArgs:
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
                 policy=self.scheduling_policy,  # type: ignore[arg-type]
+                async_scheduling=(device.type == "cuda" and backend == "uni"
+                                  if self.async_scheduling is None else bool(self.async_scheduling)),
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size, executor_backend=backend),  # type: ignore[arg-type]
             device=device,

@@ -11,10 +11,11 @@ import logging
 from typing import Optional
 
 from .config import EngineConfig
-from .executor.base import Executor, executor_class_for
+from .executor.base import Executor, StepHandle, executor_class_for
 from .outputs import EngineCoreOutput, EngineStats
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
+from .scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,11 @@ class EngineCore:
         self.executor.initialize_cache(num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache)
         self.num_steps = 0
+        # only an executor that really returns before the step ends can overlap (and feed the
+        # placeholders of the next step on its device); others run synchronously
+        self.async_scheduling = (config.scheduler.async_scheduling
+                                 and type(self.executor).execute_model_async is not Executor.execute_model_async)
+        self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
         logger.info("KV cache: %d blocks of %d tokens; max_model_len %d", num_blocks,
                     config.cache.block_size, config.model.max_model_len)
 
@@ -41,13 +47,30 @@ class EngineCore:
         return [EngineCoreOutput(r.request_id, [], finish_reason="abort") for r in aborted]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        """schedule -> execute -> update. With async scheduling the update is of the previous step:
+
+            host:   schedule N+1 | launch N+1 | wait N, update N | schedule N+2 | ...
+            device:        ... step N ...     |        step N+1        |
+        """
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
         self.num_steps += 1
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        if not self.async_scheduling:
+            runner_output = self.executor.execute_model(scheduler_output)
+            return self.scheduler.update_from_output(scheduler_output, runner_output)
+        handle = self.executor.execute_model_async(scheduler_output)
+        outputs: list[EngineCoreOutput] = []
+        if self._in_flight is not None:
+            previous_output, previous_handle = self._in_flight
+            outputs = self.scheduler.update_from_output(previous_output, previous_handle.result())
+        if scheduler_output.is_empty:
+            self._in_flight = None
+            outputs += self.scheduler.update_from_output(scheduler_output, handle.result())
+        else:
+            self._in_flight = (scheduler_output, handle)
+        return outputs
 
     def get_stats(self) -> EngineStats:
         kv = self.scheduler.kv

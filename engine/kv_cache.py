@@ -167,7 +167,8 @@ class KVCacheManager:
         # later in the same step reads their KV after this step's cache writes.
         if not self.enable_prefix_caching and request.cache_salt is None:
             return
-        num_full = min(total_tokens // self.block_size, len(blocks))
+        # only blocks whose every token id is known (not a placeholder of a step in flight)
+        num_full = min(min(total_tokens, request.num_tokens) // self.block_size, len(blocks))
         start = self.req_num_cached_blocks.get(request.request_id, 0)
         if num_full <= start:
             return
@@ -175,6 +176,12 @@ class KVCacheManager:
         for i in range(start, num_full):
             self.pool.cache(blocks[i], request.block_hashes[i])
         self.req_num_cached_blocks[request.request_id] = num_full
+
+    def cache_known_blocks(self, request: Request) -> None:
+        """Registers full blocks completed by a token that just became known (async scheduling)."""
+        blocks = self.req_blocks.get(request.request_id)
+        if blocks:
+            self._cache_full_blocks(request, blocks, request.num_computed_tokens)
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])

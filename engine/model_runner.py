@@ -27,7 +27,8 @@ from .config import EngineConfig
 from .distributed import get_tp_size
 from .models.registry import get_model_class
 from .sampler import Sampler, SamplingRow
-from .scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from .executor.base import StepHandle
+from .scheduler_output import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
 from .step_inputs import BlockTable, PinnedStaging
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,13 @@ class ModelRunner:
         max_blocks_per_seq = -(-config.model.max_model_len // self.block_size)
         self.block_table = BlockTable(config.scheduler.max_num_seqs, max_blocks_per_seq)
         self.staging = PinnedStaging(self.device)
+        # async scheduling: the last step's sampled ids stay on the device for the next step's input
+        self.prev_sampled: Optional[torch.Tensor] = None
+        self.prev_rows: dict[str, int] = {}
+        self._unresolved: Optional[StepHandle] = None
+        self._host_slot = 0
+        self._host_tokens = [torch.empty(config.scheduler.max_num_seqs, dtype=torch.int64,
+                                         pin_memory=self.device.type == "cuda") for _ in range(2)]
 
     # -- start-up ---------------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
@@ -195,6 +203,14 @@ class ModelRunner:
         max_seq_len = int(seq_lens.max())
         block_tables = table[rows, : -(-max_seq_len // block_size)]
         input_ids = np.fromiter((t for item in scheduled for t in item.token_ids), dtype=np.int64, count=num_tokens)
+        # -1 marks a token the previous step sampled on the device (async scheduling): gather it there
+        placeholders = None
+        if (input_ids < 0).any():
+            dst = np.nonzero(input_ids < 0)[0]
+            src = np.fromiter((self.prev_rows[scheduled[i].request_id] for i in seq_of_token[dst]),
+                              dtype=np.int64, count=dst.size)
+            input_ids[dst] = 0
+            placeholders = (dst, src)
 
         # rows of the hidden states that feed the LM head, in the order _sample reads them
         prompt_rows: dict[str, tuple[int, int, int]] = {}   # id -> (first row, count, first position)
@@ -214,7 +230,11 @@ class ModelRunner:
         else:
             indices = (query_start_loc[1:] - 1)[sample_mask]
 
+        self.staging.begin_step()
         stage = self.staging.to_device
+        if placeholders is not None:
+            placeholders = (stage("placeholder_dst", placeholders[0], torch.int64),
+                            stage("placeholder_src", placeholders[1], torch.int64))
         metadata = AttentionMetadata(
             slot_mapping=stage("slot_mapping", slot_mapping, torch.int64),
             query_start_loc=stage("query_start_loc", query_start_loc, torch.int32),
@@ -223,15 +243,32 @@ class ModelRunner:
             max_query_len=int(num_new.max()),
             max_seq_len=max_seq_len,
         )
-        return (stage("input_ids", input_ids, torch.int64), stage("positions", positions, torch.int64),
-                metadata, stage("logits_indices", indices, torch.int64), prompt_rows)
+        inputs = (stage("input_ids", input_ids, torch.int64), stage("positions", positions, torch.int64),
+                  metadata, stage("logits_indices", indices, torch.int64), prompt_rows, placeholders)
+        self.staging.end_step()
+        return inputs
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        handle = self.execute_model_async(scheduler_output)
+        return handle.result() if handle is not None else None
+
+    @torch.inference_mode()
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Optional[StepHandle]:
+        """Launches the forward pass and sampling; the returned handle's `result()` waits for the
+        sampled tokens (None on non-driver TP ranks, which do not sample)."""
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
-            return ModelRunnerOutput() if self.is_driver else None
-        input_ids, positions, metadata, logits_indices, prompt_rows = self._prepare_inputs(scheduler_output)
+            return StepHandle.done(ModelRunnerOutput()) if self.is_driver else None
+        if self._unresolved is not None and any(
+                self.requests[item.request_id].data.sampling_params.needs_penalties
+                for item in scheduler_output.scheduled):
+            self._unresolved.result()      # penalties count every earlier token: wait for them on the host
+        input_ids, positions, metadata, logits_indices, prompt_rows, placeholders = \
+            self._prepare_inputs(scheduler_output)
+        if placeholders is not None:
+            dst, src = placeholders
+            input_ids[dst] = self.prev_sampled[src]
         if self.graphs is not None and self.graphs.can_run(metadata):
             hidden = self.graphs.run(input_ids, positions, metadata)        # (T, hidden)
         else:
@@ -241,13 +278,15 @@ class ModelRunner:
             self.model.compute_logits(hidden[logits_indices])
             return None
         logits = self.model.compute_logits(hidden[logits_indices])           # (rows, vocab)
-        return self._sample(scheduler_output, logits, prompt_rows)
+        handle = self._launch_sampling(scheduler_output, logits, prompt_rows)
+        self._unresolved = handle
+        return handle
 
-    def _sample(self, scheduler_output: SchedulerOutput, logits: torch.Tensor,
-                prompt_rows: dict[str, tuple[int, int, int]]) -> ModelRunnerOutput:
-        out = ModelRunnerOutput()
+    def _launch_sampling(self, scheduler_output: SchedulerOutput, logits: torch.Tensor,
+                         prompt_rows: dict[str, tuple[int, int, int]]) -> StepHandle:
         row_index: list[int] = []          # row of `logits` for each sampling request
         row_ids: list[str] = []
+        rows: Optional[list[SamplingRow]] = None
         cursor = 0
         for item in scheduler_output.scheduled:
             if item.request_id in prompt_rows:
@@ -256,28 +295,53 @@ class ModelRunner:
                 row_index.append(cursor)
                 row_ids.append(item.request_id)
                 cursor += 1
+        sampled = raw_logprobs = host = event = None
         if row_ids:
-            states = [self.requests[r] for r in row_ids]
             sample_logits = logits if len(row_index) == logits.shape[0] else logits[row_index]
+            states = [self.requests[r] for r in row_ids]
             if all(state.plain_greedy for state in states):
-                # fast path: greedy without extras is one argmax and one device-to-host copy
-                tokens, logprobs = sample_logits.argmax(dim=-1).tolist(), [None] * len(states)
+                sampled = sample_logits.argmax(dim=-1)        # greedy without extras: one argmax
             else:
-                result = self.sampler(sample_logits, [self._sampling_row(state) for state in states])
-                tokens, logprobs = result.token_ids, result.logprobs
-            for request_id, state, token, entry in zip(row_ids, states, tokens, logprobs):
-                state.output_token_ids.append(token)
-                out.sampled_token_ids[request_id] = token
-                if entry is not None:
-                    out.logprobs[request_id] = entry
-        if prompt_rows:
-            out.prompt_logprobs = self._prompt_logprobs(logits, prompt_rows)
-        return out
+                items = {item.request_id: item for item in scheduler_output.scheduled}
+                rows = [self._sampling_row(state, items[r]) for r, state in zip(row_ids, states)]
+                sampled, raw_logprobs = self.sampler.sample(sample_logits, rows)
+            self.prev_sampled, self.prev_rows = sampled, {r: i for i, r in enumerate(row_ids)}
+            if self.device.type == "cuda":
+                self._host_slot ^= 1
+                host = self._host_tokens[self._host_slot][: len(row_ids)]
+                host.copy_(sampled, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+
+        def resolve() -> ModelRunnerOutput:
+            out = ModelRunnerOutput()
+            if row_ids:
+                if event is not None:
+                    event.synchronize()
+                    tokens = host.tolist()
+                else:
+                    tokens = sampled.tolist()
+                entries = (self.sampler.to_output(sampled, raw_logprobs, rows).logprobs
+                           if rows is not None else [None] * len(tokens))
+                for request_id, token, entry in zip(row_ids, tokens, entries):
+                    state = self.requests.get(request_id)
+                    if state is not None:          # (dropped if it finished while this step ran)
+                        state.output_token_ids.append(token)
+                    out.sampled_token_ids[request_id] = token
+                    if entry is not None:
+                        out.logprobs[request_id] = entry
+            if prompt_rows:
+                out.prompt_logprobs = self._prompt_logprobs(logits, prompt_rows)
+            return out
+
+        return StepHandle(resolve)
 
     @staticmethod
-    def _sampling_row(state: CachedRequestState) -> SamplingRow:
+    def _sampling_row(state: CachedRequestState, item: ScheduledRequest) -> SamplingRow:
         params = state.data.sampling_params
-        num_out = len(state.output_token_ids)
+        # position of the token being sampled, from the schedule (the host may not know the
+        # previous token yet): seeds and min_tokens depend on it, never on what arrived
+        num_out = item.num_computed_tokens + len(item.token_ids) - len(state.data.prompt_token_ids)
         penalties = params.needs_penalties
         return SamplingRow(
             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
@@ -298,7 +362,9 @@ class ModelRunner:
         overwrites the same indices instead of duplicating them."""
         result: dict[str, tuple[int, list]] = {}
         for request_id, (first_row, count, start) in prompt_rows.items():
-            state = self.requests[request_id]
+            state = self.requests.get(request_id)
+            if state is None:
+                continue
             if count == 0:
                 result[request_id] = (0, [None]) if start == 0 else (start + 1, [])
                 continue

@@ -49,7 +49,8 @@ class Request:
     seed: Optional[int] = None               # the request's own sampling seed (None = shared generator)
 
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0             # advanced when a step is scheduled (its KV is being computed)
+    num_pending_tokens: int = 0              # sampled by a step in flight, value not yet known here
     num_cached_tokens: int = -1              # prefix-cache hit length at first schedule (-1 = not yet)
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -82,6 +83,13 @@ class Request:
         if start >= n:
             return self.output_token_ids[start - n:end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+    def finishes_with_pending(self, max_model_len: int) -> bool:
+        """True when the tokens in flight already reach max_tokens / max_model_len: nothing more
+        to schedule, the request ends once they arrive."""
+        pending = self.num_pending_tokens
+        return pending > 0 and (self.num_output_tokens + pending >= self.max_tokens
+                                or self.num_tokens + pending >= max_model_len)
 
     @property
     def finish_reason(self) -> Optional[str]:

@@ -54,20 +54,24 @@ class Sampler:
         self.shared_generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        sampled, raw_logprobs = self.sample(logits, rows)
+        return self.to_output(sampled, raw_logprobs, rows)
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Device work only (no host sync): (sampled token ids (S,), raw logprobs (S, V) or None)."""
         # logits: (S, V) float32
-        num_rows, vocab = logits.shape
-        want_logprobs = [r.num_logprobs is not None for r in rows]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-
+        want_logprobs = any(r.num_logprobs is not None for r in rows)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = self._apply_biases_and_penalties(logits, rows)
-
         greedy_mask = [r.temperature < 1e-5 for r in rows]
-        sampled = torch.empty(num_rows, dtype=torch.long, device=logits.device)
         if all(greedy_mask):
-            sampled = logits.argmax(dim=-1)
-        else:
-            sampled = self._sample(logits, rows, greedy_mask)
+            return logits.argmax(dim=-1), raw_logprobs
+        return self._sample(logits, rows, greedy_mask), raw_logprobs
 
+    def to_output(self, sampled: torch.Tensor, raw_logprobs: Optional[torch.Tensor],
+                  rows: list[SamplingRow]) -> SamplerOutput:
+        """Host side: token ids and the requested logprobs as Python values."""
+        num_rows = len(rows)
         token_ids = sampled.tolist()
         logprobs: list[Optional[dict[int, float]]] = [None] * num_rows
         if raw_logprobs is not None:

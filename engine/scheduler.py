@@ -112,7 +112,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            # with a step in flight, its sampled token is a placeholder the next step consumes on the device
+            num_new = min(request.num_tokens + request.num_pending_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0 or request.finishes_with_pending(self.config.max_model_len):
+                index += 1
+                continue
             num_old_blocks = len(self.kv.req_blocks.get(request.request_id, []))
             while not self.kv.allocate_slots(request, num_new):
                 victim = self._victim()
@@ -142,6 +146,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted_any
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
+            if request.num_pending_tokens:
+                break          # preempted while its last step is in flight: resume once the token is known
             hits, num_hit_tokens = [], 0
             if request.num_computed_tokens == 0:
                 hits, num_hit_tokens = self.kv.get_computed_blocks(request)
@@ -192,15 +198,23 @@ class Scheduler:
                     seed=request.seed,
                     min_tokens_banned_ids=request.min_tokens_banned_ids,
                 ))
-            start = request.num_computed_tokens
+            start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+            known_end = min(end, request.num_tokens)
+            sample = end == request.num_tokens + request.num_pending_tokens
             out.scheduled.append(ScheduledRequest(
                 request_id=request.request_id,
-                token_ids=request.token_ids_slice(start, start + num_new),
+                # -1: the token sampled by the step in flight (the runner fills it in on the device)
+                token_ids=request.token_ids_slice(start, known_end) + [-1] * (end - known_end),
                 num_computed_tokens=start,
                 new_block_ids=[b.block_id for b in self.kv.req_blocks[request.request_id][num_old_blocks:]],
-                sample=start + num_new == request.num_tokens,
+                sample=sample,
             ))
             out.num_scheduled_tokens += num_new
+            if start < request.num_prompt_tokens:
+                self.num_prompt_tokens += min(end, request.num_prompt_tokens) - start
+            request.num_computed_tokens = end       # NOTE: counted at schedule time (vLLM v1 style)
+            if sample:
+                request.num_pending_tokens += 1
         return out
 
     # -- after the forward pass ---------------------------------------------------------------------
@@ -213,12 +227,8 @@ class Scheduler:
         self._errored = []
         for item in scheduler_output.scheduled:
             request = self.requests.get(item.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue
-            if request.num_computed_tokens < request.num_prompt_tokens:
-                self.num_prompt_tokens += min(len(item.token_ids),
-                                              request.num_prompt_tokens - request.num_computed_tokens)
-            request.num_computed_tokens += len(item.token_ids)
+            if request is None or request.status.is_finished:
+                continue          # finished or aborted while this step was in flight
             prompt_logprobs = runner_output.prompt_logprobs.get(item.request_id)
             token = runner_output.sampled_token_ids.get(item.request_id)
             if token is None:
@@ -226,7 +236,9 @@ class Scheduler:
                     outputs.append(EngineCoreOutput(request.request_id, [],
                                                     new_prompt_logprobs=prompt_logprobs))
                 continue
+            request.num_pending_tokens -= 1
             request.output_token_ids.append(token)
+            self.kv.cache_known_blocks(request)
             self.num_generation_tokens += 1
             finished = request.check_stop(self.config.max_model_len)
             logprobs = runner_output.logprobs.get(item.request_id)
@@ -241,7 +253,8 @@ class Scheduler:
                 first_scheduled_time=request.first_scheduled_time,
             ))
             if finished:
-                self.running.remove(request)
+                # (a request preempted while this step was in flight sits in the waiting queue)
+                (self.running if request in self.running else self.waiting).remove(request)
                 self._finish(request)
         return outputs
 

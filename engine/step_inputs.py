@@ -39,21 +39,41 @@ class BlockTable:
 
 
 class PinnedStaging:
-    """Named 1-D pinned buffers that grow on demand (CPU tensors stay unpinned off CUDA)."""
+    """Named 1-D pinned buffers that grow on demand (CPU tensors stay unpinned off CUDA).
+
+    Two sets, alternating per step: with async scheduling, step N+1's inputs are staged while
+    step N's host-to-device copies may still be queued. `begin_step` waits (normally a no-op) for
+    the copies that last used the set it switches to; `end_step` marks this step's copies.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.pin = device.type == "cuda"
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.sets: list[dict[str, torch.Tensor]] = [{}, {}]
+        self.events: list = [None, None]
+        self.current = 0
+
+    def begin_step(self) -> None:
+        self.current ^= 1
+        event = self.events[self.current]
+        if event is not None:
+            event.synchronize()
+
+    def end_step(self) -> None:
+        if self.pin:
+            event = torch.cuda.Event()
+            event.record()
+            self.events[self.current] = event
 
     def to_device(self, name: str, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         flat = np.ascontiguousarray(array).reshape(-1)
         if not self.pin:
             return torch.from_numpy(flat.copy()).to(dtype).reshape(array.shape)
-        buffer = self.buffers.get(name)
+        buffers = self.sets[self.current]
+        buffer = buffers.get(name)
         if buffer is None or buffer.numel() < flat.size or buffer.dtype != dtype:
             buffer = torch.empty(max(flat.size, 1024) * 2, dtype=dtype, pin_memory=True)
-            self.buffers[name] = buffer
+            buffers[name] = buffer
         staged = buffer[: flat.size]
         staged.numpy()[:] = flat
         return staged.to(self.device, non_blocking=True).reshape(array.shape)

@@ -6,9 +6,30 @@ a Ray executor (cluster) drives Ray actors. The engine core only ever calls thes
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable, Optional
 
 from ..config import EngineConfig
 from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+
+class StepHandle:
+    """A launched step whose output may not be on the host yet; `result()` waits for it (once)."""
+
+    def __init__(self, resolve: Callable[[], ModelRunnerOutput]) -> None:
+        self._resolve: Optional[Callable[[], ModelRunnerOutput]] = resolve
+        self._output: Optional[ModelRunnerOutput] = None
+
+    @classmethod
+    def done(cls, output: ModelRunnerOutput) -> "StepHandle":
+        handle = cls(lambda: output)
+        handle.result()
+        return handle
+
+    def result(self) -> ModelRunnerOutput:
+        if self._resolve is not None:
+            self._output, self._resolve = self._resolve(), None
+        assert self._output is not None
+        return self._output
 
 
 class ExecutorError(RuntimeError):
@@ -28,6 +49,11 @@ class Executor(ABC):
 
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Launches the step and returns before its sampled tokens reach the host (where the
+        executor can: the engine core then schedules the next step meanwhile). Default: run it."""
+        return StepHandle.done(self.execute_model(scheduler_output))
 
     def check_health(self) -> None:
         """Raises ExecutorError when a worker is gone."""

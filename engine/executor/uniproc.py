@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..config import EngineConfig
 from ..model_runner import ModelRunner
 from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
-from .base import Executor
+from .base import Executor, StepHandle
 
 
 class UniprocExecutor(Executor):
@@ -23,3 +23,8 @@ class UniprocExecutor(Executor):
         output = self.runner.execute_model(scheduler_output)
         assert output is not None
         return output
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        handle = self.runner.execute_model_async(scheduler_output)
+        assert handle is not None
+        return handle
