@@ -1,0 +1,18 @@
+"""pagoda.cluster: the Ray Serve application that serves pagoda engines on a Ray cluster.
+
+    client ─HTTP─> Serve proxy ─> Ingress (ingress.py: build_app's OpenAI API over ClusterEngineClient)
+                                    │ client.py: model by name, tokenize + hash leading blocks,
+                                    │            retry once on replica failure
+                                    ▼ handle per model, PrefixAwareRouter (router.py, request_router.py)
+                                  LLMReplica × N per model (replica.py: one AsyncEngine each)
+                                    └ TP > 1: Worker actors in a STRICT_PACK placement group
+                                      (ray_executor.py: RayExecutor, the engine's Executor over Ray)
+
+    config.py    the app arguments (shared with deploy/serve.yaml and the Helm chart); no Ray
+    app.py       build_app(args): one deployment per model + the ingress; Serve options per model
+    wire.py      what crosses Ray: requests with routing hints, delta-encoded outputs, replica reports
+    metrics.py   /metrics: the replicas' expositions merged, labelled by replica
+    cli.py       `pagoda serve` (Ray path) and `pagoda status`; no Ray at import
+
+The engine never imports Ray; everything Ray lives here.
+"""

@@ -1,0 +1,359 @@
+"""The ingress's engine client: the `EngineClient` the OpenAI app needs, over Ray Serve replicas.
+
+    HTTP ─> GuardMiddleware (auth, size) ─> RequestScopeMiddleware ─> build_app's routes
+                                              peeks the body: model, stream;   │ client.generate(...)
+                                              header x-session-id;             ▼
+                                              makes sure the model's       ClusterEngineClient
+                                              tokenizer is here            ├ tokenize, hash leading blocks
+                                                                           ├ handle(model).generate ─> router ─> replica
+                                                                           └ retry once on another replica
+
+`build_app` is reused unchanged. Its `EngineClient` protocol has no model argument on `generate` and
+one `tokenizer`, so the request's model travels in a context variable (`RequestScope`) that the
+middleware sets before the route runs; `tokenizer` and `max_model_len` answer for that model.
+
+Retries: a request whose replica fails (actor died, engine dead, replica shutting down) is sent once
+more, to another replica, when the client has seen nothing yet: no output streamed, or any
+non-streamed request (its response is only written at the end). A streamed request that already
+sent tokens raises instead, and the server ends the stream with an error event.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pagoda.engine.engine_client import resolve_model_name
+from pagoda.engine.entrypoints.openai.errors import to_api_error
+from pagoda.engine.errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError
+from pagoda.engine.input_processor import PromptType
+from pagoda.engine.outputs import EngineStats, RequestOutput
+from pagoda.engine.sampling_params import SamplingParams
+
+from .config import ModelDeployment
+from .metrics import merge_expositions
+from .router import prompt_block_hashes, router_for
+from .wire import ModelInfo, OutputDecoder, ReplicaReport, ReplicaRequest, RoutingHints
+
+logger = logging.getLogger(__name__)
+
+SESSION_HEADER = b"x-session-id"
+# A request is tried on at most this many replicas.
+MAX_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class RequestScope:
+    """What the middleware learned about the HTTP request that the route is serving."""
+
+    model: Optional[str] = None          # the body's "model" (None = the default model)
+    stream: bool = True                  # unknown (no JSON body) counts as streamed: no retry after output
+    session_id: Optional[str] = None
+
+
+_SCOPE: contextvars.ContextVar[RequestScope] = contextvars.ContextVar("pagoda_request_scope",
+                                                                        default=RequestScope())
+
+
+class ModelRoute:
+    """One served model: its deployment handle and, once a replica has answered, its `ModelInfo`."""
+
+    def __init__(self, deployment: ModelDeployment, deployment_name: str, handle: Any) -> None:
+        self.deployment = deployment
+        self.name = deployment.name
+        self.deployment_name = deployment_name
+        self.handle = handle
+        self.info: Optional[ModelInfo] = None
+        self._lock = asyncio.Lock()
+
+    async def ready(self) -> ModelInfo:
+        """Fetches the tokenizer and limits from a replica once (scales a model up from zero)."""
+        if self.info is None:
+            async with self._lock:
+                if self.info is None:
+                    self.info = await self.handle.describe.remote()
+        return self.info
+
+
+class ClusterEngineClient:
+    """Implements `EngineClient` by forwarding to the replicas of each model's deployment."""
+
+    def __init__(self, routes: list[ModelRoute], app_name: str) -> None:
+        if not routes:
+            raise ValueError("the cluster client needs at least one model")
+        self.routes = {route.name: route for route in routes}
+        self.app_name = app_name
+        self._aborted: set[str] = set()
+        self._streams: dict[str, Any] = {}
+
+    # -- the EngineClient protocol ------------------------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.routes)
+
+    @property
+    def tokenizer(self) -> Any:
+        info = self._route(_SCOPE.get().model).info
+        return info.tokenizer if info is not None else None
+
+    @property
+    def max_model_len(self) -> int:
+        route = self._route(_SCOPE.get().model)
+        if route.info is not None:
+            return route.info.max_model_len
+        return int(route.deployment.engine_args.get("max_model_len") or 0)
+
+    async def prepare(self, model: Optional[str]) -> None:
+        """Makes sure `tokenizer` can answer for `model` (unknown names are left to the route's 404)."""
+        if not model or model in self.routes:
+            await self._route(model).ready()
+
+    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        scope = _SCOPE.get()
+        route = self._route(resolve_model_name(self, scope.model))
+        try:
+            info = await route.ready()
+        except Exception as error:  # noqa: BLE001 - no replica could describe the model
+            raise _client_error(_cause(error), during_request=False) from None
+        hints = RoutingHints(request_id=request_id, prefix_hashes=_prefix_hashes(info, prompt),
+                             session_id=scope.session_id)
+        for attempt in range(MAX_ATTEMPTS):
+            # NOTE: a retry gets its own engine request id, so that it can never meet the first attempt's
+            # leftovers (the same replica may still hold them); outputs carry the client's id again.
+            engine_request_id = request_id if attempt == 0 else f"{request_id}.retry{attempt}"
+            call = ReplicaRequest(prompt, params, engine_request_id, priority,
+                                  dataclasses.replace(hints, attempt=attempt))
+            decoder = OutputDecoder()
+            last: Optional[RequestOutput] = None
+            stream = route.handle.options(stream=True).generate.remote(call)
+            self._streams[request_id] = stream
+            ended = False         # the replica's stream finished or failed: nothing left to cancel
+            try:
+                async for batch in stream:
+                    for wire in batch:
+                        last = decoder.decode(wire)
+                        if attempt:
+                            last.request_id = request_id
+                        yield last
+                ended = True
+                return
+            except Exception as raised:  # noqa: BLE001 - sorted below
+                ended = True
+                error = _cause(raised)
+                if request_id in self._aborted:       # abort() cancelled the stream
+                    if last is None:
+                        raise EngineShuttingDownError() from None
+                    yield _aborted_output(last)
+                    return
+                if _is_replica_failure(error) and attempt + 1 < MAX_ATTEMPTS and (last is None or not scope.stream):
+                    logger.warning("request %s: its replica failed (%s); retrying on another replica", request_id,
+                                   type(error).__name__)
+                    continue
+                raise _client_error(error, during_request=last is not None) from None
+            finally:
+                self._streams.pop(request_id, None)
+                self._aborted.discard(request_id)
+                if not ended:        # the consumer left early (client gone): abort on the replica
+                    _cancel(stream)
+
+    async def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._aborted.add(request_id)
+            _cancel(stream)
+
+    async def get_stats(self) -> EngineStats:
+        """Every replica's counters added up (KV usage: used blocks over all blocks)."""
+        total = EngineStats()
+        used_blocks = 0
+        for report in self.reports():
+            stats = report.stats
+            for name in ("num_running", "num_waiting", "num_blocks", "num_free_blocks", "prefix_cache_queries",
+                         "prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens", "num_steps"):
+                setattr(total, name, getattr(total, name) + getattr(stats, name))
+            used_blocks += round(stats.kv_cache_usage * stats.num_blocks)
+        total.kv_cache_usage = used_blocks / total.num_blocks if total.num_blocks else 0.0
+        return total
+
+    async def is_healthy(self) -> bool:
+        """False when some model's replicas have all reported unhealthy (none known counts as healthy:
+        a model may be scaled to zero, and Serve itself replaces dead replicas)."""
+        for route in self.routes.values():
+            reports = self.reports(route.name)
+            if reports and not any(report.healthy for report in reports):
+                return False
+        return True
+
+    async def render_metrics(self) -> bytes:
+        """Every replica's `pagoda:` metrics, each series labelled with its `replica`."""
+        return merge_expositions([({"replica": report.replica_id}, report.metrics) for report in self.reports()])
+
+    # -- cluster views -----------------------------------------------------------------------------
+    def reports(self, model: Optional[str] = None) -> list[ReplicaReport]:
+        """The latest report of each running replica (of one model, or of all)."""
+        routes = [self.routes[model]] if model is not None else list(self.routes.values())
+        reports = []
+        for route in routes:
+            router = router_for(self.app_name, route.deployment_name)
+            if router is not None:
+                reports.extend(router.reports())
+        return reports
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per replica, for `pagoda status` (plain values: it crosses Ray)."""
+        rows = []
+        for route in self.routes.values():
+            for report in sorted(self.reports(route.name), key=lambda r: r.replica_id):
+                stats = report.stats
+                rows.append({
+                    "model": route.name, "deployment": route.deployment_name, "replica": report.replica_id,
+                    "healthy": report.healthy, "waiting": stats.num_waiting, "running": stats.num_running,
+                    "kv_cache_usage": stats.kv_cache_usage, "prefix_cache_hit_rate": report.prefix_cache_hit_rate,
+                    "prefix_cache_queries": stats.prefix_cache_queries, "prefix_cache_hits": stats.prefix_cache_hits,
+                    "prompt_tokens": stats.prompt_tokens, "generation_tokens": stats.generation_tokens,
+                    "num_steps": stats.num_steps, "reported_at": report.reported_at,
+                })
+        return rows
+
+    def _route(self, model: Optional[str]) -> ModelRoute:
+        if model and model in self.routes:
+            return self.routes[model]
+        return next(iter(self.routes.values()))
+
+
+def _prefix_hashes(info: ModelInfo, prompt: PromptType) -> list[int]:
+    """The routing key; an unusable prompt gets none (the replica reports what is wrong with it)."""
+    if not info.enable_prefix_caching:
+        return []
+    if isinstance(prompt, dict):
+        prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+    try:
+        if isinstance(prompt, str):
+            if info.tokenizer is None:
+                return []
+            token_ids = list(info.tokenizer.encode(prompt))
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = [int(token) for token in prompt]
+        else:
+            return []
+        return prompt_block_hashes(token_ids, info.block_size)
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _cancel(stream: Any) -> None:
+    """Best-effort cancel of a handle call (Serve cancels the replica's generator: the engine aborts).
+
+    NOTE: `cancel()` re-raises the call's own failure when it has one; it has been handled already.
+    """
+    try:
+        stream.cancel()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The replica's own exception inside Ray's wrapper (its message carries no Ray traceback)."""
+    while isinstance(error, RayTaskError) and error.cause is not None and error.cause is not error:
+        error = error.cause
+    return error
+
+
+def _is_replica_failure(error: BaseException) -> bool:
+    return isinstance(error, (RayActorError, ReplicaUnavailableError, EngineDeadError, EngineShuttingDownError))
+
+
+def _client_error(error: BaseException, during_request: bool) -> BaseException:
+    """The engine-client error a failure maps to (build_app turns those into statuses)."""
+    if isinstance(error, BackPressureError):
+        return EngineOverloadedError(error.args[0] if error.args else 0, error.args[1] if len(error.args) > 1 else 0,
+                                     retry_after_s=1)
+    if isinstance(error, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, TaskCancelledError)):
+        return EngineDeadError("the model replica serving this request failed; retry the request",
+                               during_request=during_request)
+    if isinstance(error, EngineDeadError):
+        return EngineDeadError(str(error), during_request=during_request)
+    return error
+
+
+def _aborted_output(last: RequestOutput) -> RequestOutput:
+    outputs = [dataclasses.replace(c, finish_reason=c.finish_reason or "abort", delta_text="", delta_token_ids=[],
+                                   delta_logprobs=[] if c.delta_logprobs is not None else None)
+               for c in last.outputs]
+    return dataclasses.replace(last, outputs=outputs, finished=True)
+
+
+# -- the middleware --------------------------------------------------------------------------------
+class RequestScopeMiddleware:
+    """Sets `RequestScope` for the route, after reading (and replaying) a POST body.
+
+    Runs inside `GuardMiddleware`, so the body is already capped and the caller authenticated before
+    anything here touches a replica.
+    """
+
+    def __init__(self, app: ASGIApp, client: ClusterEngineClient) -> None:
+        self.app = app
+        self.client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        session_id = _header(scope, SESSION_HEADER)
+        if scope["method"] != "POST":
+            token = _SCOPE.set(RequestScope(session_id=session_id))
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                _SCOPE.reset(token)
+            return
+        messages: list[Message] = []
+        try:
+            while True:
+                message = await receive()
+                messages.append(message)
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    break
+            body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+            model, stream = _peek(body)
+            await self.client.prepare(model)
+        except Exception as error:  # noqa: BLE001 - 413 from the guard, or no replica could describe the model
+            await to_api_error(_client_error(_cause(error), during_request=False)).response()(scope, receive, send)
+            return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        token = _SCOPE.set(RequestScope(model=model, stream=stream, session_id=session_id))
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            _SCOPE.reset(token)
+
+
+def _peek(body: bytes) -> tuple[Optional[str], bool]:
+    """The body's "model" and "stream" (a body that is not a JSON object is left to the route's 400)."""
+    try:
+        value = json.loads(body) if body else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, True
+    if not isinstance(value, dict):
+        return None, True
+    model = value.get("model")
+    return (model if isinstance(model, str) and model else None), value.get("stream") is True
+
+
+def _header(scope: Scope, name: bytes) -> Optional[str]:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1") or None
+    return None

@@ -1,0 +1,192 @@
+"""Tensor parallelism over Ray actors: the engine's `Executor` with one `Worker` actor per TP rank.
+
+    replica actor (AsyncEngine → EngineCore: scheduler)       placement group, STRICT_PACK (one node)
+    execute_model(SchedulerOutput)                            bundle 0: {GPU: g, CPU: c} rank 0 (driver)
+      ── actor call ──> every rank ── forward ── NCCL/gloo ── bundle 1: {GPU: g, CPU: c} rank 1
+      ray.get(all ranks, timeout=step_timeout_s)              ...
+      <── rank 0's ModelRunnerOutput (the others return None)
+
+Passed to the engine unchanged: `EngineCore(config, executor_class=RayExecutor)` (or
+`AsyncEngine(config, executor_class=RayExecutor)`); the engine never imports Ray.
+
+Placement: under Ray Serve the replica's deployment asks for `tensor_parallel_size` bundles and the
+replica actor itself sits in bundle 0 with no resources of its own; `RayExecutor` finds that group
+(`get_current_placement_group`) and gives worker i exactly bundle i. Outside a placement group
+(tests, scripts) it creates its own group and removes it on shutdown.
+
+GPUs: each actor sees only its own GPU through CUDA_VISIBLE_DEVICES. NCCL needs peers visible to
+use NVLink/P2P, so before touching CUDA every worker is shown all the group's GPUs on its node and
+told its own index among them (`local_rank`), as vLLM does.
+
+Failure: any worker death (RayActorError), exception (RayTaskError) or a step past
+`ParallelConfig.step_timeout_s` raises `ExecutorError`, which kills the engine; every worker is
+killed first, since peers may be blocked in a collective. The workers are owned by the replica
+actor, so Ray also kills them when the replica dies.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group, \
+    remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.distributed import get_open_port
+from pagoda.engine.executor.base import Executor, ExecutorError
+from pagoda.engine.executor.worker import Worker
+from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+# Loading a large model takes minutes; a dead worker is still noticed at once (RayActorError).
+STARTUP_TIMEOUT_S = 1800.0
+HEALTH_TIMEOUT_S = 30.0
+
+
+class WorkerActor:
+    """The Ray actor around one `Worker`; built in two steps because rank 0's address comes first."""
+
+    def __init__(self) -> None:
+        self.worker: Optional[Worker] = None
+
+    def node_ip_and_free_port(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), get_open_port("0.0.0.0")
+
+    def gpu_ids(self) -> list[str]:
+        return [str(gpu) for gpu in ray.get_gpu_ids()]
+
+    def init_worker(self, config: EngineConfig, rank: int, init_method: str,
+                    visible_gpus: Optional[list[str]]) -> None:
+        local_rank = None
+        if visible_gpus:
+            own = self.gpu_ids()[0]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible_gpus)
+            local_rank = visible_gpus.index(own)
+        self.worker = Worker(config, rank, init_method, local_rank)
+
+    def execute(self, method: str, *args: Any) -> Any:
+        assert self.worker is not None, "init_worker first"
+        return getattr(self.worker, method)(*args)
+
+    def ping(self) -> bool:
+        return True
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.world_size = config.parallel.tensor_parallel_size
+        self._failure: Optional[str] = None
+        self._workers: list[Any] = []
+        self._own_group: Optional[PlacementGroup] = None
+        try:
+            group = self._placement_group(config)
+            actor_class = ray.remote(WorkerActor)
+            for rank, bundle in enumerate(group.bundle_specs[:self.world_size]):
+                strategy = PlacementGroupSchedulingStrategy(
+                    placement_group=group, placement_group_bundle_index=rank,
+                    placement_group_capture_child_tasks=False)
+                self._workers.append(actor_class.options(
+                    name=None, num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+                    resources={key: value for key, value in bundle.items() if key not in ("CPU", "GPU", "memory")},
+                    scheduling_strategy=strategy).remote())
+            host, port = self._get(self._workers[0].node_ip_and_free_port.remote(), "startup", STARTUP_TIMEOUT_S)
+            visible_gpus = None
+            if config.device.type == "cuda":
+                per_rank = self._get([w.gpu_ids.remote() for w in self._workers], "startup", STARTUP_TIMEOUT_S)
+                visible_gpus = sorted({gpu for gpus in per_rank for gpu in gpus}, key=_gpu_sort_key)
+            init_method = f"tcp://{host}:{port}"
+            self._get([w.init_worker.remote(config, rank, init_method, visible_gpus)
+                       for rank, w in enumerate(self._workers)], "init_worker", STARTUP_TIMEOUT_S)
+            self._collective_rpc("init_device", timeout_s=STARTUP_TIMEOUT_S)
+            self._collective_rpc("load_model", timeout_s=STARTUP_TIMEOUT_S)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _placement_group(self, config: EngineConfig) -> PlacementGroup:
+        group = get_current_placement_group()
+        if group is not None:
+            if len(group.bundle_specs) < self.world_size:
+                raise ValueError(
+                    f"tensor_parallel_size={self.world_size} needs {self.world_size} placement-group bundles, "
+                    f"but this actor's group has {len(group.bundle_specs)}")
+            return group
+        bundle = {"GPU": 1.0, "CPU": 1.0} if config.device.type == "cuda" else {"CPU": 1.0}
+        self._own_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="STRICT_PACK")
+        self._get(self._own_group.ready(), "placement", STARTUP_TIMEOUT_S)
+        return self._own_group
+
+    # -- the Executor interface --------------------------------------------------------------------
+    def determine_num_blocks(self) -> int:
+        # Every rank holds the same block ids, so the smallest rank decides.
+        return min(self._collective_rpc("determine_num_blocks", timeout_s=STARTUP_TIMEOUT_S))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self._collective_rpc("initialize_cache", num_blocks, timeout_s=STARTUP_TIMEOUT_S)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        replies = self._collective_rpc("execute_model", scheduler_output,
+                                       timeout_s=self.config.parallel.step_timeout_s)
+        assert isinstance(replies[0], ModelRunnerOutput), "rank 0 is the driver and must sample"
+        return replies[0]
+
+    def check_health(self) -> None:
+        """Raises ExecutorError if the executor failed or a worker does not answer.
+
+        Called between steps (the engine thread sends it), when every worker actor is idle.
+        """
+        if self._failure is not None:
+            raise ExecutorError(self._failure)
+        self._get([w.ping.remote() for w in self._workers], "check_health", HEALTH_TIMEOUT_S)
+
+    def shutdown(self) -> None:
+        for worker in self._workers:
+            try:
+                ray.kill(worker)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._workers = []
+        if self._own_group is not None:
+            try:
+                remove_placement_group(self._own_group)
+            except Exception:  # noqa: BLE001
+                pass
+            self._own_group = None
+
+    # -- transport ---------------------------------------------------------------------------------
+    def _collective_rpc(self, method: str, *args: Any, timeout_s: float) -> list[Any]:
+        """`Worker.<method>(*args)` on every rank, replies in rank order.
+
+        Invariant: every rank receives every call in the same order (an actor runs its calls one at a
+        time, in submission order), so the ranks' collectives pair up.
+        """
+        if self._failure is not None:
+            raise ExecutorError(self._failure)
+        return self._get([w.execute.remote(method, *args) for w in self._workers], method, timeout_s)
+
+    def _get(self, refs: Any, what: str, timeout_s: float) -> Any:
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except GetTimeoutError:
+            raise self._fail(f"{what} did not finish within {timeout_s:g} s on a TP worker: a worker or a "
+                             "collective is stuck") from None
+        except RayActorError as error:
+            raise self._fail(f"a TP worker actor died during {what}: {error}") from None
+        except RayError as error:
+            raise self._fail(f"a TP worker raised in {what}:\n{error}") from None
+
+    def _fail(self, reason: str) -> ExecutorError:
+        self._failure = reason
+        logger.error("Ray executor failed: %s", reason)
+        self.shutdown()
+        return ExecutorError(reason)
+
+
+def _gpu_sort_key(gpu: str) -> tuple[int, str]:
+    return (int(gpu), gpu) if gpu.isdigit() else (1 << 30, gpu)

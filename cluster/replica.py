@@ -1,0 +1,190 @@
+"""One model replica: a Ray Serve deployment class that owns one `AsyncEngine`.
+
+    ingress ── handle.generate(ReplicaRequest) ──> LLMReplica.generate ──> AsyncEngine.generate
+            <── stream of list[WireOutput] ───────   (outputs ready together go in one item)
+    controller ── record_routing_stats() ────────> ReplicaReport (load, KV usage, cached prefix
+                                                   hashes, metrics exposition) -> every router
+    controller ── check_health() ────────────────> engine dead / step loop stalled -> raise
+
+TP=1 runs the model in this actor (it holds the GPU); TP>1 drives `Worker` actors through
+`RayExecutor`, inside the placement group Serve reserved for this replica.
+
+Health: Serve restarts a replica whose `check_health` raises. It raises when the engine is dead (a
+step raised, a TP worker is gone, the executor's own health probe failed) or when the step loop has
+had work but made no step for `stall_timeout_s` (a hung kernel or collective): `StepWatchdog`.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, AsyncIterator, Optional
+
+from pagoda.engine.async_engine import AsyncEngine
+from pagoda.engine.config import EngineArgs
+from pagoda.engine.errors import EngineDeadError
+from pagoda.engine.outputs import EngineStats
+
+from .config import ModelDeployment
+from .wire import ModelInfo, OutputEncoder, ReplicaReport, ReplicaRequest, WireOutput
+
+logger = logging.getLogger(__name__)
+
+ENGINE_ARG_NAMES = frozenset(field.name for field in dataclasses.fields(EngineArgs)) - {"extra"}
+# Engine options the deployment sets itself (one name per concept: they live on ModelDeployment).
+_DEPLOYMENT_OWNED = frozenset({"model", "served_model_name", "tensor_parallel_size", "distributed_executor_backend"})
+# How long `check_health` waits for the engine thread to answer; a step may be running, so a slow
+# answer alone is not a failure (the watchdog judges stalls).
+_HEALTH_PROBE_TIMEOUT_S = 5.0
+
+
+def engine_args_for(deployment: ModelDeployment) -> EngineArgs:
+    """The engine options of one replica; ValueError names unknown or misplaced `engine_args` keys."""
+    unknown = sorted(set(deployment.engine_args) - ENGINE_ARG_NAMES)
+    if unknown:
+        raise ValueError(f"unknown engine_args {unknown} for model {deployment.name!r}; accepted: "
+                         f"{', '.join(sorted(ENGINE_ARG_NAMES - _DEPLOYMENT_OWNED))}")
+    owned = sorted(set(deployment.engine_args) & _DEPLOYMENT_OWNED)
+    if owned:
+        raise ValueError(f"engine_args {owned} for model {deployment.name!r} are set by the deployment; "
+                         "use the model-level options instead")
+    tp = deployment.tensor_parallel_size
+    engine_args = dict(deployment.engine_args)
+    # NOTE: the resources the replica reserves decide its device, never what the process happens to
+    # see: Ray leaves all of a node's GPUs visible to an actor that reserved none (a CPU replica on a
+    # GPU node, or a TP>1 replica whose GPUs belong to its worker actors).
+    engine_args.setdefault("device", "cuda" if deployment.num_gpus_per_worker > 0 else "cpu")
+    return EngineArgs(model=deployment.model, served_model_name=deployment.name, tensor_parallel_size=tp,
+                      distributed_executor_backend="ray" if tp > 1 else "uni", **engine_args)
+
+
+class StepWatchdog:
+    """Flags a step loop that has work but has not finished a step for `stall_timeout_s`.
+
+    Fed the engine's stats snapshot (refreshed after every step) and a clock; pure, so testable.
+    """
+
+    def __init__(self, stall_timeout_s: float) -> None:
+        self.stall_timeout_s = stall_timeout_s
+        self._last_steps = -1
+        self._last_progress = 0.0
+
+    def stalled_for(self, stats: EngineStats, now: float) -> Optional[float]:
+        """Seconds without a step while requests wait or run, once past the limit; else None."""
+        has_work = stats.num_waiting + stats.num_running > 0
+        if stats.num_steps != self._last_steps or not has_work:
+            self._last_steps = stats.num_steps
+            self._last_progress = now
+            return None
+        idle = now - self._last_progress
+        return idle if idle > self.stall_timeout_s else None
+
+
+class LLMReplica:
+    """The Serve deployment class of one model (`app.py` names and sizes one deployment per model)."""
+
+    def __init__(self, deployment: dict[str, Any], stall_timeout_s: float = 300.0) -> None:
+        self.deployment = ModelDeployment.model_validate(deployment)
+        args = engine_args_for(self.deployment)
+        executor_class = None
+        if args.tensor_parallel_size > 1:
+            from .ray_executor import RayExecutor
+
+            executor_class = RayExecutor
+        # NOTE: admission control is Serve's (max_ongoing_requests per replica, max_queued_requests
+        # at the router); the engine queues whatever Serve lets through.
+        self.engine = AsyncEngine(args.create_config(), max_queued_requests=None, executor_class=executor_class)
+        self.watchdog = StepWatchdog(stall_timeout_s)
+        self.replica_id = _replica_id()
+        logger.info("replica %s serves %r (tensor_parallel_size=%d, max_model_len=%d)", self.replica_id,
+                    self.deployment.name, args.tensor_parallel_size, self.engine.max_model_len)
+
+    async def generate(self, request: ReplicaRequest) -> AsyncIterator[list[WireOutput]]:
+        """Streams the request's outputs; each item holds every output that was ready (usually one).
+
+        Engine errors (ValueError, EngineDeadError, ...) raise through to the ingress. When the caller
+        goes away, Serve cancels this generator and the request is aborted in the engine.
+        """
+        outputs = self.engine.generate(request.prompt, request.params, request.request_id, request.priority)
+        encoder = OutputEncoder()
+        ready: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump() -> None:
+            try:
+                async for output in outputs:
+                    ready.put_nowait(output)
+            except BaseException as error:  # noqa: BLE001 - handed to the consumer below
+                ready.put_nowait(error)
+                return
+            ready.put_nowait(done)
+
+        task = asyncio.ensure_future(pump())
+        try:
+            while True:
+                items = [await ready.get()]
+                while not ready.empty():
+                    items.append(ready.get_nowait())
+                batch = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        if batch:
+                            yield batch
+                        raise item
+                    if item is done:
+                        if batch:
+                            yield batch
+                        return
+                    batch.append(encoder.encode(item))
+                yield batch
+        finally:
+            # NOTE: cancelling the pump closes the engine's stream, which aborts the request there.
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def describe(self) -> ModelInfo:
+        config = self.engine.config
+        return ModelInfo(served_model_name=self.engine.model_names[0], max_model_len=self.engine.max_model_len,
+                         block_size=config.cache.block_size,
+                         enable_prefix_caching=config.cache.enable_prefix_caching, tokenizer=self.engine.tokenizer)
+
+    async def report(self) -> ReplicaReport:
+        stats = await self.engine.get_stats()
+        healthy = not self.engine.errored and self.watchdog.stalled_for(stats, time.monotonic()) is None
+        return ReplicaReport(
+            replica_id=self.replica_id, model_name=self.deployment.name,
+            stats=dataclasses.replace(stats, cached_prefix_hashes=[]), prefix_hashes=list(stats.cached_prefix_hashes),
+            healthy=healthy, metrics=await self.engine.render_metrics(), reported_at=time.time())
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's hook, polled every `request_routing_stats_period_s`: the report every router reads."""
+        return (await self.report()).to_routing_stats()
+
+    async def check_health(self) -> None:
+        """Serve's hook: raising marks this replica unhealthy, and Serve replaces it."""
+        if self.engine.errored:
+            raise EngineDeadError()
+        stalled = self.watchdog.stalled_for(await self.engine.get_stats(), time.monotonic())
+        if stalled is not None:
+            raise RuntimeError(f"the engine has had requests but made no step for {stalled:.0f} s "
+                               f"(limit {self.watchdog.stall_timeout_s:g} s): the step loop is stuck")
+        try:
+            # Reaches the executor (TP workers alive?) through the engine thread, between steps.
+            await asyncio.wait_for(self.engine.check_health(), _HEALTH_PROBE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            pass    # a long step is running; the watchdog above catches a stuck one
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (tests construct the class directly)
+        return "local"
