@@ -83,7 +83,7 @@ def main() -> None:
     runner.model.compute_logits = compute_logits
     timed(scheduler, "schedule", "schedule")
     timed(scheduler, "update_from_output", "update")
-    timed(runner, "_sample", "logits+sample")
+    timed(runner, "_launch_sampling", "logits+sample")
     timed(llm.engine.output_processor, "process", "output")
 
     requests = make_workload(args.workload, llm.engine.config.model.vocab_size)

@@ -43,6 +43,8 @@ def paged_attention_ref(
 
     Vectorised (no per-sequence Python loop) so it doubles as the CPU fast path.
     """
+    if metadata.max_query_len == 1 and query.shape[0] == metadata.num_seqs:
+        return _decode_ref(query, key_cache, value_cache, metadata, scale)
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     num_seqs = metadata.num_seqs
@@ -55,11 +57,8 @@ def paged_attention_ref(
 
     num_blocks = (max_s + block_size - 1) // block_size
     tables = metadata.block_tables[:, :num_blocks].long()        # (num_seqs, num_blocks)
-    # (num_seqs, num_blocks, block_size, Hkv, D) -> (num_seqs, Hkv, max_s, D)
-    keys = key_cache[tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
-    values = value_cache[tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
-    keys = keys[:, :max_s].transpose(1, 2)
-    values = values[:, :max_s].transpose(1, 2)
+    keys = _gather_context(key_cache, tables, max_s)             # (num_seqs, Hkv, max_s, D)
+    values = _gather_context(value_cache, tables, max_s)
 
     # Scatter the flat queries into (num_seqs, max_q) slots.
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)  # (T,)
@@ -81,3 +80,34 @@ def paged_attention_ref(
         enable_gqa=num_heads != num_kv_heads,
     )                                      # (S, H, max_q, D)
     return out.transpose(1, 2)[seq_of_token, index_in_seq]       # (T, H, D)
+
+
+def _gather_context(cache: torch.Tensor, tables: torch.Tensor, max_s: int) -> torch.Tensor:
+    """(num_blocks, block_size, Hkv, D) cache, (S, blocks) table -> (S, Hkv, max_s, D) view.
+
+    NOTE: index_select on the flattened table is about twice as fast as advanced indexing on CPU."""
+    num_seqs, num_blocks = tables.shape
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    gathered = cache.index_select(0, tables.reshape(-1))
+    return gathered.view(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_s].transpose(1, 2)
+
+
+def _decode_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence: no query padding, a key-length mask only."""
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    max_s = metadata.max_seq_len
+    tables = metadata.block_tables[:, : (max_s + block_size - 1) // block_size].long()
+    keys = _gather_context(key_cache, tables, max_s).to(query.dtype)           # (S, Hkv, max_s, D)
+    values = _gather_context(value_cache, tables, max_s).to(query.dtype)
+    valid = torch.arange(max_s, device=query.device)[None, :] < metadata.seq_lens.long()[:, None]
+    out = F.scaled_dot_product_attention(
+        query[:, :, None, :], keys, values, attn_mask=valid[:, None, None, :], scale=scale,
+        enable_gqa=num_heads != num_kv_heads)                                  # (S, H, 1, D)
+    return out.squeeze(2)
