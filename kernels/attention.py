@@ -43,6 +43,10 @@ def paged_attention_ref(
 
     Vectorised (no per-sequence Python loop) so it doubles as the CPU fast path.
     """
+    if query.device.type == "cpu" and query.dtype != torch.float32:
+        # NOTE: the CPU SDPA kernel is several times slower in bf16 than in fp32 (measured 11.7 vs
+        # 2.6 ms per decode layer call): attend in fp32, the inputs' values are unchanged.
+        return paged_attention_ref(query.float(), key_cache, value_cache, metadata, scale).to(query.dtype)
     if metadata.max_query_len == 1 and query.shape[0] == metadata.num_seqs:
         return _decode_ref(query, key_cache, value_cache, metadata, scale)
     num_tokens, num_heads, head_dim = query.shape
