@@ -37,14 +37,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.distributed import get_open_port
-from pagoda.engine.executor.base import Executor, ExecutorError
+from pagoda.engine.executor.base import ExecutorError, WorkerGroupExecutor
 from pagoda.engine.executor.worker import Worker
-from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 # Loading a large model takes minutes; a dead worker is still noticed at once (RayActorError).
-STARTUP_TIMEOUT_S = 1800.0
+STARTUP_TIMEOUT_S = WorkerGroupExecutor.startup_timeout_s
 HEALTH_TIMEOUT_S = 30.0
 
 
@@ -77,7 +76,7 @@ class WorkerActor:
         return True
 
 
-class RayExecutor(Executor):
+class RayExecutor(WorkerGroupExecutor):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         self.world_size = config.parallel.tensor_parallel_size
@@ -123,19 +122,6 @@ class RayExecutor(Executor):
         return self._own_group
 
     # -- the Executor interface --------------------------------------------------------------------
-    def determine_num_blocks(self) -> int:
-        # Every rank holds the same block ids, so the smallest rank decides.
-        return min(self._collective_rpc("determine_num_blocks", timeout_s=STARTUP_TIMEOUT_S))
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self._collective_rpc("initialize_cache", num_blocks, timeout_s=STARTUP_TIMEOUT_S)
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        replies = self._collective_rpc("execute_model", scheduler_output,
-                                       timeout_s=self.config.parallel.step_timeout_s)
-        assert isinstance(replies[0], ModelRunnerOutput), "rank 0 is the driver and must sample"
-        return replies[0]
-
     def check_health(self) -> None:
         """Raises ExecutorError if the executor failed or a worker does not answer.
 

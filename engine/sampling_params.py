@@ -5,7 +5,7 @@ built, so a bad request is refused before it reaches the engine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 _SAMPLING_EPS = 1e-5

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import Optional
 
 from .config import CacheConfig, SchedulerConfig
 from .kv_cache import KVCacheManager

@@ -6,7 +6,7 @@ a Ray executor (cluster) drives Ray actors. The engine core only ever calls thes
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ..config import EngineConfig
 from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -59,6 +59,31 @@ class Executor(ABC):
         """Raises ExecutorError when a worker is gone."""
 
     def shutdown(self) -> None: ...
+
+
+class WorkerGroupExecutor(Executor):
+    """An executor that drives one `Worker` per TP rank through `_collective_rpc`, whatever the
+    transport (processes and pipes, Ray actors). Every rank runs every call, in the same order
+    (the model's collectives pair up call by call); rank 0's reply carries the sampled tokens."""
+
+    startup_timeout_s = 1800.0          # weights + profiling + graph capture, on the slowest rank
+
+    @abstractmethod
+    def _collective_rpc(self, method: str, *args: Any, timeout_s: float) -> list[Any]:
+        """Calls `Worker.<method>(*args)` on every rank; returns the replies in rank order."""
+
+    def determine_num_blocks(self) -> int:
+        # Every rank holds the same block ids, so the smallest rank decides.
+        return min(self._collective_rpc("determine_num_blocks", timeout_s=self.startup_timeout_s))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self._collective_rpc("initialize_cache", num_blocks, timeout_s=self.startup_timeout_s)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        replies = self._collective_rpc("execute_model", scheduler_output,
+                                       timeout_s=self.config.parallel.step_timeout_s)
+        assert isinstance(replies[0], ModelRunnerOutput), "rank 0 is the driver and must sample"
+        return replies[0]
 
 
 def executor_class_for(config: EngineConfig) -> type[Executor]:

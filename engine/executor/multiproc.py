@@ -41,15 +41,14 @@ import torch.multiprocessing as mp
 
 from ..config import EngineConfig
 from ..distributed import get_open_port
-from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
-from .base import Executor, ExecutorError
+from .base import ExecutorError, WorkerGroupExecutor
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
 
 # Loading and profiling a large model takes minutes; a worker that dies meanwhile is still noticed
 # at once through its sentinel.
-STARTUP_TIMEOUT_S = 1800.0
+STARTUP_TIMEOUT_S = WorkerGroupExecutor.startup_timeout_s
 # How long workers get to leave on their own after their command pipe closes.
 SHUTDOWN_GRACE_S = 5.0
 # How often a worker checks that its engine process is still alive.
@@ -63,7 +62,7 @@ class _WorkerHandle:
     conn: Connection             # the engine's end of this worker's command pipe
 
 
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(WorkerGroupExecutor):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         self.world_size = config.parallel.tensor_parallel_size
@@ -92,19 +91,6 @@ class MultiprocExecutor(Executor):
             raise
 
     # -- the Executor interface --------------------------------------------------------------------
-    def determine_num_blocks(self) -> int:
-        # Every rank holds the same block ids, so the smallest rank decides.
-        return min(self._collective_rpc("determine_num_blocks", timeout_s=STARTUP_TIMEOUT_S))
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self._collective_rpc("initialize_cache", num_blocks, timeout_s=STARTUP_TIMEOUT_S)
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        replies = self._collective_rpc("execute_model", scheduler_output,
-                                       timeout_s=self.config.parallel.step_timeout_s)
-        assert isinstance(replies[0], ModelRunnerOutput), "rank 0 is the driver and must sample"
-        return replies[0]
-
     def check_health(self) -> None:
         """Raises ExecutorError if the executor failed or any worker has exited.
 
