@@ -8,6 +8,7 @@ core can run on its own thread or process, free of the callers' work.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 from .config import EngineConfig
@@ -34,6 +35,8 @@ class EngineCore:
         self.async_scheduling = (config.scheduler.async_scheduling
                                  and type(self.executor).execute_model_async is not Executor.execute_model_async)
         self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
+        self._prefix_summary_cache: list[int] = []
+        self._prefix_summary_time = float("-inf")
         logger.info("KV cache: %d blocks of %d tokens; max_model_len %d", num_blocks,
                     config.cache.block_size, config.model.max_model_len)
 
@@ -86,8 +89,17 @@ class EngineCore:
             prompt_tokens=self.scheduler.num_prompt_tokens,
             generation_tokens=self.scheduler.num_generation_tokens,
             num_steps=self.num_steps,
-            cached_prefix_hashes=kv.cached_prefix_hashes(),
+            cached_prefix_hashes=self._prefix_summary(),
         )
+
+    def _prefix_summary(self) -> list[int]:
+        # NOTE: get_stats runs after every step of the server loop; the summary (a scan of up to
+        # thousands of hashes) is a routing hint, so it is refreshed at most once a second.
+        now = time.monotonic()
+        if now - self._prefix_summary_time >= 1.0:
+            self._prefix_summary_cache = self.scheduler.kv.cached_prefix_hashes()
+            self._prefix_summary_time = now
+        return self._prefix_summary_cache
 
     def check_health(self) -> None:
         self.executor.check_health()

@@ -91,6 +91,10 @@ class BlockPool:
         return self.hash_to_block.get(block_hash)
 
 
+LEADING_BLOCKS = 8            # leading blocks per sequence that the prefix summary reports
+MAX_LEADING_HASHES = 8192
+
+
 class KVCacheManager:
     """Allocates blocks to requests; the scheduler's only view of the cache."""
 
@@ -102,6 +106,8 @@ class KVCacheManager:
         self.req_num_cached_blocks: dict[str, int] = {}   # how many of its blocks carry a hash
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        # hashes of the first LEADING_BLOCKS blocks of recently cached sequences, oldest first
+        self.leading_hashes: OrderedDict[int, None] = OrderedDict()
 
     # -- lookups --------------------------------------------------------------------------------
     def _salt(self, request: Request) -> Optional[str]:
@@ -175,6 +181,11 @@ class KVCacheManager:
         self._ensure_hashes(request, num_full)
         for i in range(start, num_full):
             self.pool.cache(blocks[i], request.block_hashes[i])
+            if i < LEADING_BLOCKS:
+                self.leading_hashes[request.block_hashes[i]] = None
+                self.leading_hashes.move_to_end(request.block_hashes[i])
+        while len(self.leading_hashes) > MAX_LEADING_HASHES:
+            self.leading_hashes.popitem(last=False)
         self.req_num_cached_blocks[request.request_id] = num_full
 
     def cache_known_blocks(self, request: Request) -> None:
@@ -200,11 +211,14 @@ class KVCacheManager:
     def usage(self) -> float:
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
-    def cached_prefix_hashes(self, limit: int = 256) -> list[int]:
-        """Hashes of cached first blocks (the compact prefix summary a router can match)."""
+    def cached_prefix_hashes(self, limit: int = 1024) -> list[int]:
+        """The compact prefix summary a router matches a prompt's leading block hashes against:
+        hashes of the leading blocks of recently cached sequences that are still cached, most
+        recent first."""
         out = []
-        for block_hash, block in self.pool.hash_to_block.items():
+        for block_hash in reversed(self.leading_hashes):
             if len(out) >= limit:
                 break
-            out.append(block_hash)
+            if block_hash in self.pool.hash_to_block:
+                out.append(block_hash)
         return out

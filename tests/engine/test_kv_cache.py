@@ -57,3 +57,17 @@ def test_full_hit_leaves_one_token_to_compute():
     b = make_request("b", list(range(8)))
     hits, n = kv.get_computed_blocks(b)
     assert n == 4, "the last block must be recomputed so the last prompt token yields logits"
+
+
+def test_prefix_summary_reports_recent_leading_blocks_still_cached():
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = make_request("a", list(range(12)))
+    assert kv.allocate_slots(a, 12)
+    summary = kv.cached_prefix_hashes()
+    assert summary[:3] == list(reversed(a.block_hashes[:3]))
+    kv.free(a)
+    b = make_request("b", [100 + i for i in range(32)])      # reuses (evicts) every block
+    assert kv.allocate_slots(b, 32)
+    summary = kv.cached_prefix_hashes()
+    assert not set(a.block_hashes) & set(summary), "evicted blocks must leave the summary"
+    assert set(b.block_hashes[:8]) == set(summary)
