@@ -129,7 +129,7 @@ def _accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-@torch.inference_mode()
+@torch.no_grad()   # NOTE: not inference_mode: the CB manager updates its cache tensors from its own thread
 def run_hf_continuous(model: Any, requests: Sequence[BenchRequest], temperature: float = 0.0,
                       label: str = "hf continuous", timeout_s: float = 3600.0) -> HFRunResult:
     """transformers' continuous batching, each request with its own max_new_tokens and EOS off."""
