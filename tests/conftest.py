@@ -14,6 +14,18 @@ from pathlib import Path
 # Before anything imports huggingface_hub: tests must never reach the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without CUDA, Triton kernels run in Triton's interpreter (tests/kernels). The variable must be set
+# before `triton` itself is first imported: triton's own @jit library functions (tl.sigmoid, ...)
+# are decorated at that import, and compiled-mode ones cannot be called from interpreted kernels.
+# Set here, in the root conftest, because any test folder collected earlier may import triton.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    pass
+
 # A fresh GGUF metadata cache per test session (inherited by server/worker subprocesses): the
 # first default-model load exercises the real GGUF path, later ones the cache.
 if "PAGODA_CACHE_DIR" not in os.environ:
