@@ -72,19 +72,15 @@ class LLM:
         if len(priorities) != len(prompt_list):
             raise ValueError(f"got {len(priorities)} priorities for {len(prompt_list)} prompts")
 
-        processor = self.engine.input_processor
-        for prompt, params in zip(prompt_list, params_list):     # validate all first
-            _, token_ids = processor.tokenize_prompt(prompt)
-            processor.validate_token_ids(token_ids)
-            params.verify_token_ids(self.engine.config.model.vocab_size)
-
-        ids = []
+        # validate and tokenize every prompt before queueing any
+        processed = []
         for prompt, params, prio in zip(prompt_list, params_list, priorities):
-            request_id = f"offline-{self._request_counter}"
-            self._request_counter += 1
-            self.engine.add_request(request_id, prompt, params, prio)
-            ids.append(request_id)
-        return self._run(ids, use_tqdm)
+            processed.append(self.engine.input_processor.process(
+                f"offline-{self._request_counter + len(processed)}", prompt, params, prio))
+        self._request_counter += len(processed)
+        for request in processed:
+            self.engine.add_processed(request)
+        return self._run([request.request_id for request in processed], use_tqdm)
 
     def chat(
         self,

@@ -45,7 +45,10 @@ class LLMEngine:
 
     def add_request(self, request_id: Optional[str], prompt: PromptType,
                     params: Optional[SamplingParams] = None, priority: int = 0) -> ProcessedRequest:
-        processed = self.input_processor.process(request_id, prompt, params, priority)
+        return self.add_processed(self.input_processor.process(request_id, prompt, params, priority))
+
+    def add_processed(self, processed: ProcessedRequest) -> ProcessedRequest:
+        """Queues a request the input processor has already validated and tokenized."""
         if self.output_processor.has(processed.request_id):
             raise ValueError(f"request_id {processed.request_id!r} is already in use")
         self.output_processor.add_request(
