@@ -71,7 +71,8 @@ def test_a_session_stays_on_one_replica(serving_app):
     for prompt in prompts:
         _complete(serving_app, {"model": "tiny", "prompt": prompt}, headers={"x-session-id": "chat-42"})
     growth = _settled_counters(serving_app, "tiny", "prompt_tokens", before, 8 * 10)
-    assert sorted(growth.values()) == [0, 8 * 10], growth
+    # every prompt token on one replica (a status snapshot may lack an idle replica's row)
+    assert max(growth.values()) == sum(growth.values()) == 8 * 10, growth
 
 
 def test_two_models_in_one_app_route_by_model(serving_app):
