@@ -256,9 +256,3 @@ class Scheduler:
                 (self.running if request in self.running else self.waiting).remove(request)
                 self._finish(request)
         return outputs
-
-    def take_errored(self) -> list[EngineCoreOutput]:
-        """Errors raised while scheduling a step that then had nothing to run."""
-        out = [EngineCoreOutput(r.request_id, [], finish_reason="error", error=r.error) for r in self._errored]
-        self._errored = []
-        return out
