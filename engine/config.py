@@ -141,7 +141,7 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     enforce_eager: bool = False
     distributed_executor_backend: Optional[str] = None
-    async_scheduling: Optional[bool] = None     # None = on for one CUDA device (uniproc), else off
+    async_scheduling: Optional[bool] = None     # None = on on CUDA (uniproc and multiproc executors), else off
     extra: dict = field(default_factory=dict)
 
     def create_config(self) -> EngineConfig:
@@ -218,7 +218,7 @@ class EngineArgs:
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
                 policy=self.scheduling_policy,  # type: ignore[arg-type]
-                async_scheduling=(device.type == "cuda" and backend == "uni"
+                async_scheduling=(device.type == "cuda" and backend in ("uni", "mp")
                                   if self.async_scheduling is None else bool(self.async_scheduling)),
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size, executor_backend=backend),  # type: ignore[arg-type]

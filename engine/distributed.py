@@ -85,6 +85,14 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def tp_broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Every rank's x becomes rank `src`'s, in place (returns x); x must be contiguous, of the same
+    shape and dtype on every rank."""
+    if _TP.world_size > 1:
+        dist.broadcast(x, src=src, group=_TP.group)
+    return x
+
+
 def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator != 0:
         raise ValueError(f"{what} ({numerator}) is not divisible by the tensor parallel size ({denominator})")

@@ -24,7 +24,7 @@ import torch
 from pagoda.kernels import AttentionMetadata
 
 from .config import EngineConfig
-from .distributed import get_tp_size
+from .distributed import get_tp_size, tp_broadcast
 from .models.registry import get_model_class
 from .sampler import Sampler, SamplingRow
 from .executor.base import StepHandle
@@ -64,6 +64,8 @@ class ModelRunner:
         self.prev_sampled: Optional[torch.Tensor] = None
         self.prev_rows: dict[str, int] = {}
         self._unresolved: Optional[StepHandle] = None
+        # async scheduling under TP: every rank needs the sampled ids of the step before
+        self._shares_sampled_ids = config.scheduler.async_scheduling and get_tp_size() > 1
         self._host_slot = 0
         self._host_tokens = [torch.empty(config.scheduler.max_num_seqs, dtype=torch.int64,
                                          pin_memory=self.device.type == "cuda") for _ in range(2)]
@@ -276,6 +278,13 @@ class ModelRunner:
         if get_tp_size() > 1 and not self.is_driver:
             # non-driver ranks still join the LM head's all-gather
             self.model.compute_logits(hidden[logits_indices])
+            if self._shares_sampled_ids:
+                # the next step's placeholders read these on every rank (see _launch_sampling)
+                row_ids = [item.request_id for item in scheduler_output.scheduled if item.sample]
+                if row_ids:
+                    sampled = torch.empty(len(row_ids), dtype=torch.int64, device=self.device)
+                    self.prev_sampled = tp_broadcast(sampled, src=0)
+                    self.prev_rows = {r: i for i, r in enumerate(row_ids)}
             return None
         logits = self.model.compute_logits(hidden[logits_indices])           # (rows, vocab)
         handle = self._launch_sampling(scheduler_output, logits, prompt_rows)
@@ -305,6 +314,10 @@ class ModelRunner:
                 items = {item.request_id: item for item in scheduler_output.scheduled}
                 rows = [self._sampling_row(state, items[r]) for r, state in zip(row_ids, states)]
                 sampled, raw_logprobs = self.sampler.sample(sample_logits, rows)
+            if self._shares_sampled_ids:
+                # NOTE: async scheduling under TP: the next step's input ids come from this step's
+                # samples on every rank, so rank 0 broadcasts them (on the device, no host sync)
+                sampled = tp_broadcast(sampled.to(torch.int64).contiguous(), src=0)
             self.prev_sampled, self.prev_rows = sampled, {r: i for i, r in enumerate(row_ids)}
             if self.device.type == "cuda":
                 self._host_slot ^= 1

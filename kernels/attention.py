@@ -10,6 +10,8 @@ h // (num_heads // num_kv_heads).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -23,12 +25,22 @@ def paged_attention(
     value_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    key: Optional[torch.Tensor] = None,
+    value: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Dispatch: Triton on CUDA, the torch reference elsewhere."""
+    """Dispatch: Triton on CUDA, the grouped CPU path on the CPU, the torch reference elsewhere.
+
+    key, value: optionally this step's new K/V (T, Hkv, D), already in the cache; the CPU path reads
+    a fresh prompt's context from them instead of gathering it back out of the cache.
+    """
     if use_triton(query):
         from . import attention_triton
 
         return attention_triton.paged_attention(query, key_cache, value_cache, metadata, scale)
+    if query.device.type == "cpu":
+        from .attention_cpu import paged_attention_cpu
+
+        return paged_attention_cpu(query, key_cache, value_cache, metadata, scale, key, value)
     return paged_attention_ref(query, key_cache, value_cache, metadata, scale)
 
 
@@ -41,7 +53,7 @@ def paged_attention_ref(
 ) -> torch.Tensor:
     """Torch reference: gather each sequence's context into a padded batch, one masked SDPA call.
 
-    Vectorised (no per-sequence Python loop) so it doubles as the CPU fast path.
+    Vectorised (no per-sequence Python loop); the oracle of the Triton and CPU paths' tests.
     """
     if query.device.type == "cpu" and query.dtype != torch.float32:
         # NOTE: the CPU SDPA kernel is several times slower in bf16 than in fp32 (measured 11.7 vs

@@ -12,8 +12,8 @@ context, so token j of sequence i sits at position `seq_lens[i] - q_len_i + j`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
@@ -29,6 +29,9 @@ class AttentionMetadata:
     # decode only: fixed context partitions per sequence (CUDA graphs need a grid that does not
     # depend on the current lengths); None = let the kernel choose from max_seq_len
     num_decode_splits: Optional[int] = None
+    # what a host-side kernel derived from the fields above, kept for the step's other layers
+    # (`attention_cpu.plan_for`); never set by the runner, never read on the GPU
+    host_plan: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

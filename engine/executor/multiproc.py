@@ -1,12 +1,12 @@
 """Tensor parallelism on one host: one spawned worker process per TP rank.
 
     engine process (EngineCore: scheduler)            worker processes, one per rank (Worker)
-    execute_model(SchedulerOutput)
-      pickle once ──── pipe ────> rank 0: forward, all-gather logits, sample ──┐
-                  ──── pipe ────> rank 1: forward, all-gather logits (None)    │ gloo (CPU) /
-                  ──── pipe ────> ...                                          │ NCCL (CUDA)
-      wait for every rank's reply, any worker's exit, or the step deadline <───┘
-      return rank 0's ModelRunnerOutput
+    execute_model_async(SchedulerOutput N)
+      pickle once ──── pipe ────> rank 0: forward, all-gather logits, sample, broadcast ids ─┐
+                  ──── pipe ────> rank 1: forward, all-gather logits, receive ids           │ gloo (CPU) /
+                  ──── pipe ────> ...                                                       │ NCCL (CUDA)
+    (schedule N+1, send it)       rank 0 replies N once N+1 is launched ────────────────────┘
+    handle.result(): rank 0's reply for N, watching every worker's exit and the step deadline
 
 Every rank, rank 0 included, is a worker process; the engine process only schedules. Why:
 - the engine process never blocks inside a collective. It waits on pipes and process sentinels with
@@ -14,8 +14,14 @@ Every rank, rank 0 included, is a worker process; the engine process only schedu
   `ParallelConfig.step_timeout_s`; either raises `ExecutorError` and the engine turns dead.
 - the engine process joins no process group (torch.distributed state is process-global), so engines
   of any TP size, TP=1 included, can live side by side in one process.
-- every rank is driven the same way, as the Ray executor's actors will be.
-The cost is one more pipe hop per step for rank 0's sampled tokens (a few hundred bytes).
+- every rank is driven the same way, as the Ray executor's actors are.
+
+Two kinds of message. A *call* (`_collective_rpc`: start-up, cache sizing) is answered by every rank
+before the next message is sent. A *step* is answered by rank 0 alone (its sampled tokens; other
+ranks only ever write an error). With async scheduling a step is *deferred*: rank 0 replies to step
+N only after it has launched step N+1, so the device is busy with N+1 while the reply travels and
+the engine updates and schedules (the engine core always sends a step, possibly empty, before it
+waits for the previous one; an empty step is answered at once). Replies arrive in step order.
 
 No orphans: `shutdown` (also run at exit and when the executor is garbage-collected) closes the
 command pipes, joins, then terminates and kills what is left. A worker whose engine process died,
@@ -33,6 +39,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -41,7 +48,8 @@ import torch.multiprocessing as mp
 
 from ..config import EngineConfig
 from ..distributed import get_open_port
-from .base import ExecutorError, WorkerGroupExecutor
+from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
+from .base import ExecutorError, StepHandle, WorkerGroupExecutor
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -68,6 +76,7 @@ class MultiprocExecutor(WorkerGroupExecutor):
         self.world_size = config.parallel.tensor_parallel_size
         self._failure: str | None = None
         self._workers: list[_WorkerHandle] = []
+        self._steps_in_flight = 0            # steps sent whose rank-0 reply has not been read
         # NOTE: the finalizer holds the handle list, not self, so it runs both at interpreter exit
         # and when an executor that was never shut down (e.g. its engine failed to start) is collected.
         self._finalizer = weakref.finalize(self, _stop_workers, self._workers, SHUTDOWN_GRACE_S)
@@ -91,6 +100,32 @@ class MultiprocExecutor(WorkerGroupExecutor):
             raise
 
     # -- the Executor interface --------------------------------------------------------------------
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self._send_step(scheduler_output, defer=False).result()
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Sends the step and returns; `result()` reads rank 0's reply, which comes once the next
+        step has been sent and launched (or at once for an empty step)."""
+        return self._send_step(scheduler_output, defer=not scheduler_output.is_empty)
+
+    def _send_step(self, scheduler_output: SchedulerOutput, defer: bool) -> StepHandle:
+        self._send(pickle.dumps(("step", (scheduler_output, defer)), protocol=pickle.HIGHEST_PROTOCOL),
+                   "execute_model")
+        self._steps_in_flight += 1
+        return StepHandle(self._read_step_reply)
+
+    def _read_step_reply(self) -> ModelRunnerOutput:
+        try:
+            output = self._wait_for_rank0("execute_model", self.config.parallel.step_timeout_s)
+        except ExecutorError:
+            raise
+        except BaseException:
+            self._fail("interrupted during execute_model")
+            raise
+        self._steps_in_flight -= 1
+        assert isinstance(output, ModelRunnerOutput), "rank 0 is the driver and must sample"
+        return output
+
     def check_health(self) -> None:
         """Raises ExecutorError if the executor failed or any worker has exited.
 
@@ -121,15 +156,10 @@ class MultiprocExecutor(WorkerGroupExecutor):
         Invariant: every rank receives every call, in the same order, and the next call is sent only
         once every rank has answered, so the command pipes never hold more than one message.
         """
-        if self._failure is not None:
-            raise ExecutorError(self._failure)
-        message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)   # once for all ranks
+        assert self._steps_in_flight == 0, "a call while step replies are outstanding would read them"
+        message = pickle.dumps(("call", (method, args)), protocol=pickle.HIGHEST_PROTOCOL)   # once for all ranks
         try:
-            for worker in self._workers:
-                try:
-                    worker.conn.send_bytes(message)
-                except OSError:
-                    raise self._fail(self._exit_message(worker, method))
+            self._send(message, method)
             return self._gather_replies(method, timeout_s)
         except ExecutorError:
             raise
@@ -138,6 +168,43 @@ class MultiprocExecutor(WorkerGroupExecutor):
             # as the next call's, so the pipes can't be trusted again: stop the workers.
             self._fail(f"interrupted during {method}")
             raise
+
+    def _send(self, message: bytes, method: str) -> None:
+        if self._failure is not None:
+            raise ExecutorError(self._failure)
+        for worker in self._workers:
+            try:
+                worker.conn.send_bytes(message)
+            except OSError:
+                raise self._fail(self._exit_message(worker, method))
+
+    def _wait_for_rank0(self, method: str, timeout_s: float) -> Any:
+        """Rank 0's next reply. Any other rank writes only when it failed; any exit is fatal."""
+        if self._failure is not None:
+            raise ExecutorError(self._failure)
+        deadline = time.monotonic() + timeout_s
+        conns = {w.conn: w for w in self._workers}
+        by_sentinel = {w.process.sentinel: w for w in self._workers}
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._fail(f"{method} did not finish within {timeout_s:g} s: "
+                                 "a worker or a collective is stuck")
+            ready = wait([*conns, *by_sentinel], timeout=remaining)
+            # errors of other ranks first: rank 0 may have finished a step its peers failed in
+            for conn in sorted((r for r in ready if r in conns), key=lambda c: -conns[c].rank):
+                worker = conns[conn]
+                try:
+                    status, payload = conn.recv()
+                except (EOFError, OSError):
+                    raise self._fail(self._exit_message(worker, method))
+                if status == "error":
+                    raise self._fail(f"TP rank {worker.rank} raised in {method}:\n{payload}")
+                if worker.rank != 0:
+                    raise self._fail(f"TP rank {worker.rank} sent an unexpected reply during {method}")
+                return payload
+            for sentinel in [r for r in ready if r in by_sentinel]:
+                raise self._fail(self._exit_message(by_sentinel[sentinel], method))
 
     def _gather_replies(self, method: str, timeout_s: float) -> list[Any]:
         deadline = time.monotonic() + timeout_s
@@ -217,13 +284,26 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connec
     threading.Thread(target=_exit_when_parent_dies, args=(parent_pid,), name="pagoda-parent-watch",
                      daemon=True).start()
     worker = Worker(config, rank, init_method)
+    deferred: deque[StepHandle] = deque()    # rank 0's launched steps whose replies wait for the next step
     while True:
         try:
-            method, args = pickle.loads(conn.recv_bytes())
+            kind, payload = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             break                          # shutdown, or the engine process is gone
         try:
-            result = getattr(worker, method)(*args)
+            if kind == "step":
+                scheduler_output, defer = payload
+                handle = worker.execute_model_async(scheduler_output)     # None on ranks > 0
+                replies = [h.result() for h in deferred]   # the device is busy with this step meanwhile
+                deferred.clear()
+                if handle is not None:
+                    if defer:
+                        deferred.append(handle)
+                    else:
+                        replies.append(handle.result())
+            else:
+                method, args = payload
+                replies = [getattr(worker, method)(*args)]
         except BaseException:
             # NOTE: after a failed step the rank's state (KV cache, the peers' collectives) is undefined:
             # report and leave without the collective teardown, which could block on the peers.
@@ -235,7 +315,8 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connec
             sys.stderr.flush()
             os._exit(1)
         try:
-            conn.send(("ok", result))
+            for result in replies:
+                conn.send(("ok", result))
         except OSError:
             break
     worker.shutdown()

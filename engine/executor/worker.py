@@ -22,6 +22,7 @@ from ..config import EngineConfig
 from ..distributed import destroy_tensor_parallel, init_tensor_parallel
 from ..model_runner import ModelRunner
 from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
+from .base import StepHandle
 
 
 class Worker:
@@ -65,6 +66,12 @@ class Worker:
         """One step; rank 0 returns the sampled tokens, the other ranks None."""
         assert self.runner is not None, "load_model first"
         return self.runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Optional[StepHandle]:
+        """Launches one step; rank 0's handle resolves to the sampled tokens (other ranks: None).
+        Steps must be resolved in order; a later step may be launched before an earlier resolves."""
+        assert self.runner is not None, "load_model first"
+        return self.runner.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
         self.runner = None

@@ -25,4 +25,4 @@ class PagedAttention(nn.Module):
         # query (T, H, D); key, value (T, Hkv, D) -> (T, H, D)
         key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
         reshape_and_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
-        return paged_attention(query, key_cache, value_cache, metadata, self.scale)
+        return paged_attention(query, key_cache, value_cache, metadata, self.scale, key, value)

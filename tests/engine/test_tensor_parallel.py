@@ -86,16 +86,20 @@ def run_to_completion(engine: LLMEngine, prompts: list[str], params: SamplingPar
 
 
 # -- outputs ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("spec", [LLAMA_KV2, QWEN2_KV1], ids=["llama-kv2-sharded", "qwen2-kv1-replicated"])
-def test_tp2_greedy_equals_tp1(tiny_checkpoint, spec):
+def test_tp2_greedy_equals_tp1(tiny_checkpoint, spec, async_scheduling):
+    """Async: rank 0 replies to step N after launching N+1, whose input ids every rank takes from
+    N's samples on the device (rank 0 broadcasts them)."""
     path = str(tiny_checkpoint(spec))
     # 16-token steps: long prompts prefill in chunks, and prefills share steps with decodes
     common = dict(kv_cache_memory_bytes=KV_CACHE_BYTES, max_num_batched_tokens=16)
     tp1 = LLM(model=path, **common)
     expected = tp1.generate(PROMPTS, GREEDY, use_tqdm=False)
-    llm = LLM(model=path, tensor_parallel_size=2, **common)
+    llm = LLM(model=path, tensor_parallel_size=2, async_scheduling=async_scheduling, **common)
     try:
         assert llm.engine.config.parallel.executor_backend == "mp"
+        assert llm.engine.core.async_scheduling == async_scheduling
         actual = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         tp1_blocks, tp2_blocks = tp1.engine.config.cache.num_blocks, llm.engine.config.cache.num_blocks
         pids = llm.engine.core.executor.worker_pids
@@ -159,9 +163,10 @@ def test_head_counts_that_do_not_split_are_refused(num_heads, num_kv_heads, tp_s
 
 
 # -- failures --------------------------------------------------------------------------------------
-def start_generation(tiny_checkpoint) -> tuple[LLM, list[int]]:
+def start_generation(tiny_checkpoint, async_scheduling: bool = False) -> tuple[LLM, list[int]]:
     """A TP=2 engine with one long request part-way through its decode."""
-    llm = LLM(model=str(tiny_checkpoint(LLAMA_KV2)), tensor_parallel_size=2, kv_cache_memory_bytes=KV_CACHE_BYTES)
+    llm = LLM(model=str(tiny_checkpoint(LLAMA_KV2)), tensor_parallel_size=2, kv_cache_memory_bytes=KV_CACHE_BYTES,
+              async_scheduling=async_scheduling)
     llm.engine.add_request("long", "Once upon a time", SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
     for _ in range(3):                       # prefill and two decodes: generation is under way
         llm.engine.step()
@@ -177,10 +182,12 @@ def assert_engine_is_dead(llm: LLM) -> None:
     assert time.monotonic() - started < 1.0
 
 
-def test_killed_worker_ends_in_errors_not_a_hang(tiny_checkpoint):
-    llm, pids = start_generation(tiny_checkpoint)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("victim", [0, 1])
+def test_killed_worker_ends_in_errors_not_a_hang(tiny_checkpoint, victim, async_scheduling):
+    llm, pids = start_generation(tiny_checkpoint, async_scheduling)
     try:
-        os.kill(pids[1], signal.SIGKILL)
+        os.kill(pids[victim], signal.SIGKILL)
         started = time.monotonic()
         with pytest.raises(ExecutorError, match=r"TP rank \d"):
             while llm.engine.has_unfinished_requests():
@@ -192,8 +199,9 @@ def test_killed_worker_ends_in_errors_not_a_hang(tiny_checkpoint):
     assert wait_until_gone(pids, timeout_s=1.0) == []
 
 
-def test_stuck_collective_times_out(tiny_checkpoint):
-    llm, pids = start_generation(tiny_checkpoint)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_stuck_collective_times_out(tiny_checkpoint, async_scheduling):
+    llm, pids = start_generation(tiny_checkpoint, async_scheduling)
     try:
         llm.engine.config.parallel.step_timeout_s = 2.0
         # A stopped rank 1 never joins the next all-reduce, so rank 0 blocks inside it.
@@ -234,3 +242,26 @@ def test_no_orphans_when_the_engine_process_is_killed(tiny_checkpoint):
         for pid in pids:                     # only after a failure: don't leak into other tests
             if is_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_tp2_async_sampling_equals_sync(tiny_checkpoint):
+    """Seeded sampling, penalties (which make rank 0 wait for the previous step on the host), n > 1,
+    logprobs and stop tokens: the async TP engine gives exactly what the synchronous one gives."""
+    path = str(tiny_checkpoint(LLAMA_KV2))
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=12, ignore_eos=True, logprobs=2) for i in range(3)]
+    params += [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, frequency_penalty=1.5),
+               SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=9, ignore_eos=True),
+               SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[5, 6, 7])]
+    prompts = (PROMPTS * 2)[:len(params)]
+    results = []
+    for async_scheduling in (False, True):
+        llm = LLM(model=path, tensor_parallel_size=2, kv_cache_memory_bytes=KV_CACHE_BYTES,
+                  async_scheduling=async_scheduling)
+        try:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llm.shutdown()
+        results.append([[(c.token_ids, c.finish_reason,
+                          c.logprobs and [{t: round(l.logprob, 4) for t, l in e.items()} for e in c.logprobs])
+                         for c in o.outputs] for o in outputs])
+    assert results[1] == results[0]
