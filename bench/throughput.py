@@ -115,6 +115,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"),
+                   help="schedule step N+1 while step N runs (auto = the engine's default: on for CUDA)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--compare-prefix-caching", action="store_true",
                    help="run pagoda with prefix caching on, then off (two engines, one after the other)")
@@ -229,6 +231,7 @@ def run_pagoda(args: argparse.Namespace, bench_model: BenchModel, requests: Sequ
         enable_prefix_caching=enable_prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=0, load_format=bench_model.load_format,
         skip_tokenizer_init=True, enforce_eager=args.enforce_eager,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     )
     load_s = time.perf_counter() - start
     print(f"[{label}] start-up (weights + profiling + graph capture): {load_s:.1f} s")
