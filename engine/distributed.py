@@ -7,6 +7,7 @@ The rendezvous is TCP (`tcp://host:port`, rank 0 hosts the store); `get_open_por
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 from dataclasses import dataclass
 from typing import Optional
@@ -23,6 +24,11 @@ class TPGroup:
 
 
 _TP = TPGroup()
+# the symmetric-memory all-reduce for small messages, once `enable_fast_all_reduce` set it up
+_FAST_ALL_REDUCE = None
+# PAGODA_ALL_REDUCE: "auto" (symmetric memory for messages up to its buffer where every rank reaches
+# its peers over NVLink/P2P, NCCL otherwise) or "nccl" (NCCL for everything)
+ALL_REDUCE_MODES = ("auto", "nccl")
 
 
 def get_open_port(host: str = "127.0.0.1") -> int:
@@ -54,8 +60,27 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: t
     _TP = TPGroup(rank=rank, world_size=world_size, group=dist.group.WORLD)
 
 
+def enable_fast_all_reduce(dtype: torch.dtype, max_bytes: int) -> bool:
+    """Sets up the symmetric-memory all-reduce for `dtype` messages up to `max_bytes` (a collective:
+    every rank calls it, after `init_tensor_parallel`). Returns whether it is in use."""
+    global _FAST_ALL_REDUCE
+    mode = os.environ.get("PAGODA_ALL_REDUCE", "auto")
+    if mode not in ALL_REDUCE_MODES:
+        raise ValueError(f"PAGODA_ALL_REDUCE must be one of {ALL_REDUCE_MODES}, got {mode!r}")
+    if _TP.world_size == 1 or mode == "nccl" or _TP.group is None:
+        return False
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if dist.get_backend(_TP.group) != "nccl":
+        return False
+    from .symm_all_reduce import try_symm_all_reduce
+
+    _FAST_ALL_REDUCE = try_symm_all_reduce(_TP.group, device, dtype, max_bytes)
+    return _FAST_ALL_REDUCE is not None
+
+
 def destroy_tensor_parallel() -> None:
-    global _TP
+    global _TP, _FAST_ALL_REDUCE
+    _FAST_ALL_REDUCE = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _TP = TPGroup()
@@ -72,6 +97,8 @@ def get_tp_size() -> int:
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place (returns x)."""
     if _TP.world_size > 1:
+        if _FAST_ALL_REDUCE is not None and _FAST_ALL_REDUCE.can_run(x):
+            return _FAST_ALL_REDUCE(x)
         dist.all_reduce(x, group=_TP.group)
     return x
 

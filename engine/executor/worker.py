@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..config import EngineConfig
-from ..distributed import destroy_tensor_parallel, init_tensor_parallel
+from ..distributed import destroy_tensor_parallel, enable_fast_all_reduce, init_tensor_parallel
 from ..model_runner import ModelRunner
 from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
 from .base import StepHandle
@@ -48,6 +48,11 @@ class Worker:
             torch.set_num_threads(max(1, num_cores // self.world_size))
         init_tensor_parallel(self.rank, self.world_size, self.distributed_init_method, self.config.device,
                              timeout_s=self.config.parallel.step_timeout_s)
+        if self.config.device.type == "cuda" and self.world_size > 1:
+            # decode-sized activations (up to 512 tokens) go through the symmetric-memory all-reduce
+            hidden = self.config.model.hf_config.hidden_size
+            max_bytes = min(self.config.scheduler.max_num_seqs, 512) * hidden * self.config.model.dtype.itemsize
+            enable_fast_all_reduce(self.config.model.dtype, max_bytes)
 
     def load_model(self) -> None:
         """Builds this rank's model; each rank reads only its slice of every weight."""

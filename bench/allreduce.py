@@ -1,0 +1,96 @@
+"""All-reduce latency at decode sizes: NCCL vs the symmetric-memory one-shot (engine/symm_all_reduce.py).
+
+    python -m bench.allreduce --tp 2            # CUDA, one process per GPU
+
+For each message size (bf16 tokens x hidden), every rank checks that both give the same sum, then
+times each: eagerly (200 calls back to back) and replayed from a CUDA graph of 100 calls, the way
+decode steps run. Prints microseconds per call (rank 0's CUDA-event time).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SIZES = [(64, 4096), (256, 4096), (512, 4096), (256, 8192), (512, 8192)]   # (tokens, hidden)
+
+
+def _time(fn, iterations: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iterations):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iterations      # us
+
+
+def _graph_time(fn, calls: int) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()                                                   # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return _time(graph.replay, 5) / calls
+
+
+def _worker(rank: int, world: int, init_method: str) -> None:
+    import torch.distributed as dist
+
+    from pagoda.engine.distributed import init_tensor_parallel
+    from pagoda.engine.symm_all_reduce import SymmAllReduce
+
+    device = torch.device("cuda", rank)
+    init_tensor_parallel(rank, world, init_method, device)
+    max_bytes = max(t * h for t, h in SIZES) * 2
+    symm = SymmAllReduce(dist.group.WORLD, device, torch.bfloat16, max_bytes)
+    rows = []
+    for tokens, hidden in SIZES:
+        torch.manual_seed(rank)
+        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+        expected = x.float().clone()
+        dist.all_reduce(expected)
+        got = symm(x.clone())
+        error = (got.float() - expected).abs().max().item()
+        a = x.clone()
+        b = x.clone()
+        nccl_eager = _time(lambda: dist.all_reduce(a), 200)
+        symm_eager = _time(lambda: symm(b), 200)
+        nccl_graph = _graph_time(lambda: dist.all_reduce(a), 100)
+        symm_graph = _graph_time(lambda: symm(b), 100)
+        rows.append((tokens, hidden, tokens * hidden * 2 / 2**20, nccl_eager, symm_eager, nccl_graph, symm_graph, error))
+    if rank == 0:
+        print(f"all-reduce over {world} x {torch.cuda.get_device_name(0)} (bf16), us per call")
+        print(f"{'tokens x hidden':>16} {'MiB':>6} {'nccl':>8} {'symm':>8} {'nccl graph':>11} {'symm graph':>11} {'max err':>8}")
+        for tokens, hidden, mib, ne, se, ng, sg, err in rows:
+            print(f"{tokens:>7} x {hidden:<6} {mib:>6.2f} {ne:>8.1f} {se:>8.1f} {ng:>11.1f} {sg:>11.1f} {err:>8.3f}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tp", type=int, default=2)
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.device_count() < args.tp:
+        raise SystemExit(f"needs {args.tp} CUDA devices")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    from pagoda.engine.distributed import get_open_port
+
+    torch.multiprocessing.spawn(_worker, args=(args.tp, f"tcp://127.0.0.1:{get_open_port()}"), nprocs=args.tp)
+
+
+if __name__ == "__main__":
+    main()
