@@ -16,6 +16,7 @@ calls are stream-ordered, so they may be captured in CUDA graphs like the NCCL o
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -34,6 +35,11 @@ class SymmAllReduce:
         self.dtype = dtype
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, group)
+        # one shot reads (n-1) x the message from peers, two shots 2 (n-1)/n x with one more barrier:
+        # two shots win for big messages on 4+ ranks (PAGODA_SYMM_TWO_SHOT_MIN_BYTES overrides)
+        world = dist.get_world_size(group)
+        default = 1 << 62 if world <= 2 else 2 << 20
+        self.two_shot_min_bytes = int(os.environ.get("PAGODA_SYMM_TWO_SHOT_MIN_BYTES", default))
 
     @property
     def max_numel(self) -> int:
@@ -42,12 +48,21 @@ class SymmAllReduce:
     def can_run(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and x.is_cuda and x.is_contiguous() and x.numel() <= self.max_numel
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, in place (returns x)."""
+    def __call__(self, x: torch.Tensor, algorithm: Optional[str] = None) -> torch.Tensor:
+        """Sum over ranks, in place (returns x). algorithm: "one" or "two" shot (None = by size)."""
         flat = x.view(-1)
         staged = self.buffer[: flat.numel()]
-        staged.copy_(flat)
-        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out=flat)
+        if algorithm is None:
+            algorithm = "two" if flat.numel() * flat.element_size() >= self.two_shot_min_bytes else "one"
+        if algorithm == "one":
+            # the kernel copies x into this rank's buffer, barriers, then sums every rank's buffer
+            torch.ops.symm_mem.one_shot_all_reduce_copy_out(staged, flat, "sum", self.group_name, flat)
+        elif algorithm == "two":
+            # reduce-scatter then all-gather through the buffers: each rank reads 2 (n-1)/n of x
+            staged.copy_(flat)
+            torch.ops.symm_mem.two_shot_all_reduce_out(staged, "sum", self.group_name, flat)
+        else:
+            raise ValueError(f"algorithm must be 'one' or 'two', got {algorithm!r}")
         return x
 
 
