@@ -275,6 +275,19 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, positions, metadata)        # (T, hidden)
         else:
             hidden = self.model(input_ids, positions, metadata)              # (T, hidden)
+        if get_tp_size() > 1 and not prompt_rows and all(
+                self.requests[item.request_id].plain_greedy for item in scheduler_output.scheduled if item.sample):
+            # NOTE: every rank takes this branch alike (the same requests, flags and prompt rows):
+            # argmax over the vocabulary shards, no logits gathered; every rank gets the same ids
+            row_ids = [item.request_id for item in scheduler_output.scheduled if item.sample]
+            sampled = self.model.greedy_tokens(hidden[logits_indices]) if row_ids else None   # (rows,)
+            if not self.is_driver:
+                if row_ids:
+                    self.prev_sampled, self.prev_rows = sampled, {r: i for i, r in enumerate(row_ids)}
+                return None
+            handle = self._launch_sampling(scheduler_output, None, prompt_rows, greedy_sampled=sampled)
+            self._unresolved = handle
+            return handle
         if get_tp_size() > 1 and not self.is_driver:
             # non-driver ranks still join the LM head's all-gather
             self.model.compute_logits(hidden[logits_indices])
@@ -291,8 +304,10 @@ class ModelRunner:
         self._unresolved = handle
         return handle
 
-    def _launch_sampling(self, scheduler_output: SchedulerOutput, logits: torch.Tensor,
-                         prompt_rows: dict[str, tuple[int, int, int]]) -> StepHandle:
+    def _launch_sampling(self, scheduler_output: SchedulerOutput, logits: Optional[torch.Tensor],
+                         prompt_rows: dict[str, tuple[int, int, int]],
+                         greedy_sampled: Optional[torch.Tensor] = None) -> StepHandle:
+        """greedy_sampled: the rows' argmax ids, already taken on every TP rank (then logits is None)."""
         row_index: list[int] = []          # row of `logits` for each sampling request
         row_ids: list[str] = []
         rows: Optional[list[SamplingRow]] = None
@@ -306,15 +321,19 @@ class ModelRunner:
                 cursor += 1
         sampled = raw_logprobs = host = event = None
         if row_ids:
-            sample_logits = logits if len(row_index) == logits.shape[0] else logits[row_index]
-            states = [self.requests[r] for r in row_ids]
-            if all(state.plain_greedy for state in states):
-                sampled = sample_logits.argmax(dim=-1)        # greedy without extras: one argmax
+            if greedy_sampled is not None:
+                sampled = greedy_sampled
             else:
-                items = {item.request_id: item for item in scheduler_output.scheduled}
-                rows = [self._sampling_row(state, items[r]) for r, state in zip(row_ids, states)]
-                sampled, raw_logprobs = self.sampler.sample(sample_logits, rows)
-            if self._shares_sampled_ids:
+                assert logits is not None
+                sample_logits = logits if len(row_index) == logits.shape[0] else logits[row_index]
+                states = [self.requests[r] for r in row_ids]
+                if all(state.plain_greedy for state in states):
+                    sampled = sample_logits.argmax(dim=-1)        # greedy without extras: one argmax
+                else:
+                    items = {item.request_id: item for item in scheduler_output.scheduled}
+                    rows = [self._sampling_row(state, items[r]) for r, state in zip(row_ids, states)]
+                    sampled, raw_logprobs = self.sampler.sample(sample_logits, rows)
+            if self._shares_sampled_ids and greedy_sampled is None:
                 # NOTE: async scheduling under TP: the next step's input ids come from this step's
                 # samples on every rank, so rank 0 broadcasts them (on the device, no host sync)
                 sampled = tp_broadcast(sampled.to(torch.int64).contiguous(), src=0)

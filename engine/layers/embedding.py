@@ -49,3 +49,20 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.tp_size > 1:
             logits = tp_all_gather(logits, dim=-1)
         return logits[:, : self.vocab_size]
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:           # (S, hidden) -> (S,) int64 token ids
+        """argmax over the whole vocabulary without gathering the logits: each rank takes the max of
+        its shard, the ranks exchange (value, id) pairs and keep the best; ties go to the lowest id,
+        as `torch.argmax` of the gathered logits would. A collective: every rank calls it."""
+        logits = F.linear(hidden, self.weight)                          # (S, shard)
+        real = self.vocab_size - self.vocab_start                       # this shard's real (unpadded) rows
+        if real < self.shard_size:
+            logits[:, max(real, 0):] = float("-inf")
+        values, ids = logits.max(dim=-1)                                # first max within the shard
+        if self.tp_size == 1:
+            return ids
+        # NOTE: ids < 2^24 are exact in fp32; values are the model dtype's, exact in fp32 too
+        pairs = torch.stack([values.float(), (ids + self.vocab_start).float()], dim=-1)   # (S, 2)
+        everyone = tp_all_gather(pairs[None], dim=0)                    # (tp, S, 2), rank order = id order
+        best_rank = everyone[..., 0].argmax(dim=0)                      # first (lowest-id) rank with the max
+        return everyone[..., 1].gather(0, best_rank[None]).squeeze(0).long()

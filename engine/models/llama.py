@@ -140,6 +140,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:    # (S, hidden) -> (S, vocab) fp32
         return self.lm_head.compute_logits(hidden).float()
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:     # (S, hidden) -> (S,) int64
+        """The argmax token of each row, the logits never gathered across TP ranks (a collective)."""
+        return self.lm_head.greedy(hidden)
+
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 

@@ -11,6 +11,8 @@ Each TP>1 engine spawns its workers (a few seconds of imports each), so the test
 """
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import os
 import signal
@@ -110,6 +112,22 @@ def test_tp2_greedy_equals_tp1(tiny_checkpoint, spec, async_scheduling):
     # Each rank caches only its KV heads: 2 heads over 2 ranks halve a block's bytes, so the same
     # per-rank budget holds twice the blocks; a single replicated KV head holds as many as TP=1.
     assert tp2_blocks == tp1_blocks * (2 if spec.num_key_value_heads == 2 else 1)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_tp2_plain_greedy_equals_tp1(tiny_checkpoint, async_scheduling):
+    """Greedy without logprobs takes the sharded argmax (no logits gathered); an odd vocabulary
+    (511 rows: rank 1's shard has a padding row) must never yield the padding id."""
+    path = str(tiny_checkpoint(dataclasses.replace(LLAMA_KV2, vocab_size=511)))
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    common = dict(kv_cache_memory_bytes=KV_CACHE_BYTES, max_num_batched_tokens=16)
+    expected = LLM(model=path, **common).generate(PROMPTS, params, use_tqdm=False)
+    llm = LLM(model=path, tensor_parallel_size=2, async_scheduling=async_scheduling, **common)
+    try:
+        actual = llm.generate(PROMPTS, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [o.outputs[0].token_ids for o in actual] == [o.outputs[0].token_ids for o in expected]
 
 
 @pytest.fixture(scope="module")
