@@ -12,6 +12,10 @@
 one `tokenizer`, so the request's model travels in a context variable (`RequestScope`) that the
 middleware sets before the route runs; `tokenizer` and `max_model_len` answer for that model.
 
+Tokens travel over the ingress's token channels (`channels.py`: one batched stream per replica)
+once this process's router knows the replicas; until then (the first requests) over each request's
+own stream. Either way the request's own call is what routes, counts, cancels and fails it.
+
 Retries: a request whose replica fails (actor died, engine dead, replica shutting down) is sent once
 more, to another replica, when the client has seen nothing yet: no output streamed, or any
 non-streamed request (its response is only written at the end). A streamed request that already
@@ -38,16 +42,20 @@ from pagoda.engine.input_processor import PromptType
 from pagoda.engine.outputs import EngineStats, RequestOutput
 from pagoda.engine.sampling_params import SamplingParams
 
+from .channels import SYNC_S, Inbox, TokenChannels
 from .config import ModelDeployment
 from .metrics import merge_expositions
 from .router import prompt_block_hashes, router_for
-from .wire import ModelInfo, OutputDecoder, ReplicaReport, ReplicaRequest, RoutingHints
+from .wire import LeaseEnd, ModelInfo, OutputDecoder, ReplicaReport, ReplicaRequest, RoutingHints, WireOutput
 
 logger = logging.getLogger(__name__)
 
 SESSION_HEADER = b"x-session-id"
 # A request is tried on at most this many replicas.
 MAX_ATTEMPTS = 2
+# How long a finished request waits for channel batches still owed to it (they wait in the replica's
+# outbox while its channel reconnects) before it ends with an error.
+CHANNEL_CATCH_UP_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class ModelRoute:
         self.handle = handle
         self.info: Optional[ModelInfo] = None
         self._lock = asyncio.Lock()
+        self.channels: Optional[TokenChannels] = None     # made on first use, by the client's app name
 
     async def ready(self) -> ModelInfo:
         """Fetches the tokenizer and limits from a replica once (scales a model up from zero)."""
@@ -126,19 +135,26 @@ class ClusterEngineClient:
             raise _client_error(_cause(error), during_request=False) from None
         hints = RoutingHints(request_id=request_id, prefix_hashes=_prefix_hashes(info, prompt),
                              session_id=scope.session_id)
+        channels = self._channels(route)
         for attempt in range(MAX_ATTEMPTS):
             # NOTE: a retry gets its own engine request id, so that it can never meet the first attempt's
             # leftovers (the same replica may still hold them); outputs carry the client's id again.
             engine_request_id = request_id if attempt == 0 else f"{request_id}.retry{attempt}"
+            use_channel = channels.available
             call = ReplicaRequest(prompt, params, engine_request_id, priority,
-                                  dataclasses.replace(hints, attempt=attempt))
+                                  dataclasses.replace(hints, attempt=attempt),
+                                  channel=channels.channel_id if use_channel else None)
             decoder = OutputDecoder()
             last: Optional[RequestOutput] = None
+            inbox = channels.open_inbox(engine_request_id) if use_channel else None
             stream = route.handle.options(stream=True).generate.remote(call)
             self._streams[request_id] = stream
+            lease = _watch(asyncio.ensure_future(_lease_end(stream))) if inbox is not None else None
             ended = False         # the replica's stream finished or failed: nothing left to cancel
             try:
-                async for batch in stream:
+                batches = (_channel_batches(lease, inbox, channels) if lease is not None and inbox is not None
+                           else _stream_batches(stream))
+                async for batch in batches:
                     for wire in batch:
                         last = decoder.decode(wire)
                         if attempt:
@@ -162,6 +178,10 @@ class ClusterEngineClient:
             finally:
                 self._streams.pop(request_id, None)
                 self._aborted.discard(request_id)
+                if inbox is not None:
+                    channels.close_inbox(engine_request_id)
+                if lease is not None and not lease.done():
+                    lease.cancel()
                 if not ended:        # the consumer left early (client gone): abort on the replica
                     _cancel(stream)
 
@@ -224,10 +244,65 @@ class ClusterEngineClient:
                 })
         return rows
 
+    def _channels(self, route: ModelRoute) -> TokenChannels:
+        if route.channels is None:
+            route.channels = TokenChannels(route.handle, self.app_name, route.deployment_name)
+        return route.channels
+
     def _route(self, model: Optional[str]) -> ModelRoute:
         if model and model in self.routes:
             return self.routes[model]
         return next(iter(self.routes.values()))
+
+
+async def _stream_batches(stream: Any) -> AsyncIterator[list[WireOutput]]:
+    """The outputs as the request's own call streams them."""
+    async for batch in stream:
+        yield batch
+
+
+async def _channel_batches(lease: asyncio.Future, inbox: Inbox,
+                           channels: TokenChannels) -> AsyncIterator[list[WireOutput]]:
+    """The outputs of a channel-mode request: its batches from the token channel, in order, then the
+    final ones from its lease's `LeaseEnd`. The lease's failure is the request's failure."""
+    ended_at: Optional[float] = None
+    while True:
+        inbox.changed.clear()
+        for batch in inbox.take_ready():
+            yield batch
+        if lease.done():
+            end = lease.result()                       # raises the request's failure
+            if inbox.next_seq >= end.num_batches:
+                yield end.final
+                return
+            # the channel still owes batches: they wait in the replica's outbox until a reader
+            # (re)attaches, unless the replica is gone for good
+            now = asyncio.get_running_loop().time()
+            ended_at = ended_at if ended_at is not None else now
+            if now - ended_at > CHANNEL_CATCH_UP_S:
+                raise EngineDeadError(f"the token channel from replica {end.replica_id} lost outputs",
+                                      during_request=True)
+            channels.sync()
+        waiter = asyncio.ensure_future(inbox.changed.wait())
+        try:
+            await asyncio.wait({waiter, lease}, timeout=SYNC_S if lease.done() else None,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+
+
+def _watch(task: asyncio.Future) -> asyncio.Future:
+    """Marks the task's exception as retrieved (the request reads it, or has gone away)."""
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
+async def _lease_end(stream: Any) -> LeaseEnd:
+    async for item in stream:
+        if isinstance(item, LeaseEnd):
+            return item
+        raise TypeError(f"a channel-mode request's call yielded {type(item).__name__}, not LeaseEnd")
+    raise EngineDeadError("the replica ended the request without its final outputs", during_request=True)
 
 
 def _prefix_hashes(info: ModelInfo, prompt: PromptType) -> list[int]:

@@ -2,6 +2,10 @@
 
     ingress ── handle.generate(ReplicaRequest) ──> LLMReplica.generate ──> AsyncEngine.generate
             <── stream of list[WireOutput] ───────   (outputs ready together go in one item)
+      or, with the ingress's token channel (cluster/channels.py):
+            ── handle.channel(ChannelRequest) ───> LLMReplica.channel: one stream per ingress
+            <── ChannelBatch per item ────────────   (every ready output of its requests)
+            <── LeaseEnd from generate ───────────   (the request's last outputs, when it is done)
     controller ── record_routing_stats() ────────> ReplicaReport (load, KV usage, cached prefix
                                                    hashes, metrics exposition) -> every router
     controller ── check_health() ────────────────> engine dead / step loop stalled -> raise
@@ -27,7 +31,8 @@ from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.outputs import EngineStats
 
 from .config import ModelDeployment
-from .wire import ModelInfo, OutputEncoder, ReplicaReport, ReplicaRequest, WireOutput
+from .wire import (ChannelBatch, ChannelRequest, LeaseEnd, ModelInfo, OutputEncoder, ReplicaReport,
+                   ReplicaRequest, WireOutput)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +86,47 @@ class StepWatchdog:
         return idle if idle > self.stall_timeout_s else None
 
 
+# An outbox nobody reads (its ingress is gone) is dropped this long after its last use.
+UNREAD_OUTBOX_TTL_S = 60.0
+
+
+class ReplicaMismatchError(RuntimeError):
+    """A pinned call (a token channel) reached another replica than the one it names."""
+
+
+class _Outbox:
+    """One token channel's pending outputs at this replica, oldest first, until its reader takes them."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, int, list[WireOutput]]] = []
+        self.ready = asyncio.Event()
+        self.readers = 0
+        self.last_used = time.monotonic()
+
+    def put(self, request_id: str, seq: int, batch: list[WireOutput]) -> None:
+        self.items.append((request_id, seq, batch))
+        self.ready.set()
+        self.last_used = time.monotonic()
+
+    async def take(self) -> list[tuple[str, int, list[WireOutput]]]:
+        await self.ready.wait()
+        self.ready.clear()
+        items, self.items = self.items, []
+        self.last_used = time.monotonic()
+        return items
+
+    def release_later(self, outboxes: dict[str, "_Outbox"], channel_id: str) -> None:
+        """Drops this outbox once no reader has come for UNREAD_OUTBOX_TTL_S (its ingress went away)."""
+        self.last_used = time.monotonic()
+
+        def drop() -> None:
+            if (outboxes.get(channel_id) is self and self.readers == 0
+                    and time.monotonic() - self.last_used >= UNREAD_OUTBOX_TTL_S):
+                del outboxes[channel_id]
+
+        asyncio.get_running_loop().call_later(UNREAD_OUTBOX_TTL_S + 0.1, drop)
+
+
 class LLMReplica:
     """The Serve deployment class of one model (`app.py` names and sizes one deployment per model)."""
 
@@ -97,15 +143,62 @@ class LLMReplica:
         self.engine = AsyncEngine(args.create_config(), max_queued_requests=None, executor_class=executor_class)
         self.watchdog = StepWatchdog(stall_timeout_s)
         self.replica_id = _replica_id()
+        self._outboxes: dict[str, _Outbox] = {}     # token channel id -> what waits for its reader
         logger.info("replica %s serves %r (tensor_parallel_size=%d, max_model_len=%d)", self.replica_id,
                     self.deployment.name, args.tensor_parallel_size, self.engine.max_model_len)
 
-    async def generate(self, request: ReplicaRequest) -> AsyncIterator[list[WireOutput]]:
+    async def generate(self, request: ReplicaRequest) -> AsyncIterator[Any]:
         """Streams the request's outputs; each item holds every output that was ready (usually one).
+
+        With `request.channel` set, the outputs go over that token channel instead (see `channel`)
+        and this call yields a single `LeaseEnd` when the request is done: it stays the request's
+        handle for routing, load, cancellation and failure, while its tokens travel batched.
 
         Engine errors (ValueError, EngineDeadError, ...) raise through to the ingress. When the caller
         goes away, Serve cancels this generator and the request is aborted in the engine.
         """
+        if request.channel is None:
+            async for batch in self._batches(request):
+                yield batch
+            return
+        outbox = self._outbox(request.channel)
+        sent = 0
+        previous: Optional[list[WireOutput]] = None
+        try:
+            async for batch in self._batches(request):
+                # NOTE: one batch is held back, so that the last one (holding the finished output)
+                # travels with the LeaseEnd and the ingress never waits on the channel for the end.
+                if previous is not None:
+                    outbox.put(request.request_id, sent, previous)
+                    sent += 1
+                previous = batch
+        finally:
+            outbox.release_later(self._outboxes, request.channel)
+        yield LeaseEnd(replica_id=self.replica_id, num_batches=sent, final=previous or [])
+
+    async def channel(self, request: ChannelRequest) -> AsyncIterator[ChannelBatch]:
+        """The token channel of one ingress: every output its channel-mode requests on this replica
+        produce, batched per item (an item per engine step under load, whatever the stream count)."""
+        if request.replica_id != self.replica_id:
+            raise ReplicaMismatchError(f"token channel for replica {request.replica_id} reached {self.replica_id}")
+        outbox = self._outbox(request.channel_id)
+        outbox.readers += 1
+        try:
+            yield ChannelBatch([])                 # hello: the ingress counts the channel as live from here
+            while True:
+                yield ChannelBatch(await outbox.take())
+        finally:
+            outbox.readers -= 1
+            outbox.release_later(self._outboxes, request.channel_id)
+
+    def _outbox(self, channel_id: str) -> "_Outbox":
+        outbox = self._outboxes.get(channel_id)
+        if outbox is None:
+            outbox = self._outboxes[channel_id] = _Outbox()
+        return outbox
+
+    async def _batches(self, request: ReplicaRequest) -> AsyncIterator[list[WireOutput]]:
+        """The request's outputs as wire batches: each holds every output that was ready."""
         outputs = self.engine.generate(request.prompt, request.params, request.request_id, request.priority)
         encoder = OutputEncoder()
         ready: asyncio.Queue = asyncio.Queue()

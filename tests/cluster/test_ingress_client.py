@@ -1,6 +1,7 @@
 """The ingress app and `ClusterEngineClient` in one process, over fake deployment handles that drive real
 `LLMReplica`s (in-process engines) and inject replica failures: retries, error mapping, model and
-session routing, without a Ray cluster."""
+session routing, without a Ray cluster. Every test runs twice: outputs streamed over each request's
+own call, and over the token channels (a fake router tells the client the replicas, as Serve's does)."""
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,7 @@ from pagoda.cluster.client import ClusterEngineClient, ModelRoute, _cause
 from pagoda.cluster.config import ModelDeployment
 from pagoda.cluster.ingress import build_ingress_app
 from pagoda.cluster.replica import LLMReplica
-from pagoda.cluster.router import prompt_block_hashes
+from pagoda.cluster.router import prompt_block_hashes, register_router
 from pagoda.engine.entrypoints.settings import ServerSettings
 
 API_KEY = "k"
@@ -66,12 +67,35 @@ class FakeHandle:
             def remote(self) -> Any:
                 return self._describe()
 
+        class _Channel:
+            def remote(self, request: Any) -> _Stream:
+                outer.channel_opens += 1
+                return _Stream(outer._count(outer.replica.channel(request)))
+
         self.generate, self.describe = _Generate(), _Describe()
+        self.channel, self.channel_opens = _Channel(), 0
+        self.channel_items: list[Any] = []      # every ChannelBatch the channels carried
+
+    async def _count(self, items: Any):
+        async for item in items:
+            self.channel_items.append(item)
+            yield item
 
     def options(self, **kwargs: Any) -> "FakeHandle":
         return self
 
     async def _run(self, call: Any, failure: Optional[tuple[int, BaseException]]):
+        if call.channel is not None and failure is not None:
+            # channel mode: the replica "dies" before the request (k = 0) or, for k > 0, after the
+            # channel delivered its batches, instead of sending the final outputs (its LeaseEnd)
+            if failure[0] == 0:
+                raise failure[1]
+            async for _ in self.replica.generate(call):
+                pass
+            while self.replica._outboxes.get(call.channel) and self.replica._outboxes[call.channel].items:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            raise failure[1]
         batches = self.replica.generate(call)
         try:
             count = 0
@@ -82,6 +106,18 @@ class FakeHandle:
                 count += 1
         finally:
             await batches.aclose()
+
+
+class _ReplicaKey:
+    def __init__(self, unique_id: str) -> None:
+        self.unique_id = unique_id
+
+
+class FakeRouter:
+    """What `TokenChannels` reads of Serve's router: the replicas it knows."""
+
+    def __init__(self, replica: LLMReplica) -> None:
+        self.curr_replicas = {_ReplicaKey(replica.replica_id): replica}
 
 
 class LoopThread:
@@ -120,13 +156,19 @@ def replicas(tiny_model, loop_thread):
         replica.engine.shutdown()
 
 
-@pytest.fixture
-def ingress(replicas, loop_thread):
+@pytest.fixture(params=["per-request streams", "token channels"])
+def ingress(request, replicas, loop_thread):
     """(handles by model, request(method, path, **kwargs) -> httpx.Response) for a fresh ingress app."""
     handles = {name: FakeHandle(replica) for name, replica in replicas.items()}
     routes = [ModelRoute(ModelDeployment(model="x", served_model_name=name), f"model-{name}", handle)
               for name, handle in handles.items()]
-    client = ClusterEngineClient(routes, app_name="test")
+    app_name = f"test-{request.param.replace(' ', '-')}"
+    routers = {}
+    if request.param == "token channels":
+        for name, replica in replicas.items():
+            routers[name] = FakeRouter(replica)
+            register_router(app_name, f"model-{name}", routers[name])
+    client = ClusterEngineClient(routes, app_name=app_name)
     app = build_ingress_app(client, ServerSettings(api_key=API_KEY, max_request_body_bytes=4096))
 
     async def send(method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -138,7 +180,25 @@ def ingress(replicas, loop_thread):
     def request(method: str, path: str, **kwargs: Any) -> httpx.Response:
         return loop_thread.run(send(method, path, **kwargs))
 
-    return handles, request
+    async def connect() -> None:
+        """Channels count once the replica's hello arrived; before, requests stream over their calls."""
+        for route in routes:
+            channels = client._channels(route)
+            assert not channels.available                 # asks for the channel, not yet answered
+            for _ in range(200):
+                if channels.available:
+                    break
+                await asyncio.sleep(0.01)
+            assert channels.available
+
+    if routers:
+        loop_thread.run(connect())
+    yield handles, request
+    if routers:
+        # the channel mode really ran: every call named the channel, and a channel was opened
+        for name, handle in handles.items():
+            assert all(call.channel is not None for call in handle.calls)
+            assert handle.channel_opens >= (1 if handle.calls else 0)
 
 
 def _completion(**overrides: Any) -> dict[str, Any]:
@@ -256,3 +316,33 @@ def test_tokenize_uses_the_requested_models_tokenizer(ingress, replicas):
     assert handles["other"].describes == 1 and handles["tiny"].describes == 0
     models = request("GET", "/v1/models").json()
     assert [card["id"] for card in models["data"]] == ["tiny", "other"]
+
+
+def test_concurrent_streams_share_batched_channel_items(ingress):
+    """Eight concurrent streams: each gets exactly what it gets alone, and (in channel mode) one
+    channel item carries outputs of several requests, so the channel moves fewer items than tokens."""
+    handles, request = ingress
+    prompts = [f"{i} Once upon a time" for i in range(8)]
+    alone = [request("POST", "/v1/completions", json=_completion(prompt=p, max_tokens=16)).json()["choices"][0]["text"]
+             for p in prompts[:2]]
+
+    async def together() -> list[Any]:
+        async def one(prompt: str) -> Any:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, lambda: request("POST", "/v1/completions", json=_completion(prompt=prompt, max_tokens=16,
+                                                                                   stream=True)))
+        return await asyncio.gather(*[one(p) for p in prompts])
+
+    handles["tiny"].channel_items.clear()
+    responses = asyncio.run(together())
+    texts = ["".join(e["choices"][0]["text"] for e in _events(r)[:-1] if e["choices"]) for r in responses]
+    assert texts[:2] == alone
+    assert all([e for e in _events(r)[:-1] if e["choices"]][-1]["choices"][0]["finish_reason"] == "length"
+               for r in responses)
+    if handles["tiny"].calls[-1].channel is not None:
+        items = handles["tiny"].channel_items
+        tokens = sum(len(c.delta_token_ids) for item in items for _, _, batch in item.outputs
+                     for wire in batch for c in wire.completions)
+        assert tokens >= 8 * 14                      # the last batch of each request rides its LeaseEnd
+        assert len(items) < tokens / 2, (len(items), tokens)
+        assert max(len({rid for rid, _, _ in item.outputs}) for item in items) > 1
