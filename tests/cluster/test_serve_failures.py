@@ -13,7 +13,8 @@ import ray
 
 pytestmark = pytest.mark.timeout(300)
 
-MAX_TOKENS = 48
+# long enough that the replicas (reporting every 0.5 s) show them in flight even on a fast idle machine
+MAX_TOKENS = 160
 
 
 def _replica_actor_names(app_name: str, deployment: str) -> list[str]:
