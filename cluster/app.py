@@ -106,9 +106,7 @@ def deployment_names(config: AppConfig) -> dict[str, str]:
 def replica_options(model: ModelDeployment, tuning: ClusterTuning) -> dict[str, Any]:
     """The `Deployment.options(...)` of one model's replicas."""
     options: dict[str, Any] = {
-        # NOTE: each ingress replica holds one token channel (a long-lived call) to every model
-        # replica: those slots come on top of the requests' own
-        "max_ongoing_requests": model.max_ongoing_requests + tuning.ingress_replicas,
+        "max_ongoing_requests": model.max_ongoing_requests,
         "max_queued_requests": model.max_queued_requests if model.max_queued_requests is not None else -1,
         "health_check_period_s": tuning.health_check_period_s,
         "health_check_timeout_s": tuning.health_check_timeout_s,

@@ -1,39 +1,85 @@
-"""The ingress end of the token channels: one long-lived stream per (ingress, model replica).
+"""Token channels: replicas send an ingress its requests' outputs in batches, through a mailbox actor.
 
 Why: a Ray Serve handle stream costs about the same per item whatever the item holds, and relaying
-one item per token per stream capped a whole ingress at ~2,000 tokens/s (bench/RESULTS.md). With a
-channel, a replica sends every output of this ingress's requests that is ready as one item
-(`ChannelBatch`: one item per engine step under load, for any number of streams), and each
-request's own call (the *lease*) yields only its `LeaseEnd`. The lease keeps everything else per
-request: the router picks its replica, Serve counts it as the replica's ongoing request (load,
-autoscaling, back-pressure), cancelling it aborts the request, and its failure is the request's.
+one item per token per stream capped a whole ingress at ~2,000 tokens/s (bench/serve_relay.py,
+bench/RESULTS.md). Here each replica sends everything that is ready for one ingress as one actor
+call (one per engine step under load, for any number of streams), and each request's own call (the
+*lease*) yields only its `LeaseEnd`. The lease keeps everything else per request: Serve's router
+picks its replica and counts it (load, autoscaling, back-pressure), cancelling it aborts the request,
+and its failure is the request's. The mailbox is a plain Ray actor, outside Serve's admission.
 
-    ingress (this)                                        replica
-    TokenChannels.sync(): a reader per replica the  ───>  LLMReplica.channel(ChannelRequest): pinned
-      router knows (pinned calls), every SYNC_S            to that replica; drains the channel's outbox
-    reader: ChannelBatch -> inbox of each request   <───   outbox <- (request id, seq, outputs)
-    request: lease = generate(ReplicaRequest(channel))
-      yields inbox batches in seq order; at LeaseEnd  <──  LeaseEnd(num_batches, final outputs)
-      waits for batches < num_batches, then final
+    ingress replica (this)                      Mailbox actor (owned by it)      model replica
+    ReplicaRequest(..., channel=ChannelRef) ───────────────────────────────────> generate(): lease
+    reader: take() -> inbox of each request <── put(items) <── one call per ready batch ── outbox
+      yields inbox batches in seq order; at LeaseEnd  <─────────────────────── LeaseEnd(n, final)
+      waits for batches < n, then final
 
 Invariant: a request's batches reach its inbox in any order and leave it in sequence order; its
-final outputs leave last. Outputs that reach a replica before this ingress's reader attached wait
-in the replica's outbox (kept UNREAD_OUTBOX_TTL_S), so a new replica loses nothing.
+final outputs leave last. The mailbox dies with the ingress replica that owns it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
-from .router import router_for
-from .wire import ChannelRequest, WireOutput
+from .wire import WireOutput
 
 logger = logging.getLogger(__name__)
 
-# How often the ingress looks for replicas it has no channel to (new replicas, reconnects).
-SYNC_S = 0.2
+# How long one `take` waits for items before the reader asks again.
+TAKE_TIMEOUT_S = 1.0
+
+Items = list[tuple[str, int, list[WireOutput]]]     # (engine request id, sequence number, outputs)
+
+
+@dataclass
+class ChannelRef:
+    """What a request carries to its replica: where to send its outputs."""
+
+    channel_id: str
+    mailbox: Any                         # the Mailbox actor handle (`put.remote(items)`)
+
+
+class Mailbox:
+    """The ingress's mailbox (a Ray actor in the cluster; plain in tests): replicas put, the
+    ingress takes everything at once."""
+
+    def __init__(self) -> None:
+        self._items: Items = []
+        self._ready: Optional[asyncio.Event] = None
+
+    def _event(self) -> asyncio.Event:
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        return self._ready
+
+    async def put(self, items: Items) -> None:
+        self._items.extend(items)
+        self._event().set()
+
+    async def take(self, timeout_s: float) -> Items:
+        ready = self._event()
+        if not self._items:
+            try:
+                await asyncio.wait_for(ready.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                return []
+        ready.clear()
+        items, self._items = self._items, []
+        return items
+
+
+def ray_mailbox() -> Any:
+    """A Mailbox actor next to this process (soft affinity), owned by it: it dies with its owner."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    actor = ray.remote(num_cpus=0)(Mailbox)
+    strategy = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return actor.options(scheduling_strategy=strategy).remote()
 
 
 class Inbox:
@@ -58,49 +104,20 @@ class Inbox:
 
 
 class TokenChannels:
-    """This ingress's channels to the replicas of one model deployment."""
+    """The ingress end: one mailbox, one reader, an inbox per request in flight."""
 
-    def __init__(self, handle: Any, app_name: str, deployment_name: str) -> None:
-        self.handle = handle
-        self.app_name = app_name
-        self.deployment_name = deployment_name
-        self.channel_id = uuid.uuid4().hex
-        self._readers: dict[str, asyncio.Task] = {}      # replica id -> its reader
-        self._connected: set[str] = set()                 # replicas whose channel has answered
-        self._inboxes: dict[str, Inbox] = {}              # engine request id -> inbox
-        self._sweeper: Optional[asyncio.Task] = None
+    def __init__(self, mailbox_factory: Callable[[], Any] = ray_mailbox) -> None:
+        self._factory = mailbox_factory
+        self._ref: Optional[ChannelRef] = None
+        self._reader: Optional[asyncio.Task] = None
+        self._inboxes: dict[str, Inbox] = {}
 
-    def replica_ids(self) -> list[str]:
-        """The replicas this process's router knows (none before the deployment's first call)."""
-        router = router_for(self.app_name, self.deployment_name)
-        replicas = getattr(router, "curr_replicas", None) or {}
-        return [getattr(key, "unique_id", str(key)) for key in list(replicas)]
-
-    @property
-    def available(self) -> bool:
-        """Requests can use the channels: every replica the router may pick has a live channel.
-
-        Until then (the first requests, a replica just added) requests stream over their own calls.
-        NOTE: a channel call can wait in Serve's router for a while right after start-up, so it is
-        the replica's hello, not the call, that makes a channel count.
-        """
-        replica_ids = self.replica_ids()
-        if not replica_ids:
-            return False
-        self.sync()
-        return all(replica_id in self._connected for replica_id in replica_ids)
-
-    def reader_alive(self, replica_id: str) -> bool:
-        reader = self._readers.get(replica_id)
-        return reader is not None and not reader.done()
-
-    def sync(self) -> None:
-        """Opens a reader to every known replica that has none; keeps sweeping in the background."""
-        for replica_id in self.replica_ids():
-            if not self.reader_alive(replica_id):
-                self._readers[replica_id] = asyncio.ensure_future(self._read(replica_id))
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.ensure_future(self._sweep())
+    def ref(self) -> ChannelRef:
+        """The channel a request names; (re)starts the mailbox and its reader when needed."""
+        if self._ref is None or self._reader is None or self._reader.done():
+            self._ref = ChannelRef(uuid.uuid4().hex, self._factory())
+            self._reader = asyncio.ensure_future(self._read(self._ref))
+        return self._ref
 
     def open_inbox(self, request_id: str) -> Inbox:
         inbox = self._inboxes[request_id] = Inbox()
@@ -109,27 +126,23 @@ class TokenChannels:
     def close_inbox(self, request_id: str) -> None:
         self._inboxes.pop(request_id, None)
 
-    async def _sweep(self) -> None:
-        while self._inboxes or any(not reader.done() for reader in self._readers.values()):
-            await asyncio.sleep(SYNC_S)
-            for replica_id in self.replica_ids():
-                if not self.reader_alive(replica_id):
-                    self._readers[replica_id] = asyncio.ensure_future(self._read(replica_id))
-
-    async def _read(self, replica_id: str) -> None:
+    async def _read(self, ref: ChannelRef) -> None:
         try:
-            stream = self.handle.options(stream=True).channel.remote(ChannelRequest(self.channel_id, replica_id))
-            async for batch in stream:
-                self._connected.add(replica_id)      # the first item is the replica's hello
-                for request_id, seq, outputs in batch.outputs:
+            while True:
+                for request_id, seq, outputs in await _result(ref.mailbox.take.remote(TAKE_TIMEOUT_S)):
                     inbox = self._inboxes.get(request_id)
                     if inbox is not None:        # (gone: its client left, or it was retried elsewhere)
                         inbox.put(seq, outputs)
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # noqa: BLE001 - the replica is gone or restarting; the sweep reconnects
-            logger.info("token channel to replica %s closed: %s", replica_id, type(error).__name__)
+        except Exception:  # noqa: BLE001 - the mailbox died: the next request starts a new one
+            logger.warning("token mailbox %s failed; requests waiting on it will time out", ref.channel_id,
+                           exc_info=True)
         finally:
-            self._connected.discard(replica_id)
             for inbox in self._inboxes.values():
-                inbox.changed.set()              # waiters re-check whether their replica still answers
+                inbox.changed.set()
+
+
+async def _result(call: Any) -> Any:
+    """An actor call's result (a Ray ObjectRef or, in tests, a coroutine)."""
+    return await call

@@ -12,9 +12,10 @@
 one `tokenizer`, so the request's model travels in a context variable (`RequestScope`) that the
 middleware sets before the route runs; `tokenizer` and `max_model_len` answer for that model.
 
-Tokens travel over the ingress's token channels (`channels.py`: one batched stream per replica)
-once this process's router knows the replicas; until then (the first requests) over each request's
-own stream. Either way the request's own call is what routes, counts, cancels and fails it.
+Tokens travel over the ingress's token channel (`channels.py`: replicas put every ready output into
+this ingress's mailbox actor, one call per batch), not over each request's own stream; the request's
+own call is still what routes, counts, cancels and fails it (`token_channels=False`: per-request
+streams, as before).
 
 Retries: a request whose replica fails (actor died, engine dead, replica shutting down) is sent once
 more, to another replica, when the client has seen nothing yet: no output streamed, or any
@@ -29,7 +30,7 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -42,7 +43,7 @@ from pagoda.engine.input_processor import PromptType
 from pagoda.engine.outputs import EngineStats, RequestOutput
 from pagoda.engine.sampling_params import SamplingParams
 
-from .channels import SYNC_S, Inbox, TokenChannels
+from .channels import Inbox, TokenChannels, ray_mailbox
 from .config import ModelDeployment
 from .metrics import merge_expositions
 from .router import prompt_block_hashes, router_for
@@ -53,8 +54,8 @@ logger = logging.getLogger(__name__)
 SESSION_HEADER = b"x-session-id"
 # A request is tried on at most this many replicas.
 MAX_ATTEMPTS = 2
-# How long a finished request waits for channel batches still owed to it (they wait in the replica's
-# outbox while its channel reconnects) before it ends with an error.
+# How long a finished request waits for channel batches still owed to it before it ends with an error
+# (they are sent before its LeaseEnd, so only a dead mailbox makes them late).
 CHANNEL_CATCH_UP_S = 30.0
 
 
@@ -81,7 +82,6 @@ class ModelRoute:
         self.handle = handle
         self.info: Optional[ModelInfo] = None
         self._lock = asyncio.Lock()
-        self.channels: Optional[TokenChannels] = None     # made on first use, by the client's app name
 
     async def ready(self) -> ModelInfo:
         """Fetches the tokenizer and limits from a replica once (scales a model up from zero)."""
@@ -95,13 +95,17 @@ class ModelRoute:
 class ClusterEngineClient:
     """Implements `EngineClient` by forwarding to the replicas of each model's deployment."""
 
-    def __init__(self, routes: list[ModelRoute], app_name: str) -> None:
+    def __init__(self, routes: list[ModelRoute], app_name: str, token_channels: bool = True,
+                 mailbox_factory: Callable[[], Any] = ray_mailbox) -> None:
+        """token_channels: outputs come through this ingress's mailbox (else over each request's
+        own stream); mailbox_factory makes the mailbox actor (tests pass an in-process one)."""
         if not routes:
             raise ValueError("the cluster client needs at least one model")
         self.routes = {route.name: route for route in routes}
         self.app_name = app_name
         self._aborted: set[str] = set()
         self._streams: dict[str, Any] = {}
+        self._token_channels = TokenChannels(mailbox_factory) if token_channels else None
 
     # -- the EngineClient protocol ------------------------------------------------------------------
     @property
@@ -135,24 +139,24 @@ class ClusterEngineClient:
             raise _client_error(_cause(error), during_request=False) from None
         hints = RoutingHints(request_id=request_id, prefix_hashes=_prefix_hashes(info, prompt),
                              session_id=scope.session_id)
-        channels = self._channels(route)
+        channels = self._token_channels
         for attempt in range(MAX_ATTEMPTS):
             # NOTE: a retry gets its own engine request id, so that it can never meet the first attempt's
             # leftovers (the same replica may still hold them); outputs carry the client's id again.
             engine_request_id = request_id if attempt == 0 else f"{request_id}.retry{attempt}"
-            use_channel = channels.available
+            use_channel = channels is not None
             call = ReplicaRequest(prompt, params, engine_request_id, priority,
                                   dataclasses.replace(hints, attempt=attempt),
-                                  channel=channels.channel_id if use_channel else None)
+                                  channel=channels.ref() if channels is not None else None)
             decoder = OutputDecoder()
             last: Optional[RequestOutput] = None
-            inbox = channels.open_inbox(engine_request_id) if use_channel else None
+            inbox = channels.open_inbox(engine_request_id) if channels is not None else None
             stream = route.handle.options(stream=True).generate.remote(call)
             self._streams[request_id] = stream
             lease = _watch(asyncio.ensure_future(_lease_end(stream))) if inbox is not None else None
             ended = False         # the replica's stream finished or failed: nothing left to cancel
             try:
-                batches = (_channel_batches(lease, inbox, channels) if lease is not None and inbox is not None
+                batches = (_channel_batches(lease, inbox) if lease is not None and inbox is not None
                            else _stream_batches(stream))
                 async for batch in batches:
                     for wire in batch:
@@ -178,7 +182,7 @@ class ClusterEngineClient:
             finally:
                 self._streams.pop(request_id, None)
                 self._aborted.discard(request_id)
-                if inbox is not None:
+                if channels is not None:
                     channels.close_inbox(engine_request_id)
                 if lease is not None and not lease.done():
                     lease.cancel()
@@ -244,11 +248,6 @@ class ClusterEngineClient:
                 })
         return rows
 
-    def _channels(self, route: ModelRoute) -> TokenChannels:
-        if route.channels is None:
-            route.channels = TokenChannels(route.handle, self.app_name, route.deployment_name)
-        return route.channels
-
     def _route(self, model: Optional[str]) -> ModelRoute:
         if model and model in self.routes:
             return self.routes[model]
@@ -261,8 +260,7 @@ async def _stream_batches(stream: Any) -> AsyncIterator[list[WireOutput]]:
         yield batch
 
 
-async def _channel_batches(lease: asyncio.Future, inbox: Inbox,
-                           channels: TokenChannels) -> AsyncIterator[list[WireOutput]]:
+async def _channel_batches(lease: asyncio.Future, inbox: Inbox) -> AsyncIterator[list[WireOutput]]:
     """The outputs of a channel-mode request: its batches from the token channel, in order, then the
     final ones from its lease's `LeaseEnd`. The lease's failure is the request's failure."""
     ended_at: Optional[float] = None
@@ -275,17 +273,16 @@ async def _channel_batches(lease: asyncio.Future, inbox: Inbox,
             if inbox.next_seq >= end.num_batches:
                 yield end.final
                 return
-            # the channel still owes batches: they wait in the replica's outbox until a reader
-            # (re)attaches, unless the replica is gone for good
+            # the channel still owes batches (the replica sent them before its LeaseEnd; they are
+            # on their way through the mailbox) unless the mailbox died
             now = asyncio.get_running_loop().time()
             ended_at = ended_at if ended_at is not None else now
             if now - ended_at > CHANNEL_CATCH_UP_S:
                 raise EngineDeadError(f"the token channel from replica {end.replica_id} lost outputs",
                                       during_request=True)
-            channels.sync()
         waiter = asyncio.ensure_future(inbox.changed.wait())
         try:
-            await asyncio.wait({waiter, lease}, timeout=SYNC_S if lease.done() else None,
+            await asyncio.wait({waiter, lease}, timeout=0.2 if lease.done() else None,
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()

@@ -3,8 +3,7 @@
     ingress ── handle.generate(ReplicaRequest) ──> LLMReplica.generate ──> AsyncEngine.generate
             <── stream of list[WireOutput] ───────   (outputs ready together go in one item)
       or, with the ingress's token channel (cluster/channels.py):
-            ── handle.channel(ChannelRequest) ───> LLMReplica.channel: one stream per ingress
-            <── ChannelBatch per item ────────────   (every ready output of its requests)
+            <── Mailbox.put(items) ───────────────   every ready output of that ingress's requests
             <── LeaseEnd from generate ───────────   (the request's last outputs, when it is done)
     controller ── record_routing_stats() ────────> ReplicaReport (load, KV usage, cached prefix
                                                    hashes, metrics exposition) -> every router
@@ -31,8 +30,8 @@ from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.outputs import EngineStats
 
 from .config import ModelDeployment
-from .wire import (ChannelBatch, ChannelRequest, LeaseEnd, ModelInfo, OutputEncoder, ReplicaReport,
-                   ReplicaRequest, WireOutput)
+from .channels import ChannelRef
+from .wire import LeaseEnd, ModelInfo, OutputEncoder, ReplicaReport, ReplicaRequest, WireOutput
 
 logger = logging.getLogger(__name__)
 
@@ -86,45 +85,38 @@ class StepWatchdog:
         return idle if idle > self.stall_timeout_s else None
 
 
-# An outbox nobody reads (its ingress is gone) is dropped this long after its last use.
-UNREAD_OUTBOX_TTL_S = 60.0
-
-
-class ReplicaMismatchError(RuntimeError):
-    """A pinned call (a token channel) reached another replica than the one it names."""
-
-
 class _Outbox:
-    """One token channel's pending outputs at this replica, oldest first, until its reader takes them."""
+    """What this replica owes one ingress's mailbox: sent as one call whenever the previous call
+    returned (so a slow mailbox gets bigger batches, never more calls), in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, ref: ChannelRef, outboxes: dict[str, "_Outbox"]) -> None:
+        self.ref = ref
         self.items: list[tuple[str, int, list[WireOutput]]] = []
         self.ready = asyncio.Event()
-        self.readers = 0
-        self.last_used = time.monotonic()
+        self.closed = False
+        self._outboxes = outboxes
+        self._sender = asyncio.ensure_future(self._send())
 
     def put(self, request_id: str, seq: int, batch: list[WireOutput]) -> None:
         self.items.append((request_id, seq, batch))
         self.ready.set()
-        self.last_used = time.monotonic()
 
-    async def take(self) -> list[tuple[str, int, list[WireOutput]]]:
-        await self.ready.wait()
-        self.ready.clear()
-        items, self.items = self.items, []
-        self.last_used = time.monotonic()
-        return items
-
-    def release_later(self, outboxes: dict[str, "_Outbox"], channel_id: str) -> None:
-        """Drops this outbox once no reader has come for UNREAD_OUTBOX_TTL_S (its ingress went away)."""
-        self.last_used = time.monotonic()
-
-        def drop() -> None:
-            if (outboxes.get(channel_id) is self and self.readers == 0
-                    and time.monotonic() - self.last_used >= UNREAD_OUTBOX_TTL_S):
-                del outboxes[channel_id]
-
-        asyncio.get_running_loop().call_later(UNREAD_OUTBOX_TTL_S + 0.1, drop)
+    async def _send(self) -> None:
+        try:
+            while True:
+                await self.ready.wait()
+                self.ready.clear()
+                items, self.items = self.items, []
+                await self.ref.mailbox.put.remote(items)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the ingress (and its mailbox) is gone
+            logger.info("token mailbox %s unreachable (%s); dropping its outputs", self.ref.channel_id,
+                        type(error).__name__)
+        finally:
+            self.closed = True
+            if self._outboxes.get(self.ref.channel_id) is self:
+                del self._outboxes[self.ref.channel_id]
 
 
 class LLMReplica:
@@ -143,7 +135,7 @@ class LLMReplica:
         self.engine = AsyncEngine(args.create_config(), max_queued_requests=None, executor_class=executor_class)
         self.watchdog = StepWatchdog(stall_timeout_s)
         self.replica_id = _replica_id()
-        self._outboxes: dict[str, _Outbox] = {}     # token channel id -> what waits for its reader
+        self._outboxes: dict[str, _Outbox] = {}     # token channel id -> what this replica owes it
         logger.info("replica %s serves %r (tensor_parallel_size=%d, max_model_len=%d)", self.replica_id,
                     self.deployment.name, args.tensor_parallel_size, self.engine.max_model_len)
 
@@ -164,37 +156,19 @@ class LLMReplica:
         outbox = self._outbox(request.channel)
         sent = 0
         previous: Optional[list[WireOutput]] = None
-        try:
-            async for batch in self._batches(request):
-                # NOTE: one batch is held back, so that the last one (holding the finished output)
-                # travels with the LeaseEnd and the ingress never waits on the channel for the end.
-                if previous is not None:
-                    outbox.put(request.request_id, sent, previous)
-                    sent += 1
-                previous = batch
-        finally:
-            outbox.release_later(self._outboxes, request.channel)
+        async for batch in self._batches(request):
+            # NOTE: one batch is held back, so that the last one (holding the finished output)
+            # travels with the LeaseEnd and the ingress never waits on the channel for the end.
+            if previous is not None:
+                outbox.put(request.request_id, sent, previous)
+                sent += 1
+            previous = batch
         yield LeaseEnd(replica_id=self.replica_id, num_batches=sent, final=previous or [])
 
-    async def channel(self, request: ChannelRequest) -> AsyncIterator[ChannelBatch]:
-        """The token channel of one ingress: every output its channel-mode requests on this replica
-        produce, batched per item (an item per engine step under load, whatever the stream count)."""
-        if request.replica_id != self.replica_id:
-            raise ReplicaMismatchError(f"token channel for replica {request.replica_id} reached {self.replica_id}")
-        outbox = self._outbox(request.channel_id)
-        outbox.readers += 1
-        try:
-            yield ChannelBatch([])                 # hello: the ingress counts the channel as live from here
-            while True:
-                yield ChannelBatch(await outbox.take())
-        finally:
-            outbox.readers -= 1
-            outbox.release_later(self._outboxes, request.channel_id)
-
-    def _outbox(self, channel_id: str) -> "_Outbox":
-        outbox = self._outboxes.get(channel_id)
-        if outbox is None:
-            outbox = self._outboxes[channel_id] = _Outbox()
+    def _outbox(self, ref: ChannelRef) -> "_Outbox":
+        outbox = self._outboxes.get(ref.channel_id)
+        if outbox is None or outbox.closed:
+            outbox = self._outboxes[ref.channel_id] = _Outbox(ref, self._outboxes)
         return outbox
 
     async def _batches(self, request: ReplicaRequest) -> AsyncIterator[list[WireOutput]]:

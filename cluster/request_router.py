@@ -31,10 +31,6 @@ class PrefixAwareRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list, pending_request: Any = None) -> list[list]:
         hints = hints_of(pending_request)
-        if hints is not None and hints.pin_replica_id is not None:
-            # a token channel: exactly its replica (if that one is gone, any: the replica refuses it)
-            pinned = [r for r in candidate_replicas if r.replica_id.unique_id == hints.pin_replica_id]
-            return [pinned or list(candidate_replicas)]
         by_key = {replica.replica_id: replica for replica in candidate_replicas}
         views = []
         for replica in candidate_replicas:
@@ -46,7 +42,7 @@ class PrefixAwareRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
         hints = hints_of(pending_request)
-        if hints is None or hints.pin_replica_id is not None:
+        if hints is None:
             return
         self._memory.record(replica_id, hints.prefix_hashes, hints.session_id, time.time())
         remember(self._routed, hints.request_id, replica_id, 10_000)

@@ -37,7 +37,7 @@ from typing import Any, Generic, Hashable, Optional, TypeVar
 
 from pagoda.engine.kv_cache import hash_block
 
-from .wire import ChannelRequest, ReplicaRequest, RoutingHints
+from .wire import ReplicaRequest, RoutingHints
 
 K = TypeVar("K", bound=Hashable)
 
@@ -166,7 +166,7 @@ def hints_of(pending_request: Any) -> Optional[RoutingHints]:
     if pending_request is None:
         return None
     for arg in pending_request.args:
-        if isinstance(arg, (ReplicaRequest, ChannelRequest)):
+        if isinstance(arg, ReplicaRequest):
             return arg.hints
     return None
 

@@ -5,10 +5,9 @@
       router reads .hints (prefix hashes, session)
     OutputDecoder: rebuilds RequestOutput  <───────────  OutputEncoder: list[WireOutput] per stream item
                                                         (deltas only; several outputs coalesced)
-    with a token channel (streamed requests):
-    ChannelRequest(channel id, replica id) ───────────> one long-lived stream per (ingress, replica):
-      <── ChannelBatch: (request id, seq, outputs) of every request of that ingress, per item
-    ReplicaRequest(..., channel=id) ──────────────────> the request's own call carries no tokens:
+    with the ingress's token channel (channels.py):
+    ReplicaRequest(..., channel=ChannelRef) ──────────> the request's own call carries no tokens:
+      Mailbox.put([(request id, seq, outputs), ...])  <─ every ready output for that ingress, per call
       <── LeaseEnd(replica, number of channel batches, final outputs) when it is done
     router reads ReplicaReport  <── controller ───────  record_routing_stats() every few seconds
 
@@ -35,7 +34,6 @@ class RoutingHints:
     prefix_hashes: list[int] = field(default_factory=list)   # chained hashes of the prompt's first full blocks
     session_id: Optional[str] = None                          # `x-session-id`: keep a conversation on one replica
     attempt: int = 0                                          # 1 = the retry after a replica failed
-    pin_replica_id: Optional[str] = None                      # this call must reach this replica (token channels)
 
 
 @dataclass
@@ -47,29 +45,9 @@ class ReplicaRequest:
     request_id: str
     priority: int
     hints: RoutingHints
-    # None: the outputs stream back over this call. Else the id of the ingress's token channel: the
-    # outputs go over that channel (`ChannelBatch`es) and this call yields one `LeaseEnd` at the end.
-    channel: Optional[str] = None
-
-
-@dataclass
-class ChannelRequest:
-    """Opens the token channel of one ingress at one replica: a long-lived stream of `ChannelBatch`es."""
-
-    channel_id: str
-    replica_id: str                      # the replica it must reach: routers pin it there
-
-    @property
-    def hints(self) -> RoutingHints:
-        return RoutingHints(request_id=f"channel:{self.channel_id}", pin_replica_id=self.replica_id)
-
-
-@dataclass
-class ChannelBatch:
-    """Everything a replica's requests of one channel produced since the last item (one Ray item for
-    many streams: the per-item cost of a Ray stream is what limited per-request streaming)."""
-
-    outputs: list[tuple[str, int, list["WireOutput"]]]    # (request id, sequence number, outputs)
+    # None: the outputs stream back over this call. Else the ingress's token channel (a
+    # `channels.ChannelRef`): the outputs go to its mailbox and this call yields one `LeaseEnd`.
+    channel: Optional[Any] = None
 
 
 @dataclass

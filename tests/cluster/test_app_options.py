@@ -26,10 +26,7 @@ def test_tp1_replica_holds_its_own_gpu():
     assert options["num_replicas"] == 3 and "autoscaling_config" not in options
     assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
     assert "placement_group_bundles" not in options
-    # 256 requests, plus one slot per ingress replica for its token channel
-    assert options["max_ongoing_requests"] == 256 + ClusterTuning().ingress_replicas
-    assert options["max_queued_requests"] == -1
-    assert replica_options(ModelDeployment(), ClusterTuning(ingress_replicas=3))["max_ongoing_requests"] == 259
+    assert options["max_ongoing_requests"] == 256 and options["max_queued_requests"] == -1
     router = options["request_router_config"]
     assert router.request_router_class.endswith("PrefixAwareRouter")
     assert router.request_routing_stats_period_s == ClusterTuning().routing_stats_period_s

@@ -1,7 +1,7 @@
 """The ingress app and `ClusterEngineClient` in one process, over fake deployment handles that drive real
 `LLMReplica`s (in-process engines) and inject replica failures: retries, error mapping, model and
 session routing, without a Ray cluster. Every test runs twice: outputs streamed over each request's
-own call, and over the token channels (a fake router tells the client the replicas, as Serve's does)."""
+own call, and through the token channel (an in-process mailbox in place of the Ray actor)."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +18,8 @@ from pagoda.cluster.client import ClusterEngineClient, ModelRoute, _cause
 from pagoda.cluster.config import ModelDeployment
 from pagoda.cluster.ingress import build_ingress_app
 from pagoda.cluster.replica import LLMReplica
-from pagoda.cluster.router import prompt_block_hashes, register_router
+from pagoda.cluster.channels import Mailbox
+from pagoda.cluster.router import prompt_block_hashes
 from pagoda.engine.entrypoints.settings import ServerSettings
 
 API_KEY = "k"
@@ -67,19 +68,7 @@ class FakeHandle:
             def remote(self) -> Any:
                 return self._describe()
 
-        class _Channel:
-            def remote(self, request: Any) -> _Stream:
-                outer.channel_opens += 1
-                return _Stream(outer._count(outer.replica.channel(request)))
-
         self.generate, self.describe = _Generate(), _Describe()
-        self.channel, self.channel_opens = _Channel(), 0
-        self.channel_items: list[Any] = []      # every ChannelBatch the channels carried
-
-    async def _count(self, items: Any):
-        async for item in items:
-            self.channel_items.append(item)
-            yield item
 
     def options(self, **kwargs: Any) -> "FakeHandle":
         return self
@@ -92,7 +81,8 @@ class FakeHandle:
                 raise failure[1]
             async for _ in self.replica.generate(call):
                 pass
-            while self.replica._outboxes.get(call.channel) and self.replica._outboxes[call.channel].items:
+            while self.replica._outboxes.get(call.channel.channel_id) and \
+                    self.replica._outboxes[call.channel.channel_id].items:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.05)
             raise failure[1]
@@ -108,16 +98,25 @@ class FakeHandle:
             await batches.aclose()
 
 
-class _ReplicaKey:
-    def __init__(self, unique_id: str) -> None:
-        self.unique_id = unique_id
+class _Remote:
+    def __init__(self, method: Any) -> None:
+        self.method = method
+
+    def remote(self, *args: Any) -> Any:
+        return self.method(*args)
 
 
-class FakeRouter:
-    """What `TokenChannels` reads of Serve's router: the replicas it knows."""
+class FakeMailbox:
+    """The Mailbox class in-process, called like a Ray actor; records every put (one per call)."""
 
-    def __init__(self, replica: LLMReplica) -> None:
-        self.curr_replicas = {_ReplicaKey(replica.replica_id): replica}
+    def __init__(self) -> None:
+        self.box = Mailbox()
+        self.puts: list[Any] = []
+        self.put, self.take = _Remote(self._put), _Remote(self.box.take)
+
+    async def _put(self, items: Any) -> None:
+        self.puts.append(items)
+        await self.box.put(items)
 
 
 class LoopThread:
@@ -162,13 +161,16 @@ def ingress(request, replicas, loop_thread):
     handles = {name: FakeHandle(replica) for name, replica in replicas.items()}
     routes = [ModelRoute(ModelDeployment(model="x", served_model_name=name), f"model-{name}", handle)
               for name, handle in handles.items()]
-    app_name = f"test-{request.param.replace(' ', '-')}"
-    routers = {}
-    if request.param == "token channels":
-        for name, replica in replicas.items():
-            routers[name] = FakeRouter(replica)
-            register_router(app_name, f"model-{name}", routers[name])
-    client = ClusterEngineClient(routes, app_name=app_name)
+    mailboxes: list[FakeMailbox] = []
+
+    def mailbox() -> FakeMailbox:
+        mailboxes.append(FakeMailbox())
+        return mailboxes[-1]
+
+    channels = request.param == "token channels"
+    client = ClusterEngineClient(routes, app_name="test", token_channels=channels, mailbox_factory=mailbox)
+    for handle in handles.values():
+        handle.mailboxes = mailboxes
     app = build_ingress_app(client, ServerSettings(api_key=API_KEY, max_request_body_bytes=4096))
 
     async def send(method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -180,25 +182,9 @@ def ingress(request, replicas, loop_thread):
     def request(method: str, path: str, **kwargs: Any) -> httpx.Response:
         return loop_thread.run(send(method, path, **kwargs))
 
-    async def connect() -> None:
-        """Channels count once the replica's hello arrived; before, requests stream over their calls."""
-        for route in routes:
-            channels = client._channels(route)
-            assert not channels.available                 # asks for the channel, not yet answered
-            for _ in range(200):
-                if channels.available:
-                    break
-                await asyncio.sleep(0.01)
-            assert channels.available
-
-    if routers:
-        loop_thread.run(connect())
     yield handles, request
-    if routers:
-        # the channel mode really ran: every call named the channel, and a channel was opened
-        for name, handle in handles.items():
-            assert all(call.channel is not None for call in handle.calls)
-            assert handle.channel_opens >= (1 if handle.calls else 0)
+    for handle in handles.values():      # the mode really ran: every call named the channel or none
+        assert all((call.channel is not None) == channels for call in handle.calls)
 
 
 def _completion(**overrides: Any) -> dict[str, Any]:
@@ -333,16 +319,17 @@ def test_concurrent_streams_share_batched_channel_items(ingress):
                                                                                    stream=True)))
         return await asyncio.gather(*[one(p) for p in prompts])
 
-    handles["tiny"].channel_items.clear()
+    for mailbox in handles["tiny"].mailboxes:
+        mailbox.puts.clear()
     responses = asyncio.run(together())
     texts = ["".join(e["choices"][0]["text"] for e in _events(r)[:-1] if e["choices"]) for r in responses]
     assert texts[:2] == alone
     assert all([e for e in _events(r)[:-1] if e["choices"]][-1]["choices"][0]["finish_reason"] == "length"
                for r in responses)
     if handles["tiny"].calls[-1].channel is not None:
-        items = handles["tiny"].channel_items
-        tokens = sum(len(c.delta_token_ids) for item in items for _, _, batch in item.outputs
+        puts = [items for mailbox in handles["tiny"].mailboxes for items in mailbox.puts]
+        tokens = sum(len(c.delta_token_ids) for items in puts for _, _, batch in items
                      for wire in batch for c in wire.completions)
         assert tokens >= 8 * 14                      # the last batch of each request rides its LeaseEnd
-        assert len(items) < tokens / 2, (len(items), tokens)
-        assert max(len({rid for rid, _, _ in item.outputs}) for item in items) > 1
+        assert len(puts) < tokens / 2, (len(puts), tokens)
+        assert max(len({rid for rid, _, _ in items}) for items in puts) > 1
