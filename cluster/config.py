@@ -65,8 +65,7 @@ class ModelDeployment(BaseModel):
     """Autoscaling ceiling; the cluster must be able to grow to max_replicas × GPUs per replica."""
     target_ongoing_requests: float = Field(32.0, gt=0)
     """Waiting + running requests per replica that the autoscaler steers towards. NOTE: much
-    higher than Ray Serve's default of 2, because one engine batches tens of sequences. Serve counts
-    each ingress replica's token channel as one more request in flight on every model replica."""
+    higher than Ray Serve's default of 2, because one engine batches tens of sequences."""
     upscale_delay_s: float = Field(30.0, ge=0)
     """How long load must stay above target before a replica is added."""
     downscale_delay_s: float = Field(600.0, ge=0)

@@ -142,7 +142,7 @@ class LLMReplica:
     async def generate(self, request: ReplicaRequest) -> AsyncIterator[Any]:
         """Streams the request's outputs; each item holds every output that was ready (usually one).
 
-        With `request.channel` set, the outputs go over that token channel instead (see `channel`)
+        With `request.channel` set, the outputs go to that ingress's mailbox instead (`_Outbox`)
         and this call yields a single `LeaseEnd` when the request is done: it stays the request's
         handle for routing, load, cancellation and failure, while its tokens travel batched.
 
@@ -155,15 +155,16 @@ class LLMReplica:
             return
         outbox = self._outbox(request.channel)
         sent = 0
-        previous: Optional[list[WireOutput]] = None
+        final: list[WireOutput] = []
         async for batch in self._batches(request):
-            # NOTE: one batch is held back, so that the last one (holding the finished output)
-            # travels with the LeaseEnd and the ingress never waits on the channel for the end.
-            if previous is not None:
-                outbox.put(request.request_id, sent, previous)
+            if any(wire.finished for wire in batch):
+                # the last batch (the finished output) travels with the LeaseEnd, so the ingress
+                # never waits on the channel for the end; every other batch goes out at once
+                final = batch
+            else:
+                outbox.put(request.request_id, sent, batch)
                 sent += 1
-            previous = batch
-        yield LeaseEnd(replica_id=self.replica_id, num_batches=sent, final=previous or [])
+        yield LeaseEnd(replica_id=self.replica_id, num_batches=sent, final=final)
 
     def _outbox(self, ref: ChannelRef) -> "_Outbox":
         outbox = self._outboxes.get(ref.channel_id)
