@@ -5,12 +5,16 @@
                                     │            retry once on replica failure
                                     ▼ handle per model, PrefixAwareRouter (router.py, request_router.py)
                                   LLMReplica × N per model (replica.py: one AsyncEngine each)
-                                    └ TP > 1: Worker actors in a STRICT_PACK placement group
-                                      (ray_executor.py: RayExecutor, the engine's Executor over Ray)
+                                    │ TP > 1: Worker actors in a STRICT_PACK placement group
+                                    │ (ray_executor.py: RayExecutor, the engine's Executor over Ray)
+                                    └ outputs: one call per ready batch to the ingress's Mailbox actor
+                                      (channels.py: the token channel); each request's own call
+                                      ends with its LeaseEnd
 
     config.py    the app arguments (shared with deploy/serve.yaml and the Helm chart); no Ray
     app.py       build_app(args): one deployment per model + the ingress; Serve options per model
     wire.py      what crosses Ray: requests with routing hints, delta-encoded outputs, replica reports
+    channels.py  the token channel: mailbox actor, per-request inboxes in sequence order
     metrics.py   /metrics: the replicas' expositions merged, labelled by replica
     cli.py       `pagoda serve` (Ray path) and `pagoda status`; no Ray at import
 
