@@ -144,7 +144,6 @@ class ClusterEngineClient:
             # NOTE: a retry gets its own engine request id, so that it can never meet the first attempt's
             # leftovers (the same replica may still hold them); outputs carry the client's id again.
             engine_request_id = request_id if attempt == 0 else f"{request_id}.retry{attempt}"
-            use_channel = channels is not None
             call = ReplicaRequest(prompt, params, engine_request_id, priority,
                                   dataclasses.replace(hints, attempt=attempt),
                                   channel=channels.ref() if channels is not None else None)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .attention import _gather_context
 from .metadata import AttentionMetadata
 
 # One more SDPA call costs about as much as this many (sequence x context token) cells of padded
@@ -159,8 +160,8 @@ def paged_attention_cpu(
 
     for group in plan.decode:
         n = group.rows.shape[0]
-        keys = _gather(key_cache, group.tables, group.max_len, query.dtype)  # (n, Hkv, L, D)
-        values = _gather(value_cache, group.tables, group.max_len, query.dtype)
+        keys = _gather_context(key_cache, group.tables, group.max_len).to(query.dtype)  # (n, Hkv, L, D)
+        values = _gather_context(value_cache, group.tables, group.max_len).to(query.dtype)
         q = query.index_select(0, group.rows)[:, :, None, :]                 # (n, H, 1, D)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=group.valid, scale=scale,
                                                   enable_gqa=gqa)            # (n, H, 1, D)
@@ -172,18 +173,10 @@ def paged_attention_cpu(
             keys = key[rows].to(query.dtype).transpose(0, 1)[None]             # (1, Hkv, S, D)
             values = value[rows].to(query.dtype).transpose(0, 1)[None]
         else:
-            keys = _gather(key_cache, seq.blocks[None], seq.seq_len, query.dtype)  # (1, Hkv, S, D)
-            values = _gather(value_cache, seq.blocks[None], seq.seq_len, query.dtype)
+            keys = _gather_context(key_cache, seq.blocks[None], seq.seq_len).to(query.dtype)  # (1, Hkv, S, D)
+            values = _gather_context(value_cache, seq.blocks[None], seq.seq_len).to(query.dtype)
         q = query[seq.start:seq.start + seq.q_len].transpose(0, 1)[None]         # (1, H, q, D)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=seq.mask,
                                                   is_causal=seq.mask is None, scale=scale, enable_gqa=gqa)
         out[seq.start:seq.start + seq.q_len] = attended[0].transpose(0, 1)
     return out
-
-
-def _gather(cache: torch.Tensor, tables: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """(num_blocks, block_size, Hkv, D) cache, (n, blocks) table -> (n, Hkv, length, D)."""
-    n, num_blocks = tables.shape
-    _, block_size, num_kv_heads, head_dim = cache.shape
-    gathered = cache.index_select(0, tables.reshape(-1)).to(dtype)
-    return gathered.view(n, num_blocks * block_size, num_kv_heads, head_dim)[:, :length].transpose(1, 2)

@@ -194,12 +194,7 @@ class MultiprocExecutor(WorkerGroupExecutor):
             # errors of other ranks first: rank 0 may have finished a step its peers failed in
             for conn in sorted((r for r in ready if r in conns), key=lambda c: -conns[c].rank):
                 worker = conns[conn]
-                try:
-                    status, payload = conn.recv()
-                except (EOFError, OSError):
-                    raise self._fail(self._exit_message(worker, method))
-                if status == "error":
-                    raise self._fail(f"TP rank {worker.rank} raised in {method}:\n{payload}")
+                payload = self._receive(worker, method)
                 if worker.rank != 0:
                     raise self._fail(f"TP rank {worker.rank} sent an unexpected reply during {method}")
                 return payload
@@ -220,13 +215,7 @@ class MultiprocExecutor(WorkerGroupExecutor):
             ready = wait([*waiting, *by_sentinel], timeout=remaining)
             for conn in [r for r in ready if r in waiting]:
                 worker = waiting.pop(conn)
-                try:
-                    status, payload = conn.recv()
-                except (EOFError, OSError):
-                    raise self._fail(self._exit_message(worker, method))
-                if status == "error":
-                    raise self._fail(f"TP rank {worker.rank} raised in {method}:\n{payload}")
-                replies[worker.rank] = payload
+                replies[worker.rank] = self._receive(worker, method)
             for sentinel in [r for r in ready if r in by_sentinel]:
                 # Any exit is fatal, even of a rank that already answered: it is gone for the next step.
                 worker = by_sentinel[sentinel]
@@ -236,6 +225,16 @@ class MultiprocExecutor(WorkerGroupExecutor):
                         raise self._fail(f"TP rank {worker.rank} raised in {method}:\n{payload}")
                 raise self._fail(self._exit_message(worker, method))
         return [replies[rank] for rank in range(self.world_size)]
+
+    def _receive(self, worker: _WorkerHandle, method: str) -> Any:
+        """The worker's next reply's payload; a closed pipe or an error reply fails the executor."""
+        try:
+            status, payload = worker.conn.recv()
+        except (EOFError, OSError):
+            raise self._fail(self._exit_message(worker, method))
+        if status == "error":
+            raise self._fail(f"TP rank {worker.rank} raised in {method}:\n{payload}")
+        return payload
 
     def _exit_message(self, worker: _WorkerHandle, method: str) -> str:
         worker.process.join(timeout=1.0)
