@@ -9,7 +9,9 @@ A layout `NxtpK` deploys `pagoda.cluster.app:build_app` with N replicas of tenso
 the workload with `bench.serving` (streamed /v1/completions, token-id prompts, ignore_eos, greedy; all
 requests at once unless --request-rate), then deletes the application before the next layout.
 `standalone` runs the same workload against `pagoda serve --standalone` (one process, no Ray) on the
-first GPU: the 1xtp1 row minus it is what the Serve ingress and routing cost.
+first GPU: the 1xtp1 row minus it is what the Serve ingress and routing cost. A suffix picks where
+the model runs: `1xtp1:uni` / `standalone:uni` in the serving process, `:mp` in a worker process
+(`ModelDeployment.distributed_executor_backend`).
 
 Untimed before each run: the deployment's start-up (printed) and --warmup-requests short requests.
 Reported per layout: bench.serving's numbers (duration, req/s, output tok/s, TTFT/TPOT/ITL/E2E
@@ -45,23 +47,28 @@ from bench.workloads import WORKLOADS, BenchRequest, make_workload  # noqa: E402
 APP_NAME = "pagoda-bench"
 SERVED_NAME = "bench"
 READY_TIMEOUT_S = 1800.0
-_LAYOUT = re.compile(r"^(\d+)xtp(\d+)$")
+_LAYOUT = re.compile(r"^(\d+)xtp(\d+)(?::(uni|mp|ray))?$")
 
 
-def parse_layout(text: str) -> tuple[int, int]:
-    """'2xtp1' -> (replicas, tensor_parallel_size)."""
+def parse_layout(text: str) -> tuple[int, int, Optional[str]]:
+    """'2xtp1' -> (replicas, tensor_parallel_size, None); '1xtp1:uni' also names the executor backend."""
     match = _LAYOUT.match(text)
     if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
-        raise ValueError(f"layout {text!r} is not NxtpK (e.g. 1xtp1, 2xtp1, 1xtp2) or 'standalone'")
-    return int(match.group(1)), int(match.group(2))
+        raise ValueError(f"layout {text!r} is not NxtpK[:uni|mp|ray] (e.g. 1xtp1, 2xtp1, 1xtp2, 1xtp1:uni) "
+                         "or 'standalone'")
+    return int(match.group(1)), int(match.group(2)), match.group(3)
 
 
 def app_args(model: str, engine_args: dict[str, Any], replicas: int, tp: int, num_gpus_per_worker: float,
-             max_ongoing_requests: int) -> dict[str, Any]:
-    return {"models": [{
+             max_ongoing_requests: int, executor_backend: Optional[str] = None,
+             ingress_replicas: int = 1) -> dict[str, Any]:
+    deployment = {
         "model": model, "served_model_name": SERVED_NAME, "tensor_parallel_size": tp, "num_replicas": replicas,
         "num_gpus_per_worker": num_gpus_per_worker, "max_ongoing_requests": max_ongoing_requests,
-        "target_ongoing_requests": min(32, max_ongoing_requests), "engine_args": engine_args}]}
+        "target_ongoing_requests": min(32, max_ongoing_requests), "engine_args": engine_args}
+    if executor_backend is not None:
+        deployment["distributed_executor_backend"] = executor_backend
+    return {"models": [deployment], "ingress_replicas": ingress_replicas}
 
 
 def add_word_tokenizer(directory: Path, vocab_size: int) -> None:
@@ -79,12 +86,12 @@ def add_word_tokenizer(directory: Path, vocab_size: int) -> None:
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0").save_pretrained(str(directory))
 
 
-def run_workload(base_url: str, requests: list[BenchRequest], rate: float, max_concurrency: Optional[int],
-                 warmup_requests: int) -> Any:
-    if warmup_requests:
-        warmup = [BenchRequest(r.prompt_token_ids[:32], 4) for r in requests[:warmup_requests]]
+def run_workload(base_url: str, requests: list[BenchRequest], args: argparse.Namespace) -> Any:
+    if args.warmup_requests:
+        warmup = [BenchRequest(r.prompt_token_ids[:32], 4) for r in requests[:args.warmup_requests]]
         asyncio.run(run_rate(base_url, SERVED_NAME, warmup, math.inf, None, {}, {}, 0))
-    return asyncio.run(run_rate(base_url, SERVED_NAME, requests, rate, max_concurrency, {}, {}, 0))
+    return asyncio.run(run_rate(base_url, SERVED_NAME, requests, args.request_rate, args.max_concurrency, {}, {}, 0,
+                                args.client_processes))
 
 
 def wait_ready(base_url: str, timeout_s: float, process: Optional[subprocess.Popen] = None) -> float:
@@ -110,17 +117,18 @@ def bench_layout(layout: str, args: argparse.Namespace, model: str, engine_args:
 
     from pagoda.cluster.app import build_app
 
-    replicas, tp = parse_layout(layout)
+    replicas, tp, backend = parse_layout(layout)
     num_gpus = 0.0 if args.device == "cpu" else 1.0
     base_url = f"http://127.0.0.1:{args.port}"
     started = time.monotonic()
-    serve.run(build_app(app_args(model, engine_args, replicas, tp, num_gpus, args.max_ongoing_requests)),
+    serve.run(build_app(app_args(model, engine_args, replicas, tp, num_gpus, args.max_ongoing_requests, backend,
+                                 args.ingress_replicas)),
               name=APP_NAME, route_prefix="/", blocking=False)
     try:
         wait_ready(base_url, READY_TIMEOUT_S)
         startup_s = time.monotonic() - started
         before = _generation_tokens()
-        result = run_workload(base_url, requests, args.request_rate, args.max_concurrency, args.warmup_requests)
+        result = run_workload(base_url, requests, args)
         time.sleep(3)                  # one more stats report after the last request
         after = _generation_tokens()
     finally:
@@ -136,11 +144,17 @@ def _generation_tokens() -> dict[str, int]:
     return {row["replica"]: row["generation_tokens"] for row in rows}
 
 
-def bench_standalone(args: argparse.Namespace, model: str, engine_args: dict[str, Any],
+def _is_standalone(layout: str) -> bool:
+    return layout in ("standalone", "standalone:uni", "standalone:mp")
+
+
+def bench_standalone(layout: str, args: argparse.Namespace, model: str, engine_args: dict[str, Any],
                      requests: list[BenchRequest]) -> dict[str, Any]:
     port = _free_port()
     command = [sys.executable, "-m", "pagoda.engine.entrypoints.cli", "serve", model, "--standalone",
                "--port", str(port), "--served-model-name", SERVED_NAME, "--uvicorn-log-level", "warning"]
+    if ":" in layout:
+        command += ["--distributed-executor-backend", layout.split(":")[1]]
     for name, value in engine_args.items():
         command += [f"--{name.replace('_', '-')}", str(value)]
     env = dict(os.environ)
@@ -151,15 +165,14 @@ def bench_standalone(args: argparse.Namespace, model: str, engine_args: dict[str
     try:
         wait_ready(f"http://127.0.0.1:{port}", READY_TIMEOUT_S, process)
         startup_s = time.monotonic() - started
-        result = run_workload(f"http://127.0.0.1:{port}", requests, args.request_rate, args.max_concurrency,
-                              args.warmup_requests)
+        result = run_workload(f"http://127.0.0.1:{port}", requests, args)
     finally:
         process.send_signal(signal.SIGINT)
         try:
             process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
-    return {"layout": "standalone", "startup_s": startup_s, "result": result, "generation_tokens_per_replica": {}}
+    return {"layout": layout, "startup_s": startup_s, "result": result, "generation_tokens_per_replica": {}}
 
 
 def _free_port() -> int:
@@ -169,7 +182,7 @@ def _free_port() -> int:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'layout':<11} {'start s':>8} {'dur s':>7} {'ok':>5} {'req/s':>7} {'out tok/s':>10} "
+    lines = [f"{'layout':<13} {'start s':>8} {'dur s':>7} {'ok':>5} {'req/s':>7} {'out tok/s':>10} "
              f"{'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'ITL p99':>8}  tokens per replica"]
     for row in rows:
         r = row["result"]
@@ -178,7 +191,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             return f"{getattr(summary, field + '_ms'):.0f}ms" if summary is not None else "-"
 
         shares = sorted(row["generation_tokens_per_replica"].values(), reverse=True)
-        lines.append(f"{row['layout']:<11} {row['startup_s']:>8.1f} {r.duration_s:>7.1f} {r.completed:>5} "
+        lines.append(f"{row['layout']:<13} {row['startup_s']:>8.1f} {r.duration_s:>7.1f} {r.completed:>5} "
                      f"{r.request_throughput:>7.2f} {r.output_throughput:>10.0f} {ms(r.ttft, 'p50'):>9} "
                      f"{ms(r.ttft, 'p99'):>9} {ms(r.tpot, 'p50'):>9} {ms(r.itl, 'p99'):>8}  {shares or '-'}")
     return "\n".join(lines)
@@ -193,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-prompts", type=int, default=None)
     parser.add_argument("--request-rate", type=float, default=math.inf)
     parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--ingress-replicas", type=int, default=1, help="HTTP ingress replicas of the app")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="send from this many processes (one Python client tops out at 10-20k events/s)")
     parser.add_argument("--max-ongoing-requests", type=int, default=256,
                         help="per replica (Serve); W256 sends 256 at once")
     parser.add_argument("--warmup-requests", type=int, default=8)
@@ -209,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     for layout in args.layouts:
-        if layout != "standalone":
+        if not _is_standalone(layout):
             parse_layout(layout)
     bench_model = resolve_bench_model(args.model, args.dtype)
     if bench_model.load_format == "dummy":
@@ -234,8 +250,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = []
     try:
         for layout in args.layouts:
-            if layout == "standalone":
-                row = bench_standalone(args, bench_model.model, engine_args, requests)
+            if _is_standalone(layout):
+                row = bench_standalone(layout, args, bench_model.model, engine_args, requests)
             else:
                 row = bench_layout(layout, args, bench_model.model, engine_args, requests)
             print(f"\n[{layout}] start-up {row['startup_s']:.1f} s\n{format_result(row['result'])}")

@@ -8,7 +8,8 @@
 Each request streams `POST /v1/completions` with the prompt as token ids, `max_tokens` = its output
 length, `ignore_eos` (vLLM's extension, so every request produces exactly its output length) and
 temperature 0. Arrivals are a Poisson process at each `--request-rate` (requests/s; `inf` sends
-them all at once), run one rate after another; `--max-concurrency` caps requests in flight.
+them all at once), run one rate after another; `--max-concurrency` caps requests in flight;
+`--client-processes K` sends from K processes (one Python client tops out at some 10-20k events/s).
 
 Reported per rate (mean, p50, p99 for the latencies):
 - TTFT: request sent -> first streamed chunk with content;
@@ -162,9 +163,11 @@ async def send_one(http: httpx.AsyncClient, url: str, model: str, request: Bench
     return result
 
 
-async def run_rate(base_url: str, model: str, requests: list[BenchRequest], request_rate: float,
-                   max_concurrency: Optional[int], headers: dict[str, str], slos_ms: dict[str, float],
-                   seed: int) -> RateResult:
+async def _send_all(base_url: str, model: str, requests: list[BenchRequest], request_rate: float,
+                    max_concurrency: Optional[int], headers: dict[str, str], seed: int,
+                    start_at: Optional[float] = None) -> tuple[list[RequestResult], float, float]:
+    """Sends `requests` (Poisson arrivals at request_rate/s); returns the results and the run's
+    start and end on `time.monotonic()` (one clock for every process of this host)."""
     url = f"{base_url}/v1/completions"
     rng = random.Random(seed)
     limit = max_concurrency or len(requests)
@@ -175,14 +178,50 @@ async def run_rate(base_url: str, model: str, requests: list[BenchRequest], requ
             async with semaphore:
                 return await send_one(http, url, model, request, headers)
 
-        start = time.perf_counter()
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        start = time.monotonic()
         tasks = []
         for index, request in enumerate(requests):
             tasks.append(asyncio.create_task(limited(request)))
             if math.isfinite(request_rate) and index + 1 < len(requests):
                 await asyncio.sleep(rng.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+        end = time.monotonic()
+    return list(results), start, end
+
+
+def _client_process(args: tuple) -> tuple[list[RequestResult], float, float]:
+    return asyncio.run(_send_all(*args))
+
+
+async def run_rate(base_url: str, model: str, requests: list[BenchRequest], request_rate: float,
+                   max_concurrency: Optional[int], headers: dict[str, str], slos_ms: dict[str, float],
+                   seed: int, client_processes: int = 1) -> RateResult:
+    """One run at `request_rate`. With client_processes > 1 the requests are dealt round-robin to
+    that many processes, each sending its share (rate/k, concurrency cap/k) from one common start:
+    a single Python client parses some 10-20k SSE events/s, which a fast server can exceed."""
+    if client_processes < 1:
+        raise ValueError(f"client_processes must be >= 1, got {client_processes}")
+    processes = min(client_processes, len(requests))
+    if processes <= 1:
+        results, start, end = await _send_all(base_url, model, requests, request_rate, max_concurrency,
+                                              headers, seed)
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        shards = [requests[i::processes] for i in range(processes)]
+        concurrency = None if max_concurrency is None else max(1, math.ceil(max_concurrency / processes))
+        start_at = time.monotonic() + 3.0           # process start-up and imports happen before it
+        jobs = [(base_url, model, shard, request_rate / processes, concurrency, headers, seed + i, start_at)
+                for i, shard in enumerate(shards)]
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            loop = asyncio.get_running_loop()
+            parts = await asyncio.gather(*(loop.run_in_executor(pool, _client_process, job) for job in jobs))
+        results = [r for part, _, _ in parts for r in part]
+        start, end = min(p[1] for p in parts), max(p[2] for p in parts)
+    duration = end - start
     done = [r for r in results if r.ok]
     output_tokens = sum(r.output_tokens for r in done)
     prompt_tokens = sum(r.prompt_len for r in done)
@@ -239,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--goodput", nargs="*", default=[], metavar="NAME:MS",
                         help=f"SLOs for goodput, NAME in {SLO_METRICS}, e.g. ttft:500 tpot:50")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="send from this many processes (a fast server outruns one Python client)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser
 
@@ -254,6 +295,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"--request-rate values must be > 0 (or inf), got {args.request_rate}")
         if args.max_concurrency is not None and args.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+        if args.client_processes < 1:
+            raise ValueError(f"--client-processes must be >= 1, got {args.client_processes}")
         requests = make_workload(args.workload, args.vocab_size or 0, args.num_prompts)
     except ValueError as error:
         print(f"bench.serving: error: {error}", file=sys.stderr)
@@ -266,7 +309,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = []
     for rate in args.request_rate:
         result = asyncio.run(run_rate(base_url, model, requests, rate, args.max_concurrency, headers, slos_ms,
-                                      args.seed))
+                                      args.seed, args.client_processes))
         print(format_result(result))
         results.append(result)
     if args.json is not None:

@@ -114,6 +114,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="pagoda's and HF's dtype: auto = float32 on CPU, bf16 on CUDA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    p.add_argument("--executor-backend", default=None, choices=("uni", "mp"),
+                   help="uni: the model in this process (default for --tp 1); mp: in worker processes")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"),
                    help="schedule step N+1 while step N runs (auto = the engine's default: on for CUDA)")
@@ -227,6 +229,7 @@ def run_pagoda(args: argparse.Namespace, bench_model: BenchModel, requests: Sequ
     start = time.perf_counter()
     llm = LLM(
         model=bench_model.model, dtype=_dtype_name(args), device=args.device, tensor_parallel_size=args.tp,
+        distributed_executor_backend=args.executor_backend,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=0, load_format=bench_model.load_format,

@@ -61,7 +61,6 @@ class ClusterTuning:
     health_check_timeout_s: float = 30.0
     graceful_shutdown_timeout_s: float = 60.0
     """How long a replica being scaled down gets to finish its requests (then they are retried)."""
-    ingress_replicas: int = 1
     ingress_num_cpus: float = 1.0
     ingress_max_ongoing_requests: int = 4096
     """Every request passes one ingress replica; Serve's default of 5 would throttle streaming."""
@@ -85,7 +84,7 @@ def build_application(args: dict[str, Any], tuning: ClusterTuning) -> Applicatio
         deployment = serve.deployment(LLMReplica).options(name=names[model.name], **replica_options(model, tuning))
         replicas[model.name] = deployment.bind(model.model_dump(exclude_unset=True), tuning.stall_timeout_s)
     ingress = serve.deployment(Ingress).options(
-        name=INGRESS_DEPLOYMENT, num_replicas=tuning.ingress_replicas,
+        name=INGRESS_DEPLOYMENT, num_replicas=config.ingress_replicas,
         max_ongoing_requests=tuning.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": tuning.ingress_num_cpus})
     return ingress.bind(config.model_dump(exclude_unset=True), replicas, names)

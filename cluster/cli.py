@@ -52,6 +52,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-gpus-per-worker", type=float, default=None,
                        help="GPUs per tensor-parallel worker (default: 1 if the cluster has GPUs, else 0)")
     group.add_argument("--num-cpus-per-worker", type=float, default=None)
+    group.add_argument("--ingress-replicas", type=int, default=None,
+                       help="HTTP ingress replicas (each formats ~10k streamed events/s; default 1)")
 
 
 def add_status_command(commands: Any) -> None:
@@ -76,6 +78,8 @@ def app_args_from_flags(args: argparse.Namespace, has_gpus: bool) -> dict[str, A
                              "engine_args": changed}
     if args.served_model_name:
         model["served_model_name"] = args.served_model_name
+    if getattr(args, "distributed_executor_backend", None):
+        model["distributed_executor_backend"] = args.distributed_executor_backend
     for flag in ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "num_cpus_per_worker",
                  "max_queued_requests"):
         if getattr(args, flag, None) is not None:
@@ -89,6 +93,8 @@ def app_args_from_flags(args: argparse.Namespace, has_gpus: bool) -> dict[str, A
         app["api_key_env"] = API_KEY_ENV
     if args.route_prefix:
         app["route_prefix"] = args.route_prefix
+    if getattr(args, "ingress_replicas", None) is not None:
+        app["ingress_replicas"] = args.ingress_replicas
     return app
 
 

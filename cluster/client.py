@@ -40,7 +40,7 @@ from pagoda.engine.engine_client import resolve_model_name
 from pagoda.engine.entrypoints.openai.errors import to_api_error
 from pagoda.engine.errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError
 from pagoda.engine.input_processor import PromptType
-from pagoda.engine.outputs import EngineStats, RequestOutput
+from pagoda.engine.outputs import EngineStats, RequestOutput, merge_outputs
 from pagoda.engine.sampling_params import SamplingParams
 
 from .channels import Inbox, TokenChannels, ray_mailbox
@@ -158,11 +158,17 @@ class ClusterEngineClient:
                 batches = (_channel_batches(lease, inbox) if lease is not None and inbox is not None
                            else _stream_batches(stream))
                 async for batch in batches:
+                    # what arrived together goes out as one output (fewer SSE events when behind)
+                    merged: Optional[RequestOutput] = None
                     for wire in batch:
-                        last = decoder.decode(wire)
-                        if attempt:
-                            last.request_id = request_id
-                        yield last
+                        output = decoder.decode(wire)
+                        merged = output if merged is None else merge_outputs(merged, output)
+                    if merged is None:
+                        continue
+                    if attempt:
+                        merged.request_id = request_id
+                    last = merged
+                    yield last
                 ended = True
                 return
             except Exception as raised:  # noqa: BLE001 - sorted below
@@ -265,8 +271,9 @@ async def _channel_batches(lease: asyncio.Future, inbox: Inbox) -> AsyncIterator
     ended_at: Optional[float] = None
     while True:
         inbox.changed.clear()
-        for batch in inbox.take_ready():
-            yield batch
+        ready = inbox.take_ready()
+        if ready:
+            yield [wire for batch in ready for wire in batch]
         if lease.done():
             end = lease.result()                       # raises the request's failure
             if inbox.next_seq >= end.num_batches:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -56,6 +56,11 @@ class ModelDeployment(BaseModel):
     """The name clients put in `"model": ...`; defaults to `model`."""
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs (Ray workers) one replica's weights are sharded over; all on one node."""
+    distributed_executor_backend: Literal["uni", "mp", "ray"] | None = None
+    """Where a replica's model runs. tensor_parallel_size > 1: "ray" (worker actors in the replica's
+    placement group; the only choice). One GPU: "uni" (in the replica actor) or "mp" (in a worker
+    process the replica spawns, so the model's step loop never waits on the replica's Python work:
+    output processing, detokenization, token transport). None: "mp" on GPU, "uni" on CPU."""
 
     num_replicas: int | None = Field(None, ge=1)
     """A fixed replica count; when set, autoscaling is off and min/max_replicas must be unset."""
@@ -121,6 +126,27 @@ class ModelDeployment(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_executor_backend(self) -> ModelDeployment:
+        backend, tp = self.distributed_executor_backend, self.tensor_parallel_size
+        if tp > 1 and backend not in (None, "ray"):
+            raise ValueError(f"distributed_executor_backend={backend!r} with tensor_parallel_size={tp}: a "
+                             "tensor-parallel replica runs its workers as Ray actors in its placement group; "
+                             "use 'ray' (or leave it unset)")
+        if tp == 1 and backend == "ray":
+            raise ValueError("distributed_executor_backend='ray' with tensor_parallel_size=1: a one-GPU replica "
+                             "runs its model itself ('uni') or in a worker process ('mp')")
+        return self
+
+    @property
+    def executor_backend(self) -> str:
+        """The backend a replica uses (the default resolved)."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        if self.tensor_parallel_size > 1:
+            return "ray"
+        return "mp" if self.num_gpus_per_worker > 0 else "uni"
+
     @property
     def name(self) -> str:
         """The model name clients request and metrics carry as `model_name`."""
@@ -147,6 +173,9 @@ class AppConfig(BaseModel):
     visible in the Serve config and the Ray dashboard."""
     max_request_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
     """Larger request bodies get 413 before they are parsed."""
+    ingress_replicas: int = Field(1, ge=1)
+    """HTTP ingress replicas (Serve's proxy spreads requests over them). Each formats the events of
+    the streams it holds, some 10-15k events/s per CPU core: add one per ~10k streamed tokens/s."""
     route_prefix: str = "/"
     """Where the OpenAI API is mounted; must equal the Serve application's route_prefix."""
 

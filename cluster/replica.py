@@ -9,7 +9,8 @@
                                                    hashes, metrics exposition) -> every router
     controller ── check_health() ────────────────> engine dead / step loop stalled -> raise
 
-TP=1 runs the model in this actor (it holds the GPU); TP>1 drives `Worker` actors through
+TP=1 runs the model in this actor ("uni") or in a worker process it spawns ("mp", the default on GPU: the
+step loop then never waits on this actor's Python work); the actor holds the GPU. TP>1 drives `Worker` actors through
 `RayExecutor`, inside the placement group Serve reserved for this replica.
 
 Health: Serve restarts a replica whose `check_health` raises. It raises when the engine is dead (a
@@ -60,7 +61,7 @@ def engine_args_for(deployment: ModelDeployment) -> EngineArgs:
     # GPU node, or a TP>1 replica whose GPUs belong to its worker actors).
     engine_args.setdefault("device", "cuda" if deployment.num_gpus_per_worker > 0 else "cpu")
     return EngineArgs(model=deployment.model, served_model_name=deployment.name, tensor_parallel_size=tp,
-                      distributed_executor_backend="ray" if tp > 1 else "uni", **engine_args)
+                      distributed_executor_backend=deployment.executor_backend, **engine_args)
 
 
 class StepWatchdog:
@@ -126,7 +127,7 @@ class LLMReplica:
         self.deployment = ModelDeployment.model_validate(deployment)
         args = engine_args_for(self.deployment)
         executor_class = None
-        if args.tensor_parallel_size > 1:
+        if args.distributed_executor_backend == "ray":
             from .ray_executor import RayExecutor
 
             executor_class = RayExecutor

@@ -5,7 +5,8 @@
     generate(): tokenize (InputProcessor) -- add ----->  commands ─┐  wait while idle (no spin)
     consumer gone / abort() / stop string -- abort --->  commands ─┤  apply -> step() -> stats
     _on_core_outputs(): detokenize (OutputProcessor) <─────────────┘  loop.call_soon_threadsafe
-        -> one asyncio.Queue per request -> generate() yields RequestOutputs
+        -> one asyncio.Queue per request -> generate() yields RequestOutputs (what queued up
+           while the consumer was busy comes as one merged output)
 
 Only the engine thread touches the `EngineCore` (it is even built there); the event loop reaches it
 through the command list alone. Tokenization and detokenization run on the event loop, never inside
@@ -30,7 +31,7 @@ from .input_processor import InputProcessor, PromptType
 from .llm_engine import load_text_side
 from .metrics import EngineMetrics
 from .output_processor import OutputProcessor
-from .outputs import EngineCoreOutput, EngineStats, RequestOutput
+from .outputs import EngineCoreOutput, EngineStats, RequestOutput, merge_outputs
 from .request import Request
 from .sampling_params import SamplingParams
 
@@ -148,10 +149,20 @@ class AsyncEngine:
             [r.request_id for r in processed.core_requests], processed.arrival_time)
         self._send(_AddCommand(request_id, processed.core_requests), num_adds=len(processed.core_requests))
         try:
+            pending: Optional[RequestOutput | BaseException] = None
             while True:
-                item = await stream.queue.get()
+                item = pending if pending is not None else await stream.queue.get()
+                pending = None
                 if isinstance(item, BaseException):
                     raise item
+                # A consumer that fell behind gets what queued up as one output (fewer, larger
+                # chunks, e.g. SSE events, exactly when the serving side is the bottleneck).
+                while not item.finished and not stream.queue.empty():
+                    following = stream.queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        pending = following
+                        break
+                    item = merge_outputs(item, following)
                 yield item
                 if item.finished:
                     return

@@ -5,7 +5,7 @@ the output processor turns a stream of them into vLLM-shaped `RequestOutput`s wi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 # token id -> logprob, for the sampled token plus the top-k alternatives at one position
@@ -75,6 +75,36 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: Optional[RequestMetrics] = None
     error: Optional[str] = None
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output saying what `earlier` and then `later` said (two consecutive outputs of one request).
+
+    For a consumer that fell behind: it gets one output with the deltas of both, instead of two
+    (vLLM's output collector does the same). Cumulative fields come from `later`; each completion's
+    deltas are `earlier`'s followed by `later`'s. Neither argument is modified.
+    Invariant: `earlier` is not finished (nothing follows a finished output).
+    """
+    if earlier.request_id != later.request_id:
+        raise ValueError(f"cannot merge outputs of different requests: {earlier.request_id!r}, {later.request_id!r}")
+    if earlier.finished:
+        raise ValueError(f"request {earlier.request_id!r}: nothing can follow its finished output")
+    before = {completion.index: completion for completion in earlier.outputs}
+    merged = []
+    for completion in later.outputs:
+        first = before.pop(completion.index, None)
+        if first is None:
+            merged.append(completion)
+            continue
+        logprobs = None
+        if first.delta_logprobs is not None or completion.delta_logprobs is not None:
+            logprobs = (first.delta_logprobs or []) + (completion.delta_logprobs or [])
+        merged.append(replace(completion, delta_text=first.delta_text + completion.delta_text,
+                              delta_token_ids=first.delta_token_ids + completion.delta_token_ids,
+                              delta_logprobs=logprobs))
+    merged.extend(before.values())             # a completion `later` did not mention keeps its news
+    merged.sort(key=lambda completion: completion.index)
+    return replace(later, outputs=merged)
 
 
 @dataclass

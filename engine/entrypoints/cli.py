@@ -64,6 +64,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    group.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
+                       help="where the model runs: 'uni' in the serving process, 'mp' in worker processes "
+                            "(one per GPU), 'ray' in Ray actors (cluster only). Default: uni for one GPU, "
+                            "mp for several; in a cluster replica, see ModelDeployment")
     group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     group.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,
                        help="KV-cache budget, e.g. 16MiB (default: from gpu-memory-utilization; 1 GiB on CPU)")
@@ -79,6 +83,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
+        distributed_executor_backend=getattr(args, "distributed_executor_backend", None),
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
         served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager)
 

@@ -65,7 +65,7 @@ def test_deployment_names_are_unique_and_serve_safe():
 def test_engine_args_are_checked_before_any_replica_starts():
     with pytest.raises(ValueError, match=r"unknown engine_args \['max_seqs'\] for model 'default'"):
         build_app({"engine_args.max_seqs": "4"})
-    with pytest.raises(ValueError, match=r"engine_args \['distributed_executor_backend'\]"):
+    with pytest.raises(ValueError, match=r"engine_args must not repeat model-level options \['distributed_executor_backend'\]"):
         build_app({"engine_args": {"distributed_executor_backend": "mp"}})
     args = engine_args_for(ModelDeployment(model="/m", served_model_name="m", tensor_parallel_size=2,
                                            engine_args={"max_model_len": 512}))
@@ -129,6 +129,13 @@ def test_serve_flags_become_app_args():
     with pytest.raises(ValueError, match="num_replicas=2"):
         parse_app_args(cluster_cli.app_args_from_flags(
             _serve_args("default", "--num-replicas", "2", "--max-replicas", "3"), has_gpus=False))
+    # where the model runs, and how many HTTP ingress replicas
+    flags = cluster_cli.app_args_from_flags(_serve_args("default", "--distributed-executor-backend", "uni",
+                                                        "--ingress-replicas", "3"), has_gpus=True)
+    config = parse_app_args(flags)
+    assert config.models[0].executor_backend == "uni" and config.ingress_replicas == 3
+    with pytest.raises(ValueError, match="ingress_replicas"):
+        parse_app_args({"models": [{}], "ingress_replicas": 0})
 
 
 def test_config_file_may_hold_bare_app_args(tmp_path):
@@ -176,3 +183,17 @@ def test_watchdog_flags_a_stuck_step_loop_only():
     assert watchdog.stalled_for(idle, now=100.0) is None          # no work: no steps expected
     assert watchdog.stalled_for(EngineStats(num_waiting=1, num_steps=6), now=105.0) is None
     assert watchdog.stalled_for(EngineStats(num_waiting=1, num_steps=6), now=111.0) == 11.0
+
+
+def test_executor_backend_defaults_and_refusals():
+    # one GPU: the model runs in a worker process; on CPU in the replica; TP > 1: Ray worker actors
+    assert engine_args_for(ModelDeployment()).distributed_executor_backend == "mp"
+    assert engine_args_for(ModelDeployment(num_gpus_per_worker=0)).distributed_executor_backend == "uni"
+    assert engine_args_for(ModelDeployment(distributed_executor_backend="uni")).distributed_executor_backend == "uni"
+    assert engine_args_for(ModelDeployment(tensor_parallel_size=2)).distributed_executor_backend == "ray"
+    with pytest.raises(ValueError, match=r"distributed_executor_backend='mp' with tensor_parallel_size=2"):
+        ModelDeployment(tensor_parallel_size=2, distributed_executor_backend="mp")
+    with pytest.raises(ValueError, match=r"distributed_executor_backend='ray' with tensor_parallel_size=1"):
+        ModelDeployment(distributed_executor_backend="ray")
+    with pytest.raises(ValueError, match="distributed_executor_backend"):
+        ModelDeployment(distributed_executor_backend="threads")

@@ -209,3 +209,22 @@ def test_shutdown_refuses_new_requests(tiny_model_dir):
             await collect(engine, PROMPT, greedy(2))
 
     asyncio.run(main())
+
+
+def test_a_consumer_that_falls_behind_gets_merged_outputs_and_loses_nothing(engine):
+    """Outputs queued while the consumer was busy come as one: fewer chunks, same tokens and text."""
+    async def main():
+        outputs = []
+        async for output in engine.generate(PROMPT, greedy(24, logprobs=1), "slow-consumer"):
+            outputs.append(output)
+            if len(outputs) == 1:
+                await asyncio.sleep(1.0)          # the engine runs on meanwhile
+        return outputs
+
+    outputs = asyncio.run(main())
+    final = outputs[-1].outputs[0]
+    assert outputs[-1].finished and len(final.token_ids) == 24
+    assert len(outputs) < 24, "the outputs queued during the pause were not merged"
+    assert [t for o in outputs for t in o.outputs[0].delta_token_ids] == final.token_ids
+    assert "".join(o.outputs[0].delta_text for o in outputs) == final.text
+    assert [entry for o in outputs for entry in o.outputs[0].delta_logprobs] == final.logprobs
