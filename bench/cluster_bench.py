@@ -126,6 +126,9 @@ def bench_layout(layout: str, args: argparse.Namespace, model: str, engine_args:
               name=APP_NAME, route_prefix="/", blocking=False)
     try:
         wait_ready(base_url, READY_TIMEOUT_S)
+        # NOTE: the app answers as soon as one replica is up; a burst sent before the others report
+        # would all land on that one.
+        wait_replicas(replicas, READY_TIMEOUT_S - (time.monotonic() - started))
         startup_s = time.monotonic() - started
         before = _generation_tokens()
         result = run_workload(base_url, requests, args)
@@ -135,6 +138,15 @@ def bench_layout(layout: str, args: argparse.Namespace, model: str, engine_args:
         serve.delete(APP_NAME)
     per_replica = {replica: tokens - before.get(replica, 0) for replica, tokens in after.items()}
     return {"layout": layout, "startup_s": startup_s, "result": result, "generation_tokens_per_replica": per_replica}
+
+
+def wait_replicas(replicas: int, timeout_s: float) -> None:
+    """Until every replica of the layout has reported its stats (so routers see them all)."""
+    deadline = time.monotonic() + timeout_s
+    while len(_generation_tokens()) < replicas:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {replicas} replicas reported within {timeout_s:.0f} s")
+        time.sleep(1)
 
 
 def _generation_tokens() -> dict[str, int]:

@@ -58,9 +58,9 @@ class ModelDeployment(BaseModel):
     """GPUs (Ray workers) one replica's weights are sharded over; all on one node."""
     distributed_executor_backend: Literal["uni", "mp", "ray"] | None = None
     """Where a replica's model runs. tensor_parallel_size > 1: "ray" (worker actors in the replica's
-    placement group; the only choice). One GPU: "uni" (in the replica actor) or "mp" (in a worker
-    process the replica spawns, so the model's step loop never waits on the replica's Python work:
-    output processing, detokenization, token transport). None: "mp" on GPU, "uni" on CPU."""
+    placement group; the only choice). One GPU: "uni" (the default: in the replica's engine core,
+    which on GPU is a process of its own, `engine_core_process`) or "mp" (in one more worker process
+    under it)."""
 
     num_replicas: int | None = Field(None, ge=1)
     """A fixed replica count; when set, autoscaling is off and min/max_replicas must be unset."""
@@ -143,9 +143,7 @@ class ModelDeployment(BaseModel):
         """The backend a replica uses (the default resolved)."""
         if self.distributed_executor_backend is not None:
             return self.distributed_executor_backend
-        if self.tensor_parallel_size > 1:
-            return "ray"
-        return "mp" if self.num_gpus_per_worker > 0 else "uni"
+        return "ray" if self.tensor_parallel_size > 1 else "uni"
 
     @property
     def name(self) -> str:

@@ -9,8 +9,9 @@
                                                    hashes, metrics exposition) -> every router
     controller ── check_health() ────────────────> engine dead / step loop stalled -> raise
 
-TP=1 runs the model in this actor ("uni") or in a worker process it spawns ("mp", the default on GPU: the
-step loop then never waits on this actor's Python work); the actor holds the GPU. TP>1 drives `Worker` actors through
+TP=1 runs the model in the engine core ("uni"; on GPU the core is a process of its own, so the step
+loop never waits on this actor's Python work) or one worker process under it ("mp"); the actor holds
+the GPU. TP>1 drives `Worker` actors through
 `RayExecutor`, inside the placement group Serve reserved for this replica.
 
 Health: Serve restarts a replica whose `check_health` raises. It raises when the engine is dead (a

@@ -8,6 +8,10 @@
         -> one asyncio.Queue per request -> generate() yields RequestOutputs (what queued up
            while the consumer was busy comes as one merged output)
 
+With `engine_core_process` (the default on CUDA) the EngineCore runs in a process of its own
+(core_process.py) and the engine thread only forwards commands to it, while a reader thread hands its
+outputs to the event loop: the step loop then never shares a GIL with the server's text work.
+
 Only the engine thread touches the `EngineCore` (it is even built there); the event loop reaches it
 through the command list alone. Tokenization and detokenization run on the event loop, never inside
 the step loop, so the model is never held up by text work, and the tokenizer is used from one
@@ -17,6 +21,7 @@ new requests are refused and `is_healthy()` turns False; nothing hangs.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 from .config import EngineArgs, EngineConfig
+from .core_process import CoreProcess
 from .engine_core import EngineCore
 from .errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError
 from .executor.base import Executor
@@ -38,6 +44,7 @@ from .sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 _HEALTH_TIMEOUT_S = 30.0
+_CORE_STOP_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -95,6 +102,11 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._health_futures: set[asyncio.Future] = set()
         self._accepting = True
+
+        # Core-process mode only (engine_core_process): health probes in flight, by probe id.
+        self._probes: dict[int, asyncio.Future] = {}
+        self._probe_ids = itertools.count()
+        self._core_pid: Optional[int] = None
 
         self._startup_error: Optional[BaseException] = None
         self._ready = threading.Event()
@@ -318,6 +330,9 @@ class AsyncEngine:
 
     # -- engine thread ------------------------------------------------------------------------------
     def _run(self, executor_class: Optional[type[Executor]]) -> None:
+        if self.config.parallel.engine_core_process:
+            self._run_core_process(executor_class)
+            return
         try:
             core = EngineCore(self.config, executor_class)
         except BaseException as error:  # noqa: BLE001 - re-raised in the constructor's thread
@@ -371,6 +386,86 @@ class AsyncEngine:
             if outputs:
                 self._post(self._on_core_outputs, outputs)
 
+    # -- engine thread, with the core in its own process ---------------------------------------------
+    def _run_core_process(self, executor_class: Optional[type[Executor]]) -> None:
+        """Starts the core process, then forwards commands to it until shutdown; a second thread
+        (`_read_core`) hands its outputs to the event loop."""
+        try:
+            core = CoreProcess(self.config, executor_class)
+            self.config.finalize_capacity(core.num_blocks)     # what the core sized, on this side too
+        except BaseException as error:  # noqa: BLE001 - re-raised in the constructor's thread
+            self._startup_error = error
+            self._ready.set()
+            return
+        self._core_pid = core.pid
+        reader = threading.Thread(target=self._read_core, args=(core,), name="pagoda-engine-reader", daemon=True)
+        reader.start()
+        self._ready.set()
+        try:
+            self._forward_commands(core)
+        finally:
+            core.stop(_CORE_STOP_TIMEOUT_S)
+            reader.join(_CORE_STOP_TIMEOUT_S)
+
+    def _forward_commands(self, core: CoreProcess) -> None:
+        while True:
+            with self._cv:
+                while not (self._commands or self._stopping or self._dead):
+                    self._cv.wait()
+                if self._stopping or self._dead:
+                    return
+                commands, self._commands = self._commands, []
+            message: list[tuple] = []
+            for command in commands:
+                if isinstance(command, _AddCommand):
+                    message.append(("add", command.request_id, command.core_requests))
+                elif isinstance(command, _AbortCommand):
+                    message.append(("abort", command.core_request_ids))
+                elif isinstance(command, _HealthCommand):
+                    probe = next(self._probe_ids)
+                    self._probes[probe] = command.future
+                    message.append(("health", probe))
+            try:
+                core.send(("commands", message))
+            except OSError:          # the core is gone; the reader reports why
+                return
+
+    def _read_core(self, core: CoreProcess) -> None:
+        while True:
+            try:
+                kind, *payload = core.recv()
+            except (EOFError, OSError):
+                with self._cv:
+                    if self._stopping:
+                        return
+                self._core_died(core.exit_message("serving"))
+                return
+            if kind == "step":
+                outputs, stats, num_added = payload
+                with self._cv:
+                    self._stats = stats
+                    self._pending_adds -= num_added
+                if outputs:
+                    self._post(self._on_core_outputs, outputs)
+            elif kind == "health":
+                probe, error = payload
+                future = self._probes.pop(probe, None)
+                if future is not None:
+                    self._post(_resolve_probe, future, error)
+            elif kind == "add_failed":
+                request_id, message = payload
+                self._post(self._on_add_failed, request_id, ValueError(message))
+            elif kind == "dead":
+                self._core_died(f"engine step failed in the core process:\n{payload[0]}")
+                return
+
+    def _core_died(self, reason: str) -> None:
+        logger.error("%s; the engine is dead and refuses new requests", reason)
+        with self._cv:
+            self._dead = True
+            self._cv.notify()
+        self._post(self._on_engine_dead)
+
     def _check_health(self, core: EngineCore, future: asyncio.Future) -> None:
         def resolve(error: Optional[BaseException]) -> None:
             if future.done():
@@ -386,6 +481,15 @@ class AsyncEngine:
             self._post(resolve, error)
             raise
         self._post(resolve, None)
+
+
+def _resolve_probe(future: asyncio.Future, error: Optional[str]) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(EngineDeadError())
+    else:
+        future.set_result(None)
 
 
 def _running_loop() -> Optional[asyncio.AbstractEventLoop]:

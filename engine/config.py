@@ -85,6 +85,9 @@ class ParallelConfig:
     # A step (or one collective in it) running longer than this means a worker hung: the executor
     # raises ExecutorError and the engine turns dead instead of waiting forever.
     step_timeout_s: float = 300.0
+    # The serving engine (AsyncEngine) runs its EngineCore in a process of its own, so the step loop
+    # never waits for the server's Python work (engine/core_process.py). The offline LLM ignores it.
+    engine_core_process: bool = False
 
 
 @dataclass
@@ -142,6 +145,7 @@ class EngineArgs:
     enforce_eager: bool = False
     distributed_executor_backend: Optional[str] = None
     async_scheduling: Optional[bool] = None     # None = on on CUDA (uniproc and multiproc executors), else off
+    engine_core_process: Optional[bool] = None  # None = on on CUDA (uniproc and multiproc executors), else off
     extra: dict = field(default_factory=dict)
 
     def create_config(self) -> EngineConfig:
@@ -189,6 +193,13 @@ class EngineArgs:
                 f"distributed_executor_backend='uni' runs one process; tensor_parallel_size="
                 f"{self.tensor_parallel_size} needs 'mp' or 'ray'"
             )
+        if self.engine_core_process and backend == "ray":
+            raise ValueError(
+                "engine_core_process=True with distributed_executor_backend='ray': the Ray executor drives "
+                "its worker actors from the process connected to Ray; leave engine_core_process unset"
+            )
+        engine_core_process = (device.type == "cuda" and backend in ("uni", "mp")
+                               if self.engine_core_process is None else bool(self.engine_core_process))
 
         model = ModelConfig(
             source=source,
@@ -221,7 +232,8 @@ class EngineArgs:
                 async_scheduling=(device.type == "cuda" and backend in ("uni", "mp")
                                   if self.async_scheduling is None else bool(self.async_scheduling)),
             ),
-            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size, executor_backend=backend),  # type: ignore[arg-type]
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size, executor_backend=backend,  # type: ignore[arg-type]
+                                    engine_core_process=engine_core_process),
             device=device,
             enforce_eager=self.enforce_eager,
             max_model_len_explicit=self.max_model_len is not None,

@@ -75,6 +75,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--served-model-name", default=None, help="the name clients use (default: MODEL)")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     group.add_argument("--enforce-eager", action="store_true")
+    group.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=None,
+                       help="run the engine core (scheduler + model) in a process of its own, apart from "
+                            "the HTTP server (default: on with CUDA)")
 
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
@@ -84,6 +87,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
         distributed_executor_backend=getattr(args, "distributed_executor_backend", None),
+        engine_core_process=getattr(args, "engine_core_process", None),
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
         served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager)
 

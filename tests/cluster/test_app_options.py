@@ -130,10 +130,10 @@ def test_serve_flags_become_app_args():
         parse_app_args(cluster_cli.app_args_from_flags(
             _serve_args("default", "--num-replicas", "2", "--max-replicas", "3"), has_gpus=False))
     # where the model runs, and how many HTTP ingress replicas
-    flags = cluster_cli.app_args_from_flags(_serve_args("default", "--distributed-executor-backend", "uni",
+    flags = cluster_cli.app_args_from_flags(_serve_args("default", "--distributed-executor-backend", "mp",
                                                         "--ingress-replicas", "3"), has_gpus=True)
     config = parse_app_args(flags)
-    assert config.models[0].executor_backend == "uni" and config.ingress_replicas == 3
+    assert config.models[0].executor_backend == "mp" and config.ingress_replicas == 3
     with pytest.raises(ValueError, match="ingress_replicas"):
         parse_app_args({"models": [{}], "ingress_replicas": 0})
 
@@ -186,10 +186,10 @@ def test_watchdog_flags_a_stuck_step_loop_only():
 
 
 def test_executor_backend_defaults_and_refusals():
-    # one GPU: the model runs in a worker process; on CPU in the replica; TP > 1: Ray worker actors
-    assert engine_args_for(ModelDeployment()).distributed_executor_backend == "mp"
-    assert engine_args_for(ModelDeployment(num_gpus_per_worker=0)).distributed_executor_backend == "uni"
-    assert engine_args_for(ModelDeployment(distributed_executor_backend="uni")).distributed_executor_backend == "uni"
+    # one GPU: the model runs in the replica's engine core (or a worker process under it, 'mp');
+    # TP > 1: Ray worker actors
+    assert engine_args_for(ModelDeployment()).distributed_executor_backend == "uni"
+    assert engine_args_for(ModelDeployment(distributed_executor_backend="mp")).distributed_executor_backend == "mp"
     assert engine_args_for(ModelDeployment(tensor_parallel_size=2)).distributed_executor_backend == "ray"
     with pytest.raises(ValueError, match=r"distributed_executor_backend='mp' with tensor_parallel_size=2"):
         ModelDeployment(tensor_parallel_size=2, distributed_executor_backend="mp")

@@ -1,0 +1,209 @@
+"""The engine core in a process of its own, so that the step loop never waits on the server's Python.
+
+    serving process (AsyncEngine)                            core process (_core_main)
+    event loop ── _send(command) ──> sender thread ──pipe──> between steps: apply add / abort / health
+                                                             step() (busy while there is work)
+    event loop <── call_soon_threadsafe ── reader thread <── ("step", outputs, stats, number added)
+
+Why: in one process the step loop (scheduling, launching the model) and the event loop (tokenizing,
+detokenizing, formatting and sending every token of every stream) share one GIL, so under load each
+waits on the other and the device idles between steps. Here the core only schedules, runs the model
+and pickles token ids; the server keeps all text work.
+
+Protocol. Parent -> core: ("commands", [("add", request id, [Request]), ("abort", [core ids]),
+("health", probe id)]) or ("shutdown",). Core -> parent: ("ready", num_blocks) once, then ("step",
+outputs, EngineStats, number of core requests added since the last message), ("health", probe id,
+error or None), ("add_failed", request id, message), and ("dead", traceback) before it exits on a
+failed step. The parent reads in a thread of its own, so the core never blocks on a full pipe while
+the parent is writing (the one deadlock two pipes could have).
+
+No orphans: the core exits on EOF of its command pipe and, should it be blocked in a step, when its
+parent pid changes; `stop` joins it, then terminates and kills it. It is not a daemon process: it
+may itself spawn TP workers (the multiproc executor), which daemon processes cannot.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import weakref
+from multiprocessing.connection import Connection, wait
+from typing import Any, Optional
+
+import torch.multiprocessing as mp
+
+from .config import EngineConfig
+from .engine_core import EngineCore
+from .executor.base import Executor
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 1800.0        # weights, profiling and graph capture of a large model
+PARENT_POLL_INTERVAL_S = 0.5
+
+
+class CoreProcessError(RuntimeError):
+    """The core process failed to start, or died."""
+
+
+class CoreProcess:
+    """The parent's handle: start (waits until the core is built), send, recv, stop."""
+
+    def __init__(self, config: EngineConfig, executor_class: Optional[type[Executor]] = None) -> None:
+        context = mp.get_context("spawn")
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(target=_core_main, name="pagoda-engine-core",
+                                       args=(config, executor_class, child_conn, os.getpid()))
+        self.process.start()
+        child_conn.close()            # the core holds the only other end: EOF when it dies
+        self._send_lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _stop, self.process, self.conn, 0.0)
+        try:
+            ready = wait([self.conn, self.process.sentinel], timeout=STARTUP_TIMEOUT_S)
+            if self.conn not in ready and not self.conn.poll():
+                raise CoreProcessError(self.exit_message("start-up") if ready else
+                                       f"the engine core did not start within {STARTUP_TIMEOUT_S:.0f} s")
+            kind, payload = self.conn.recv()
+            if kind != "ready":
+                raise CoreProcessError(f"the engine core failed to start:\n{payload}")
+        except (EOFError, OSError):
+            self._finalizer()
+            raise CoreProcessError(self.exit_message("start-up")) from None
+        except BaseException:
+            self._finalizer()
+            raise
+        self.num_blocks: int = payload
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid
+
+    def send(self, message: tuple) -> None:
+        """Raises OSError once the core is gone."""
+        with self._send_lock:
+            self.conn.send(message)
+
+    def recv(self) -> tuple:
+        """The core's next message; EOFError / OSError once it is gone."""
+        return self.conn.recv()
+
+    def exit_message(self, during: str) -> str:
+        self.process.join(timeout=1.0)
+        code = self.process.exitcode
+        if code is None:
+            how = "closed its pipe"
+        elif code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        return f"the engine core process (pid {self.process.pid}) {how} during {during}"
+
+    def stop(self, timeout_s: float) -> None:
+        """Asks the core to shut down (its executor too), waits up to timeout_s, then kills it."""
+        try:
+            self.send(("shutdown",))
+        except OSError:
+            pass
+        self.process.join(timeout=timeout_s)
+        self._finalizer()
+
+
+def _stop(process: Any, conn: Connection, grace_s: float) -> None:
+    """Closes the pipe (the core leaves on EOF), waits, then terminates and kills. Safe twice."""
+    conn.close()
+    process.join(timeout=grace_s)
+    if process.is_alive():
+        process.terminate()
+        process.join(timeout=5.0)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+# -- the core process ------------------------------------------------------------------------------
+def _core_main(config: EngineConfig, executor_class: Optional[type[Executor]], conn: Connection,
+               parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C reaches the group; the parent decides
+    threading.Thread(target=_exit_when_parent_dies, args=(parent_pid,), name="pagoda-parent-watch",
+                     daemon=True).start()
+    try:
+        core = EngineCore(config, executor_class)
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        _send_quietly(conn, ("error", traceback.format_exc()))
+        _leave(1)
+    try:
+        conn.send(("ready", config.cache.num_blocks))
+        _step_loop(core, conn)
+        code = 0
+    except (EOFError, OSError):          # the parent is gone (or closed the pipe): leave
+        code = 0
+    except BaseException:  # noqa: BLE001 - a failed step kills the engine
+        _send_quietly(conn, ("dead", traceback.format_exc()))
+        code = 1
+    try:
+        core.shutdown()
+    except Exception:  # noqa: BLE001
+        logger.exception("engine core shutdown failed")
+    _leave(code)
+
+
+def _step_loop(core: EngineCore, conn: Connection) -> None:
+    """Invariant: between two steps every command that has arrived is applied, in arrival order."""
+    while True:
+        num_added = 0
+        # idle: block until a command comes; busy: take only what is there
+        timeout = 0.0 if core.has_unfinished_requests() else None
+        while conn.poll(timeout):
+            timeout = 0.0
+            message = conn.recv()
+            if message[0] == "shutdown":
+                return
+            for command in message[1]:
+                kind = command[0]
+                if kind == "add":
+                    _, request_id, requests = command
+                    num_added += len(requests)
+                    added: list[str] = []
+                    try:
+                        for request in requests:
+                            core.add_request(request)
+                            added.append(request.request_id)
+                    except ValueError as error:            # e.g. its id is still live in the core
+                        core.abort_requests(added)
+                        conn.send(("add_failed", request_id, str(error)))
+                elif kind == "abort":
+                    core.abort_requests(command[1])
+                elif kind == "health":
+                    try:
+                        core.check_health()
+                    except BaseException as error:
+                        conn.send(("health", command[1], f"{type(error).__name__}: {error}"))
+                        raise
+                    conn.send(("health", command[1], None))
+        outputs = core.step() if core.has_unfinished_requests() else []
+        conn.send(("step", outputs, core.get_stats(), num_added))
+
+
+def _send_quietly(conn: Connection, message: tuple) -> None:
+    try:
+        conn.send(message)
+    except OSError:
+        pass
+
+
+def _leave(code: int) -> None:
+    # NOTE: skip the interpreter's teardown (module and tensor finalization no one waits for).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_when_parent_dies(parent_pid: int) -> None:
+    """Exits once the serving process is gone (the core is then re-parented), even mid-step."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_INTERVAL_S)
+    os._exit(1)

@@ -1,0 +1,160 @@
+"""AsyncEngine with its EngineCore in a process of its own (engine_core_process, the default on CUDA):
+same greedy outputs as the in-thread core, stats and health through the pipe, stop strings and
+cancellation abort in the core, a killed core turns the engine dead without a hang, start-up errors
+surface in the constructor, and shutdown leaves no process behind."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from pagoda.engine import EngineArgs, SamplingParams
+from pagoda.engine.async_engine import AsyncEngine
+from pagoda.engine.core_process import CoreProcessError
+from pagoda.engine.errors import EngineDeadError
+
+PROMPTS = [f"Once upon a time {i}" for i in range(6)]
+
+
+def greedy(max_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
+
+
+def make_engine(model_dir, core_process: bool, **kwargs) -> AsyncEngine:
+    config = EngineArgs(model=str(model_dir), kv_cache_memory_bytes=kwargs.pop("kv_cache_memory_bytes", 16 << 20),
+                        engine_core_process=core_process, **kwargs).create_config()
+    return AsyncEngine(config)
+
+
+async def collect(engine: AsyncEngine, prompt, params, request_id=None):
+    return [output async for output in engine.generate(prompt, params, request_id)]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, core_process=True)
+    assert engine._core_pid is not None and engine._core_pid != os.getpid()
+    yield engine
+    pid = engine._core_pid
+    engine.shutdown()
+    assert not engine._thread.is_alive()
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(pid), "the core process outlived shutdown"
+
+
+def test_same_greedy_outputs_as_the_in_thread_core(engine, tiny_model_dir):
+    async def run(target):
+        return await asyncio.gather(*(collect(target, prompt, greedy(12, logprobs=2)) for prompt in PROMPTS))
+
+    remote = asyncio.run(run(engine))
+    local_engine = make_engine(tiny_model_dir, core_process=False)
+    try:
+        local = asyncio.run(run(local_engine))
+    finally:
+        local_engine.shutdown()
+    for got, want in zip(remote, local):
+        assert got[-1].finished and got[-1].outputs[0].token_ids == want[-1].outputs[0].token_ids
+        assert got[-1].outputs[0].text == want[-1].outputs[0].text
+        assert [t for o in got for t in o.outputs[0].delta_token_ids] == got[-1].outputs[0].token_ids
+        got_lp, want_lp = got[-1].outputs[0].logprobs, want[-1].outputs[0].logprobs
+        assert [list(entry) for entry in got_lp] == [list(entry) for entry in want_lp]
+        assert [lp.logprob for e in got_lp for lp in e.values()] == \
+            pytest.approx([lp.logprob for e in want_lp for lp in e.values()], abs=1e-5)
+
+
+def test_stats_and_health_come_through_the_pipe(engine):
+    async def main():
+        before = await engine.get_stats()
+        await collect(engine, PROMPTS[0], greedy(5))
+        await engine.check_health()
+        return before, await engine.get_stats()
+
+    before, after = asyncio.run(main())
+    assert after.generation_tokens >= before.generation_tokens + 5 and after.num_steps > before.num_steps
+    assert after.num_running == 0 and after.num_free_blocks == after.num_blocks
+
+
+def test_cancel_and_stop_strings_abort_in_the_core(engine):
+    async def main():
+        idle = await engine.get_stats()
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate(PROMPTS[1], greedy(4000), "to-cancel"):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(started.wait(), 30)
+        assert (await engine.get_stats()).num_running == 1
+        task.cancel()
+        deadline = time.monotonic() + 5
+        while (stats := await engine.get_stats()).num_free_blocks != idle.num_free_blocks or stats.num_running:
+            assert time.monotonic() < deadline, stats
+            await asyncio.sleep(0.02)
+        base = (await collect(engine, PROMPTS[2], greedy(16)))[-1].outputs[0].text
+        visible = [i for i in range(1, len(base)) if base[i].strip()]
+        if not visible:
+            pytest.skip(f"no stop string candidate in {base!r}")
+        stopped = (await collect(engine, PROMPTS[2], greedy(16, stop=[base[visible[0]]])))[-1].outputs[0]
+        await asyncio.sleep(0.2)
+        return base, visible[0], stopped, await engine.get_stats()
+
+    base, cut, stopped, stats = asyncio.run(main())
+    assert stopped.finish_reason == "stop" and stopped.text == base[:base.index(base[cut])]
+    assert stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_a_killed_core_kills_the_engine_without_a_hang(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, core_process=True)
+    try:
+        async def main():
+            started = asyncio.Event()
+            errors = []
+
+            async def run(index):
+                try:
+                    async for _ in engine.generate(PROMPTS[index], greedy(4000)):
+                        started.set()
+                except EngineDeadError as error:
+                    errors.append(error)
+
+            tasks = [asyncio.create_task(run(i)) for i in range(3)]
+            await asyncio.wait_for(started.wait(), 30)
+            assert await engine.is_healthy()
+            os.kill(engine._core_pid, signal.SIGKILL)
+            await asyncio.wait_for(asyncio.gather(*tasks), 10)
+            assert len(errors) == 3 and all(e.during_request for e in errors)
+            with pytest.raises(EngineDeadError):
+                await collect(engine, PROMPTS[0], greedy(2))
+            assert not await engine.is_healthy()
+
+        asyncio.run(main())
+    finally:
+        started = time.monotonic()
+        engine.shutdown()
+        assert not engine._thread.is_alive() and time.monotonic() - started < 10
+
+
+def test_a_start_up_error_in_the_core_is_raised_by_the_constructor(tiny_model_dir):
+    # a KV budget below one block fails while the core sizes its cache, in the core process
+    with pytest.raises(CoreProcessError, match="no room for a single block"):
+        make_engine(tiny_model_dir, core_process=True, kv_cache_memory_bytes=1)
+
+
+def test_the_ray_executor_cannot_run_in_a_core_process(tiny_model_dir):
+    with pytest.raises(ValueError, match="engine_core_process=True with distributed_executor_backend='ray'"):
+        EngineArgs(model=str(tiny_model_dir), engine_core_process=True,
+                   distributed_executor_backend="ray").create_config()
