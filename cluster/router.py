@@ -8,8 +8,8 @@ power of two choices. Plugged into Ray Serve as the model deployments' `RequestR
       2. the replica holding the longest run of the prompt's leading
          blocks, unless its load exceeds the least-loaded one's by more
          than max_load_gap                                             -> [that replica]
-      3. power of two choices: two random replicas, Serve takes the
-         one with fewer ongoing requests                              -> [a, b]
+      3. power of two choices: two random replicas, the less loaded one
+         first                                                        -> [a], [b]
     Serve walks the ranks in order and skips replicas whose queue is full (max_ongoing_requests).
 
 Where a replica's cached blocks come from:
@@ -17,8 +17,12 @@ Where a replica's cached blocks come from:
   `EngineStats.cached_prefix_hashes`, authoritative but a few seconds old;
 - this router's memory of where it sent each prefix (`AffinityMemory`), which covers the seconds
   before the replica reports it, and prefixes the engine's capped report leaves out.
-Load is the number of requests Serve has in flight at the replica (its queue-length cache, updated
-on every send and completion), falling back to the report's waiting + running.
+Load is the larger of the requests this router has in flight at the replica (counted on every send
+and completion, so exact within a burst) and what Serve last learned of its queue (its queue-length
+cache, else the report's waiting + running: these include the other ingress replicas' requests).
+NOTE: the two choices go out as two ranks, not one rank of two: within a rank Serve takes any
+replica it has a fresh queue length for without waiting to probe the others, so a burst arriving
+while only one of them was cached would all go to that one.
 
 A retry (hints.attempt > 0) avoids the replica the first attempt was routed to.
 
@@ -143,8 +147,9 @@ def rank_replicas(views: list[ReplicaView[K]], hints: Optional[RoutingHints], me
             best_match, _, best = max(scored, key=lambda item: (item[0], item[1]))
             if best_match > 0 and within_gap(best) and [best.key] not in ranks:
                 ranks.append([best.key])
-    pair = rng.sample(pool, 2) if len(pool) > 2 else list(pool)
-    ranks.append([view.key for view in pair])
+    pair = rng.sample(pool, 2) if len(pool) > 2 else rng.sample(pool, len(pool))
+    pair.sort(key=lambda view: view.load)          # stable: equal loads keep their random order
+    ranks.extend([view.key] for view in pair if [view.key] not in ranks)
     return ranks
 
 
