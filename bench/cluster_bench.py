@@ -42,7 +42,7 @@ if __package__ in (None, ""):          # run as a script: make `bench` importabl
 
 from bench.models import resolve_bench_model  # noqa: E402
 from bench.serving import format_result, run_rate  # noqa: E402
-from bench.workloads import WORKLOADS, BenchRequest, make_workload  # noqa: E402
+from bench.workloads import WORKLOADS, BenchRequest, make_w256, make_workload  # noqa: E402
 
 APP_NAME = "pagoda-bench"
 SERVED_NAME = "bench"
@@ -156,6 +156,16 @@ def _generation_tokens() -> dict[str, int]:
     return {row["replica"]: row["generation_tokens"] for row in rows}
 
 
+def _scaled(requests: list[BenchRequest], args: argparse.Namespace, replicas: int) -> list[BenchRequest]:
+    """The layout's requests: `replicas` interleaved copies of the workload under --per-replica."""
+    if not args.per_replica or replicas == 1:
+        return requests
+    if args.workload != "w256":
+        raise ValueError("--per-replica draws its copies of W256 only")
+    copies = [requests] + [make_w256(len(requests), seed=i) for i in range(1, replicas)]
+    return [copy[i] for i in range(len(requests)) for copy in copies]
+
+
 def _is_standalone(layout: str) -> bool:
     return layout in ("standalone", "standalone:uni", "standalone:mp")
 
@@ -219,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-rate", type=float, default=math.inf)
     parser.add_argument("--max-concurrency", type=int, default=None)
     parser.add_argument("--ingress-replicas", type=int, default=1, help="HTTP ingress replicas of the app")
+    parser.add_argument("--per-replica", action="store_true",
+                        help="weak scaling: a layout of N replicas gets N copies of the workload (copy i of "
+                             "W256 drawn with seed i; copy 0 is W256 itself), so each replica has one "
+                             "W256 of load; without it every layout gets the same single workload")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="send from this many processes (one Python client tops out at 10-20k events/s)")
     parser.add_argument("--max-ongoing-requests", type=int, default=256,
@@ -265,7 +279,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if _is_standalone(layout):
                 row = bench_standalone(layout, args, bench_model.model, engine_args, requests)
             else:
-                row = bench_layout(layout, args, bench_model.model, engine_args, requests)
+                row = bench_layout(layout, args, bench_model.model, engine_args,
+                                   _scaled(requests, args, parse_layout(layout)[0]))
             print(f"\n[{layout}] start-up {row['startup_s']:.1f} s\n{format_result(row['result'])}")
             rows.append(row)
     finally:

@@ -42,8 +42,9 @@ class BenchRequest:
         return len(self.prompt_token_ids)
 
 
-def make_w256(num_requests: int = W256_NUM_REQUESTS) -> list[BenchRequest]:
-    rng = random.Random(0)
+def make_w256(num_requests: int = W256_NUM_REQUESTS, seed: int = 0) -> list[BenchRequest]:
+    """W256 (seed 0); another seed draws a copy of the same shape with other lengths and ids."""
+    rng = random.Random(seed)
     requests = []
     for _ in range(num_requests):
         prompt_len = rng.randint(100, 1024)

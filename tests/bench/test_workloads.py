@@ -193,3 +193,17 @@ def test_hf_static_produces_each_batch_to_its_longest_output_despite_eos():
     assert result.output_tokens == 10
     assert result.generated_tokens == 2 * 5 + 1 * 2
     assert result.num_requests == 3 and result.prompt_tokens == 6
+
+
+def test_weak_scaling_copies_of_w256():
+    import argparse
+
+    from bench.cluster_bench import _scaled
+    from bench.workloads import make_w256
+
+    base = make_w256()
+    assert make_w256(seed=0) == base and make_w256(seed=1) != base
+    args = argparse.Namespace(per_replica=True, workload="w256")
+    doubled = _scaled(base, args, 2)
+    assert len(doubled) == 512 and doubled[0::2] == base and doubled[1::2] == make_w256(seed=1)
+    assert _scaled(base, argparse.Namespace(per_replica=False, workload="w256"), 2) is base
