@@ -1,10 +1,11 @@
 """Tensor parallelism over Ray actors: the engine's `Executor` with one `Worker` actor per TP rank.
 
     replica actor (AsyncEngine → EngineCore: scheduler)       placement group, STRICT_PACK (one node)
-    execute_model(SchedulerOutput)                            bundle 0: {GPU: g, CPU: c} rank 0 (driver)
-      ── actor call ──> every rank ── forward ── NCCL/gloo ── bundle 1: {GPU: g, CPU: c} rank 1
-      ray.get(all ranks, timeout=step_timeout_s)              ...
-      <── rank 0's ModelRunnerOutput (the others return None)
+    execute_model_async(SchedulerOutput N)                    bundle 0: {GPU: g, CPU: c} rank 0 (driver)
+      ── actor call Worker.step ──> every rank ── forward ── NCCL/gloo ── bundle 1: rank 1 ...
+    (schedule N+1, send it)
+    handle.result(): ray.get(the call that answers N, timeout=step_timeout_s)
+      <── rank 0's answers: step N rides with call N+1 (async scheduling), the others answer []
 
 Passed to the engine unchanged: `EngineCore(config, executor_class=RayExecutor)` (or
 `AsyncEngine(config, executor_class=RayExecutor)`); the engine never imports Ray.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from typing import Any, Optional
 
 import ray
@@ -37,7 +39,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.distributed import get_open_port
-from pagoda.engine.executor.base import ExecutorError, WorkerGroupExecutor
+from pagoda.engine.executor.base import ExecutorError, StepHandle, WorkerGroupExecutor
+from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagoda.engine.executor.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -83,6 +86,11 @@ class RayExecutor(WorkerGroupExecutor):
         self._failure: Optional[str] = None
         self._workers: list[Any] = []
         self._own_group: Optional[PlacementGroup] = None
+        # async steps: calls sent whose replies are unread (oldest first), and answers not yet taken
+        self._calls: deque[list[Any]] = deque()
+        self._results: dict[int, ModelRunnerOutput] = {}
+        self._num_launched = 0
+        self._num_answered = 0
         try:
             group = self._placement_group(config)
             actor_class = ray.remote(WorkerActor)
@@ -122,6 +130,30 @@ class RayExecutor(WorkerGroupExecutor):
         return self._own_group
 
     # -- the Executor interface --------------------------------------------------------------------
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Sends the step to every rank (`Worker.step`) and returns. Rank 0 answers a step with the
+        next call, once that one is launched (an empty step at once), so its device is busy while
+        the reply travels and the engine schedules; the handle reads whichever call carries it."""
+        if self._failure is not None:
+            raise ExecutorError(self._failure)
+        defer = not scheduler_output.is_empty
+        self._calls.append([w.execute.remote("step", scheduler_output, defer) for w in self._workers])
+        index = self._num_launched
+        self._num_launched += 1
+        return StepHandle(lambda: self._step_result(index))
+
+    def _step_result(self, index: int) -> ModelRunnerOutput:
+        """Step `index`'s sampled tokens. Invariant: replies arrive in step order, so reading the
+        oldest outstanding call delivers the oldest unanswered steps."""
+        while index not in self._results:
+            if not self._calls:
+                raise self._fail(f"step {index} was never answered: its reply is not in any call sent")
+            replies = self._get(self._calls.popleft(), "execute_model", self.config.parallel.step_timeout_s)
+            for output in replies[0]:
+                self._results[self._num_answered] = output
+                self._num_answered += 1
+        return self._results.pop(index)
+
     def check_health(self) -> None:
         """Raises ExecutorError if the executor failed or a worker does not answer.
 

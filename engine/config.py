@@ -144,7 +144,7 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     enforce_eager: bool = False
     distributed_executor_backend: Optional[str] = None
-    async_scheduling: Optional[bool] = None     # None = on on CUDA (uniproc and multiproc executors), else off
+    async_scheduling: Optional[bool] = None     # None = on on CUDA, else off
     engine_core_process: Optional[bool] = None  # None = on on CUDA (uniproc and multiproc executors), else off
     extra: dict = field(default_factory=dict)
 
@@ -229,7 +229,7 @@ class EngineArgs:
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
                 policy=self.scheduling_policy,  # type: ignore[arg-type]
-                async_scheduling=(device.type == "cuda" and backend in ("uni", "mp")
+                async_scheduling=(device.type == "cuda"
                                   if self.async_scheduling is None else bool(self.async_scheduling)),
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size, executor_backend=backend,  # type: ignore[arg-type]

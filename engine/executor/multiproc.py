@@ -39,7 +39,6 @@ import threading
 import time
 import traceback
 import weakref
-from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -283,7 +282,6 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connec
     threading.Thread(target=_exit_when_parent_dies, args=(parent_pid,), name="pagoda-parent-watch",
                      daemon=True).start()
     worker = Worker(config, rank, init_method)
-    deferred: deque[StepHandle] = deque()    # rank 0's launched steps whose replies wait for the next step
     while True:
         try:
             kind, payload = pickle.loads(conn.recv_bytes())
@@ -292,14 +290,7 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connec
         try:
             if kind == "step":
                 scheduler_output, defer = payload
-                handle = worker.execute_model_async(scheduler_output)     # None on ranks > 0
-                replies = [h.result() for h in deferred]   # the device is busy with this step meanwhile
-                deferred.clear()
-                if handle is not None:
-                    if defer:
-                        deferred.append(handle)
-                    else:
-                        replies.append(handle.result())
+                replies = worker.step(scheduler_output, defer)
             else:
                 method, args = payload
                 replies = [getattr(worker, method)(*args)]

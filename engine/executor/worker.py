@@ -7,7 +7,7 @@ multiproc executor calls these methods from a spawned process, and a Ray executo
 class as an actor (`ray.remote(Worker)`) and call them remotely.
 
 Call order: `init_device` -> `load_model` -> `determine_num_blocks` -> `initialize_cache(min over
-ranks)` -> `execute_model` per step -> `shutdown`. Every rank must receive every step, in the same
+ranks)` -> `execute_model` (or `step`, with deferred replies) per step -> `shutdown`. Every rank must receive every step, in the same
 order: the model's collectives pair up across ranks call by call.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ class Worker:
         # NOTE: a copy, so the caller's config (shared by the engine in-process) keeps its device.
         self.config = dataclasses.replace(config, device=device)
         self.runner: Optional[ModelRunner] = None
+        self._deferred: list[StepHandle] = []      # rank 0's launched steps whose replies wait (`step`)
 
     def init_device(self) -> None:
         """Joins the TP group (gloo on CPU, NCCL on CUDA) and sets this process's CPU threads."""
@@ -77,6 +78,20 @@ class Worker:
         Steps must be resolved in order; a later step may be launched before an earlier resolves."""
         assert self.runner is not None, "load_model first"
         return self.runner.execute_model_async(scheduler_output)
+
+    def step(self, scheduler_output: SchedulerOutput, defer: bool) -> list[ModelRunnerOutput]:
+        """Launches one step and answers the steps whose replies are due, in step order (rank 0;
+        other ranks answer []). A deferred step is answered with the next step, once that one is
+        launched: the device is busy with it while the reply travels and the engine schedules."""
+        handle = self.execute_model_async(scheduler_output)          # None on ranks > 0
+        replies = [deferred.result() for deferred in self._deferred]
+        self._deferred.clear()
+        if handle is not None:
+            if defer:
+                self._deferred.append(handle)
+            else:
+                replies.append(handle.result())
+        return replies
 
     def shutdown(self) -> None:
         self.runner = None

@@ -6,7 +6,7 @@ last test of this folder (`pytest_runtest_teardown`), so no idle cluster slows t
 serves the same tiny checkpoint under three names:
 
     tiny       TP=1, 2 fixed replicas           routing, affinity, failures
-    tiny-tp2   TP=2 (Ray actors, gloo), 1 replica, max_ongoing_requests=2, max_queued_requests=1
+    tiny-tp2   TP=2 (Ray actors, gloo, async scheduling), 1 replica, max_ongoing_requests=2, max_queued_requests=1
                                                 parity with TP=1, back-pressure
     tiny-auto  TP=1, autoscaled 1..2 (target 2 in flight, delays 1 s / 3 s)
 
@@ -129,7 +129,9 @@ def serving_app(ray_cluster, tiny_model) -> ServingApp:
         "max_request_body_bytes": 65536,
         "models": [
             {**common, "served_model_name": "tiny", "num_replicas": 2},
+            # async scheduling as on GPU: the Ray executor's deferred replies (Worker.step)
             {**common, "served_model_name": "tiny-tp2", "tensor_parallel_size": 2, "num_replicas": 1,
+             "engine_args": {**ENGINE_ARGS, "async_scheduling": True},
              "max_ongoing_requests": 2, "max_queued_requests": 1, "target_ongoing_requests": 1},
             {**common, "served_model_name": "tiny-auto", "min_replicas": 1, "max_replicas": 2,
              "target_ongoing_requests": 2, "upscale_delay_s": 1, "downscale_delay_s": 3},
