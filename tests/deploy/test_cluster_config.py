@@ -151,10 +151,11 @@ def test_config_module_does_not_import_ray():
 
 def test_model_keys_are_the_documented_contract():
     assert MODEL_KEYS == {
-        "model", "served_model_name", "tensor_parallel_size", "num_replicas", "min_replicas",
+        "model", "served_model_name", "tensor_parallel_size", "distributed_executor_backend", "num_replicas",
+        "min_replicas",
         "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s",
         "max_ongoing_requests", "max_queued_requests", "engine_args", "num_gpus_per_worker",
         "num_cpus_per_worker",
     }
-    assert APP_KEYS == {"api_key_env", "max_request_body_bytes", "route_prefix"}
+    assert APP_KEYS == {"api_key_env", "max_request_body_bytes", "route_prefix", "ingress_replicas"}
     assert ModelDeployment().max_ongoing_requests >= ModelDeployment().target_ongoing_requests
