@@ -124,6 +124,12 @@ class ClusterEngineClient:
             return route.info.max_model_len
         return int(route.deployment.engine_args.get("max_model_len") or 0)
 
+    async def open_channel(self) -> None:
+        """Starts the token channel's mailbox now (Ray starts a process for it, seconds), so that
+        the first requests need not wait for it."""
+        if self._token_channels is not None:
+            self._token_channels.ref()
+
     async def prepare(self, model: Optional[str]) -> None:
         """Makes sure `tokenizer` can answer for `model` (unknown names are left to the route's 404)."""
         if not model or model in self.routes:

@@ -55,6 +55,7 @@ class Ingress:
         # the handle's router, so `status()` and /metrics see the replicas from the start).
         self._warm_up = [asyncio.ensure_future(self._describe(route)) for route in routes
                          if (route.deployment.num_replicas or route.deployment.min_replicas) > 0]
+        await self.client.open_channel()
 
     @staticmethod
     async def _describe(route: ModelRoute) -> None:

@@ -21,6 +21,7 @@ from pagoda.cluster.replica import LLMReplica
 from pagoda.cluster.channels import Mailbox
 from pagoda.cluster.router import prompt_block_hashes
 from pagoda.engine.entrypoints.settings import ServerSettings
+from pagoda.engine.sampling_params import SamplingParams
 
 API_KEY = "k"
 
@@ -333,3 +334,25 @@ def test_concurrent_streams_share_batched_channel_items(ingress):
         assert tokens >= 8 * 14                      # the last batch of each request rides its LeaseEnd
         assert len(puts) < tokens / 2, (len(puts), tokens)
         assert max(len({rid for rid, _, _ in items}) for items in puts) > 1
+
+
+def test_the_token_channel_opens_before_the_first_request(replicas, loop_thread):
+    made: list[FakeMailbox] = []
+
+    def mailbox() -> FakeMailbox:
+        made.append(FakeMailbox())
+        return made[-1]
+
+    handle = FakeHandle(replicas["tiny"])
+    handle.mailboxes = made
+    client = ClusterEngineClient([ModelRoute(ModelDeployment(model="x", served_model_name="tiny"), "model-tiny",
+                                             handle)], app_name="test", mailbox_factory=mailbox)
+
+    async def main() -> list:
+        await client.open_channel()
+        assert len(made) == 1                       # made at start-up, before any request
+        params = SamplingParams(max_tokens=4)
+        return [output async for output in client.generate("Once upon a time", params, "first")]
+
+    outputs = loop_thread.run(main())
+    assert outputs[-1].finished and len(made) == 1 and handle.calls[0].channel is not None

@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +161,27 @@ def test_the_ray_executor_cannot_run_in_a_core_process(tiny_model_dir):
     with pytest.raises(ValueError, match="engine_core_process=True with distributed_executor_backend='ray'"):
         EngineArgs(model=str(tiny_model_dir), engine_core_process=True,
                    distributed_executor_backend="ray").create_config()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the core watches its parent pid")
+def test_no_orphan_when_the_serving_process_is_killed(tiny_model_dir):
+    helper = Path(__file__).with_name("core_orphan_parent.py")
+    parent = subprocess.Popen([sys.executable, str(helper), str(tiny_model_dir)], stdout=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        line = parent.stdout.readline()
+        assert line.startswith("PID "), f"helper failed to start (exit code {parent.poll()})"
+        pid = int(line.split()[1])
+        time.sleep(1.0)                          # mid-generation
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(pid), "the core process outlived its serving process"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if pid is not None and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
