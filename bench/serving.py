@@ -199,11 +199,14 @@ async def run_rate(base_url: str, model: str, requests: list[BenchRequest], requ
                    max_concurrency: Optional[int], headers: dict[str, str], slos_ms: dict[str, float],
                    seed: int, client_processes: int = 1) -> RateResult:
     """One run at `request_rate`. With client_processes > 1 the requests are dealt round-robin to
-    that many processes, each sending its share (rate/k, concurrency cap/k) from one common start:
-    a single Python client parses some 10-20k SSE events/s, which a fast server can exceed."""
+    that many processes (at most max_concurrency of them), each sending its share (rate/k, and a
+    share of the concurrency cap; the shares add up to the cap) from one common start: a single
+    Python client parses some 10-20k SSE events/s, which a fast server can exceed.
+    NOTE: ITL is measured between SSE events; a server that merges tokens for a slow reader sends
+    fewer, larger events."""
     if client_processes < 1:
         raise ValueError(f"client_processes must be >= 1, got {client_processes}")
-    processes = min(client_processes, len(requests))
+    processes = min(client_processes, len(requests), max_concurrency or len(requests))
     if processes <= 1:
         results, start, end = await _send_all(base_url, model, requests, request_rate, max_concurrency,
                                               headers, seed)
@@ -212,9 +215,11 @@ async def run_rate(base_url: str, model: str, requests: list[BenchRequest], requ
         import multiprocessing
 
         shards = [requests[i::processes] for i in range(processes)]
-        concurrency = None if max_concurrency is None else max(1, math.ceil(max_concurrency / processes))
+        # the cap split exactly: the shares add up to max_concurrency (each >= 1: processes <= cap)
+        caps: list[Optional[int]] = [None] * processes if max_concurrency is None else \
+            [max_concurrency // processes + (i < max_concurrency % processes) for i in range(processes)]
         start_at = time.monotonic() + 3.0           # process start-up and imports happen before it
-        jobs = [(base_url, model, shard, request_rate / processes, concurrency, headers, seed + i, start_at)
+        jobs = [(base_url, model, shard, request_rate / processes, caps[i], headers, seed + i, start_at)
                 for i, shard in enumerate(shards)]
         with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
             loop = asyncio.get_running_loop()

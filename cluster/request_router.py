@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 from ray.serve.request_router import RequestRouter
 
-from pagoda.cluster.router import (AffinityMemory, ReplicaView, hints_of, rank_replicas, register_router,
-                                   remember)
+from pagoda.cluster.router import (AffinityMemory, InFlight, ReplicaView, hints_of, rank_replicas,
+                                   register_router, remember)
 from pagoda.cluster.wire import ReplicaReport
 
 
@@ -27,10 +27,8 @@ class PrefixAwareRouter(RequestRouter):
         self._routed: OrderedDict[str, Any] = OrderedDict()
         # replica -> (the routing_stats dict it was parsed from, report, its block hashes)
         self._parsed: dict[Any, tuple[dict, Optional[ReplicaReport], frozenset[int]]] = {}
-        # requests this router sent that have not completed: Serve's internal request id -> replica,
-        # and the count per replica
-        self._in_flight_ids: dict[str, Any] = {}
-        self._in_flight: dict[Any, int] = {}
+        # requests this router sent that have not completed, per replica (by Serve's internal ids)
+        self._in_flight: InFlight[Any] = InFlight()
         register_router(self._deployment_id.app_name, self._deployment_id.name, self)
 
     async def choose_replicas(self, candidate_replicas: list, pending_request: Any = None) -> list[list]:
@@ -46,9 +44,8 @@ class PrefixAwareRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
         internal_id = getattr(getattr(pending_request, "metadata", None), "internal_request_id", None)
-        if internal_id is not None and internal_id not in self._in_flight_ids:
-            self._in_flight_ids[internal_id] = replica_id
-            self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
+        if internal_id is not None:
+            self._in_flight.routed(internal_id, replica_id)
         hints = hints_of(pending_request)
         if hints is None:
             return
@@ -56,13 +53,7 @@ class PrefixAwareRouter(RequestRouter):
         remember(self._routed, hints.request_id, replica_id, 10_000)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
-        replica = self._in_flight_ids.pop(internal_request_id, None)
-        if replica is not None:
-            left = self._in_flight.get(replica, 1) - 1
-            if left > 0:
-                self._in_flight[replica] = left
-            else:
-                self._in_flight.pop(replica, None)
+        self._in_flight.completed(internal_request_id, replica_id)
 
     def reports(self) -> list[ReplicaReport]:
         """The latest report of every running replica (those that have not reported yet are left out)."""
@@ -70,7 +61,7 @@ class PrefixAwareRouter(RequestRouter):
         return [report for report in reports if report is not None]
 
     def _load(self, replica: Any, report: Optional[ReplicaReport]) -> int:
-        mine = self._in_flight.get(replica.replica_id, 0)
+        mine = self._in_flight.count(replica.replica_id)
         queue_len = self.replica_queue_len_cache.get(replica.replica_id)
         if queue_len is None:
             queue_len = report.load if report is not None else 0

@@ -176,6 +176,45 @@ def hints_of(pending_request: Any) -> Optional[RoutingHints]:
     return None
 
 
+class InFlight(Generic[K]):
+    """Requests one router sent that have not completed, counted per replica.
+
+    Keyed by (request id, replica): a request rejected by one replica and accepted by another keeps
+    its id, and the first one's completion must not end the second. A completion may be reported
+    before its routing (a stream that ends at once): it is kept (bounded) and cancels that routing,
+    so no count leaks.
+    """
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._keys: set[tuple[str, K]] = set()
+        self._completed_early: OrderedDict[tuple[str, K], None] = OrderedDict()
+        self._counts: dict[K, int] = {}
+        self._capacity = capacity
+
+    def routed(self, request_id: str, replica: K) -> None:
+        key = (request_id, replica)
+        if key in self._completed_early:
+            del self._completed_early[key]
+        elif key not in self._keys:
+            self._keys.add(key)
+            self._counts[replica] = self._counts.get(replica, 0) + 1
+
+    def completed(self, request_id: str, replica: K) -> None:
+        key = (request_id, replica)
+        if key not in self._keys:
+            remember(self._completed_early, key, None, self._capacity)
+            return
+        self._keys.discard(key)
+        left = self._counts[replica] - 1
+        if left > 0:
+            self._counts[replica] = left
+        else:
+            del self._counts[replica]
+
+    def count(self, replica: K) -> int:
+        return self._counts.get(replica, 0)
+
+
 def remember(table: OrderedDict, key: Any, value: Any, capacity: int) -> None:
     """Bounded LRU insert."""
     _put(table, key, value, capacity)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class AsyncEngine:
         self._probes: dict[int, asyncio.Future] = {}
         self._probe_ids = itertools.count()
         self._core_pid: Optional[int] = None
+        self._stop_timeout_s = _CORE_STOP_TIMEOUT_S       # shutdown()'s, once called
 
         self._startup_error: Optional[BaseException] = None
         self._ready = threading.Event()
@@ -216,6 +218,7 @@ class AsyncEngine:
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Aborts what is still running, stops the engine thread and joins it (idempotent)."""
+        self._stop_timeout_s = timeout_s
         self._accepting = False
         if self._loop is not None and _running_loop() is self._loop:
             self._abort_all()
@@ -404,8 +407,9 @@ class AsyncEngine:
         try:
             self._forward_commands(core)
         finally:
-            core.stop(_CORE_STOP_TIMEOUT_S)
-            reader.join(_CORE_STOP_TIMEOUT_S)
+            # within the caller's shutdown timeout: most of it for the core, the rest for the reader
+            core.stop(0.8 * self._stop_timeout_s)
+            reader.join(0.1 * self._stop_timeout_s)
 
     def _forward_commands(self, core: CoreProcess) -> None:
         while True:
@@ -431,18 +435,27 @@ class AsyncEngine:
                 return
 
     def _read_core(self, core: CoreProcess) -> None:
+        try:
+            self._read_core_messages(core)
+        except BaseException as error:  # noqa: BLE001 - e.g. a message that does not unpickle
+            logger.exception("reading the engine core's outputs failed")
+            self._core_died(f"reading the engine core's outputs failed: {type(error).__name__}: {error}")
+
+    def _read_core_messages(self, core: CoreProcess) -> None:
         while True:
             try:
                 kind, *payload = core.recv()
             except (EOFError, OSError):
                 with self._cv:
-                    if self._stopping:
+                    if self._stopping or sys.is_finalizing():
                         return
                 self._core_died(core.exit_message("serving"))
                 return
             if kind == "step":
-                outputs, stats, num_added = payload
+                outputs, stats, num_added, prefix_changed = payload
                 with self._cv:
+                    if not prefix_changed:
+                        stats.cached_prefix_hashes = self._stats.cached_prefix_hashes
                     self._stats = stats
                     self._pending_adds -= num_added
                 if outputs:

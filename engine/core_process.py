@@ -12,7 +12,8 @@ and pickles token ids; the server keeps all text work.
 
 Protocol. Parent -> core: ("commands", [("add", request id, [Request]), ("abort", [core ids]),
 ("health", probe id)]) or ("shutdown",). Core -> parent: ("ready", num_blocks) once, then ("step",
-outputs, EngineStats, number of core requests added since the last message), ("health", probe id,
+outputs, EngineStats, number of core requests added since the last message, whether the stats'
+prefix summary changed), ("health", probe id,
 error or None), ("add_failed", request id, message), and ("dead", traceback) before it exits on a
 failed step. The parent reads in a thread of its own, so the core never blocks on a full pipe while
 the parent is writing (the one deadlock two pipes could have).
@@ -135,13 +136,14 @@ def _core_main(config: EngineConfig, executor_class: Optional[type[Executor]], c
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         _send_quietly(conn, ("error", traceback.format_exc()))
         _leave(1)
+    pipe = _Pipe(conn)
     try:
-        conn.send(("ready", config.cache.num_blocks))
-        _step_loop(core, conn)
+        pipe.send(("ready", config.cache.num_blocks))
+        _step_loop(core, pipe)
         code = 0
-    except (EOFError, OSError):          # the parent is gone (or closed the pipe): leave
+    except _ParentGone:                  # the parent is gone (or closed the pipe): leave
         code = 0
-    except BaseException:  # noqa: BLE001 - a failed step kills the engine
+    except BaseException:  # noqa: BLE001 - a failed step (even an OSError in it) kills the engine
         _send_quietly(conn, ("dead", traceback.format_exc()))
         code = 1
     try:
@@ -151,8 +153,43 @@ def _core_main(config: EngineConfig, executor_class: Optional[type[Executor]], c
     _leave(code)
 
 
-def _step_loop(core: EngineCore, conn: Connection) -> None:
-    """Invariant: between two steps every command that has arrived is applied, in arrival order."""
+class _ParentGone(Exception):
+    """The pipe to the serving process is closed: it left or is shutting down."""
+
+
+class _Pipe:
+    """The core's end of the pipe; only its own I/O errors mean "the parent is gone" (an OSError
+    raised inside a step is a failed step)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def poll(self, timeout: Optional[float]) -> bool:
+        try:
+            return self.conn.poll(timeout)
+        except (EOFError, OSError):
+            raise _ParentGone() from None
+
+    def recv(self) -> Any:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            raise _ParentGone() from None
+
+    def send(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except OSError:
+            raise _ParentGone() from None
+
+
+def _step_loop(core: EngineCore, conn: _Pipe) -> None:
+    """Invariant: between two steps every command that has arrived is applied, in arrival order.
+
+    The stats ride every step message; their prefix summary (up to thousands of hashes, refreshed
+    at most once a second) only when it changed: `prefix_changed` tells the parent to keep its own.
+    """
+    sent_summary: Optional[list[int]] = None
     while True:
         num_added = 0
         # idle: block until a command comes; busy: take only what is there
@@ -185,7 +222,13 @@ def _step_loop(core: EngineCore, conn: Connection) -> None:
                         raise
                     conn.send(("health", command[1], None))
         outputs = core.step() if core.has_unfinished_requests() else []
-        conn.send(("step", outputs, core.get_stats(), num_added))
+        stats = core.get_stats()
+        prefix_changed = stats.cached_prefix_hashes is not sent_summary
+        if prefix_changed:
+            sent_summary = stats.cached_prefix_hashes
+        else:
+            stats.cached_prefix_hashes = []
+        conn.send(("step", outputs, stats, num_added, prefix_changed))
 
 
 def _send_quietly(conn: Connection, message: tuple) -> None:

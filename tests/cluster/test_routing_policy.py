@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from pagoda.cluster.router import AffinityMemory, ReplicaView, prompt_block_hashes, rank_replicas
+from pagoda.cluster.router import AffinityMemory, InFlight, ReplicaView, prompt_block_hashes, rank_replicas
 from pagoda.cluster.wire import RoutingHints
 from pagoda.engine import SamplingParams
 from pagoda.engine.config import EngineArgs
@@ -111,3 +111,24 @@ def test_a_retry_avoids_the_replica_that_failed():
         assert all("a" not in rank for rank in ranks)
     # ... unless it is the only one
     assert rank_replicas(_views(("a", 0, ())), _hints(), AffinityMemory(), 4, exclude="a") == [["a"]]
+
+
+def test_in_flight_counts_survive_serves_callback_orders():
+    counts: InFlight[str] = InFlight(capacity=4)
+    counts.routed("r1", "a")
+    counts.routed("r2", "a")
+    counts.routed("r2", "a")                      # a repeated report counts once
+    assert counts.count("a") == 2
+    counts.completed("r1", "a")
+    assert counts.count("a") == 1
+    # a stream that ended at once: its completion comes before its routing, and nothing leaks
+    counts.completed("r3", "b")
+    counts.routed("r3", "b")
+    assert counts.count("b") == 0
+    # rejected by a, accepted by b (one request id): a's late completion must not end b's
+    counts.routed("r4", "b")
+    counts.completed("r4", "a")
+    assert counts.count("b") == 1
+    counts.completed("r4", "b")
+    counts.completed("r2", "a")
+    assert counts.count("a") == 0 and counts.count("b") == 0

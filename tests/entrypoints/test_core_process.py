@@ -18,6 +18,7 @@ from pagoda.engine import EngineArgs, SamplingParams
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.core_process import CoreProcessError
 from pagoda.engine.errors import EngineDeadError
+from pagoda.engine.executor.uniproc import UniprocExecutor
 
 PROMPTS = [f"Once upon a time {i}" for i in range(6)]
 
@@ -185,3 +186,35 @@ def test_no_orphan_when_the_serving_process_is_killed(tiny_model_dir):
             parent.wait()
         if pid is not None and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+class _DiskFullExecutor(UniprocExecutor):
+    """Raises OSError in a step once the file named by PAGODA_TEST_FAIL_FILE exists (the core is
+    another process: a file is what both can see)."""
+
+    def execute_model(self, scheduler_output):
+        if os.path.exists(os.environ["PAGODA_TEST_FAIL_FILE"]):
+            raise OSError(28, "No space left on device (simulated)")
+        return super().execute_model(scheduler_output)
+
+
+def test_an_os_error_in_a_step_is_a_failed_step_with_its_traceback(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    flag = tmp_path / "fail-now"
+    monkeypatch.setenv("PAGODA_TEST_FAIL_FILE", str(flag))
+    config = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20,
+                        engine_core_process=True).create_config()
+    engine = AsyncEngine(config, executor_class=_DiskFullExecutor)
+    try:
+        async def main():
+            outputs = []
+            with pytest.raises(EngineDeadError):
+                async for output in engine.generate(PROMPTS[0], greedy(4000)):
+                    outputs.append(output)
+                    if len(outputs) == 2:
+                        flag.touch()
+            assert engine.errored and not await engine.is_healthy()
+
+        asyncio.run(asyncio.wait_for(main(), 30))
+        assert "No space left on device (simulated)" in caplog.text     # the core's traceback, not "exited"
+    finally:
+        engine.shutdown()
