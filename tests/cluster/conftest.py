@@ -5,7 +5,7 @@ take ~20 s each to start on the shared CPUs, far more than any test. Ray is shut
 last test of this folder (`pytest_runtest_teardown`), so no idle cluster slows the folders after it. The app
 serves the same tiny checkpoint under three names:
 
-    tiny       TP=1, 2 fixed replicas           routing, affinity, failures
+    tiny       TP=1, 2 fixed replicas, engine core process   routing, affinity, failures
     tiny-tp2   TP=2 (Ray actors, gloo, async scheduling), 1 replica, max_ongoing_requests=2, max_queued_requests=1
                                                 parity with TP=1, back-pressure
     tiny-auto  TP=1, autoscaled 1..2 (target 2 in flight, delays 1 s / 3 s)
@@ -128,7 +128,9 @@ def serving_app(ray_cluster, tiny_model) -> ServingApp:
         "api_key_env": API_KEY_ENV,
         "max_request_body_bytes": 65536,
         "models": [
-            {**common, "served_model_name": "tiny", "num_replicas": 2},
+            # the engine core in its own process, as on GPU (a child of the replica actor)
+            {**common, "served_model_name": "tiny", "num_replicas": 2,
+             "engine_args": {**ENGINE_ARGS, "engine_core_process": True}},
             # async scheduling as on GPU: the Ray executor's deferred replies (Worker.step)
             {**common, "served_model_name": "tiny-tp2", "tensor_parallel_size": 2, "num_replicas": 1,
              "engine_args": {**ENGINE_ARGS, "async_scheduling": True},
