@@ -12,7 +12,10 @@ Passed to the engine unchanged: `EngineCore(config, executor_class=RayExecutor)`
 
 Placement: under Ray Serve the replica's deployment asks for `tensor_parallel_size` bundles and the
 replica actor itself sits in bundle 0 with no resources of its own; `RayExecutor` finds that group
-(`get_current_placement_group`) and gives worker i exactly bundle i. Outside a placement group
+(`get_current_placement_group`, or the one it is given) and gives worker i exactly bundle i.
+With `engine_core_process` the executor lives in the replica's core process, which joins the
+cluster as a driver of its own (`RayExecutorInCore`): the step loop then shares no GIL with the
+replica's text work, as for one-GPU replicas. Outside a placement group
 (tests, scripts) it creates its own group and removes it on shutdown.
 
 GPUs: each actor sees only its own GPU through CUDA_VISIBLE_DEVICES. NCCL needs peers visible to
@@ -80,8 +83,11 @@ class WorkerActor:
 
 
 class RayExecutor(WorkerGroupExecutor):
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, group: Optional[PlacementGroup] = None) -> None:
+        """group: the placement group whose bundles the workers take (default: this actor's own,
+        else one made here)."""
         super().__init__(config)
+        self._given_group = group
         self.world_size = config.parallel.tensor_parallel_size
         self._failure: Optional[str] = None
         self._workers: list[Any] = []
@@ -117,7 +123,7 @@ class RayExecutor(WorkerGroupExecutor):
             raise
 
     def _placement_group(self, config: EngineConfig) -> PlacementGroup:
-        group = get_current_placement_group()
+        group = self._given_group or get_current_placement_group()
         if group is not None:
             if len(group.bundle_specs) < self.world_size:
                 raise ValueError(
@@ -204,6 +210,30 @@ class RayExecutor(WorkerGroupExecutor):
         logger.error("Ray executor failed: %s", reason)
         self.shutdown()
         return ExecutorError(reason)
+
+
+class RayExecutorInCore:
+    """Builds a `RayExecutor` inside the engine's core process (`engine_core_process`): that process
+    is no Ray worker, so it first joins the replica's Ray cluster as a driver of its own, then places
+    the workers in the replica's placement group. Picklable: it travels to the core process as the
+    engine's `executor_class`. The workers are owned by the core process and die with it."""
+
+    def __init__(self, gcs_address: str, namespace: Optional[str], group: Optional[PlacementGroup]) -> None:
+        self.gcs_address = gcs_address
+        self.namespace = namespace
+        self.group = group
+
+    @classmethod
+    def here(cls) -> "RayExecutorInCore":
+        """For the engine of this Ray actor: its cluster, namespace and placement group."""
+        context = ray.get_runtime_context()
+        return cls(context.gcs_address, context.namespace, get_current_placement_group())
+
+    def __call__(self, config: EngineConfig) -> RayExecutor:
+        if not ray.is_initialized():
+            ray.init(address=self.gcs_address, namespace=self.namespace, logging_level=logging.WARNING,
+                     log_to_driver=False)
+        return RayExecutor(config, self.group)
 
 
 def _gpu_sort_key(gpu: str) -> tuple[int, str]:

@@ -61,6 +61,10 @@ def engine_args_for(deployment: ModelDeployment) -> EngineArgs:
     # see: Ray leaves all of a node's GPUs visible to an actor that reserved none (a CPU replica on a
     # GPU node, or a TP>1 replica whose GPUs belong to its worker actors).
     engine_args.setdefault("device", "cuda" if deployment.num_gpus_per_worker > 0 else "cpu")
+    if deployment.executor_backend == "ray":
+        # the core in its own process, as for one-GPU replicas (EngineArgs leaves it off for 'ray':
+        # only a replica can hand the core process its Ray connection)
+        engine_args.setdefault("engine_core_process", engine_args["device"] == "cuda")
     return EngineArgs(model=deployment.model, served_model_name=deployment.name, tensor_parallel_size=tp,
                       distributed_executor_backend=deployment.executor_backend, **engine_args)
 
@@ -127,14 +131,15 @@ class LLMReplica:
     def __init__(self, deployment: dict[str, Any], stall_timeout_s: float = 300.0) -> None:
         self.deployment = ModelDeployment.model_validate(deployment)
         args = engine_args_for(self.deployment)
-        executor_class = None
+        config = args.create_config()
+        executor_class: Any = None
         if args.distributed_executor_backend == "ray":
-            from .ray_executor import RayExecutor
+            from .ray_executor import RayExecutor, RayExecutorInCore
 
-            executor_class = RayExecutor
+            executor_class = RayExecutorInCore.here() if config.parallel.engine_core_process else RayExecutor
         # NOTE: admission control is Serve's (max_ongoing_requests per replica, max_queued_requests
         # at the router); the engine queues whatever Serve lets through.
-        self.engine = AsyncEngine(args.create_config(), max_queued_requests=None, executor_class=executor_class)
+        self.engine = AsyncEngine(config, max_queued_requests=None, executor_class=executor_class)
         self.watchdog = StepWatchdog(stall_timeout_s)
         self.replica_id = _replica_id()
         self._outboxes: dict[str, _Outbox] = {}     # token channel id -> what this replica owes it

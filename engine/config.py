@@ -145,7 +145,9 @@ class EngineArgs:
     enforce_eager: bool = False
     distributed_executor_backend: Optional[str] = None
     async_scheduling: Optional[bool] = None     # None = on on CUDA, else off
-    engine_core_process: Optional[bool] = None  # None = on on CUDA (uniproc and multiproc executors), else off
+    # None = on on CUDA with the uniproc and multiproc executors, else off. With 'ray' the engine
+    # needs an executor that connects the core process to Ray (pagoda.cluster's replicas pass one).
+    engine_core_process: Optional[bool] = None
     extra: dict = field(default_factory=dict)
 
     def create_config(self) -> EngineConfig:
@@ -192,11 +194,6 @@ class EngineArgs:
             raise ValueError(
                 f"distributed_executor_backend='uni' runs one process; tensor_parallel_size="
                 f"{self.tensor_parallel_size} needs 'mp' or 'ray'"
-            )
-        if self.engine_core_process and backend == "ray":
-            raise ValueError(
-                "engine_core_process=True with distributed_executor_backend='ray': the Ray executor drives "
-                "its worker actors from the process connected to Ray; leave engine_core_process unset"
             )
         engine_core_process = (device.type == "cuda" and backend in ("uni", "mp")
                                if self.engine_core_process is None else bool(self.engine_core_process))

@@ -22,17 +22,22 @@ def test_layouts_parse():
             parse_layout(bad)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_cluster_bench_smoke(ray_cluster, tmp_path):
-    # the replica runs its model in a worker process (':mp'); the client sends from two processes
+    # Both replicas run their engine core in its own process (the GPU default): one with its model in
+    # a worker process under it (':mp'), one driving two Ray worker actors from it (the core process
+    # joins the cluster as a driver of its own). The client sends from two processes.
     out = tmp_path / "cluster.json"
     command = [sys.executable, "-m", "bench.cluster_bench", "--address", ray_cluster["address"],
-               "--port", str(ray_cluster["port"]), "--device", "cpu", "--model", "tiny-random", "--layouts", "1xtp1:mp",
+               "--port", str(ray_cluster["port"]), "--device", "cpu", "--model", "tiny-random", "--layouts", "1xtp1:mp", "1xtp2",
                "--client-processes", "2", "--workload", "s64", "--vocab-size", "16384", "--num-prompts", "4", "--warmup-requests", "1",
-               "--engine-arg", "kv_cache_memory_bytes=16777216", "--json", str(out)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=280)
+               "--engine-arg", "kv_cache_memory_bytes=16777216", "--engine-arg", "engine_core_process=true",
+               "--json", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    [row] = json.loads(out.read_text())["rows"]
-    assert row["layout"] == "1xtp1:mp" and row["result"]["completed"] == 4 and row["result"]["failed"] == 0
-    assert sum(row["generation_tokens_per_replica"].values()) >= row["result"]["output_tokens"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["layout"] for row in rows] == ["1xtp1:mp", "1xtp2"]
+    for row in rows:
+        assert row["result"]["completed"] == 4 and row["result"]["failed"] == 0
+        assert sum(row["generation_tokens_per_replica"].values()) >= row["result"]["output_tokens"]
     assert "out tok/s" in result.stdout

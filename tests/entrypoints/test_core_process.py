@@ -158,12 +158,6 @@ def test_a_start_up_error_in_the_core_is_raised_by_the_constructor(tiny_model_di
         make_engine(tiny_model_dir, core_process=True, kv_cache_memory_bytes=1)
 
 
-def test_the_ray_executor_cannot_run_in_a_core_process(tiny_model_dir):
-    with pytest.raises(ValueError, match="engine_core_process=True with distributed_executor_backend='ray'"):
-        EngineArgs(model=str(tiny_model_dir), engine_core_process=True,
-                   distributed_executor_backend="ray").create_config()
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the core watches its parent pid")
 def test_no_orphan_when_the_serving_process_is_killed(tiny_model_dir):
     helper = Path(__file__).with_name("core_orphan_parent.py")
