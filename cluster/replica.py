@@ -11,8 +11,8 @@
 
 TP=1 runs the model in the engine core ("uni"; on GPU the core is a process of its own, so the step
 loop never waits on this actor's Python work) or one worker process under it ("mp"); the actor holds
-the GPU. TP>1 drives `Worker` actors through
-`RayExecutor`, inside the placement group Serve reserved for this replica.
+the GPU. TP>1 drives `Worker` actors through `RayExecutor`, inside the placement group Serve
+reserved for this replica; on GPU from the engine's core process too (`RayExecutorInCore`).
 
 Health: Serve restarts a replica whose `check_health` raises. It raises when the engine is dead (a
 step raised, a TP worker is gone, the executor's own health probe failed) or when the step loop has
