@@ -480,23 +480,16 @@ class AsyncEngine:
         self._post(self._on_engine_dead)
 
     def _check_health(self, core: EngineCore, future: asyncio.Future) -> None:
-        def resolve(error: Optional[BaseException]) -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(EngineDeadError())
-            else:
-                future.set_result(None)
-
         try:
             core.check_health()
         except BaseException as error:
-            self._post(resolve, error)
+            self._post(_resolve_probe, future, f"{type(error).__name__}: {error}")
             raise
-        self._post(resolve, None)
+        self._post(_resolve_probe, future, None)
 
 
 def _resolve_probe(future: asyncio.Future, error: Optional[str]) -> None:
+    """Answers a health probe on the event loop: None = healthy, else what failed."""
     if future.done():
         return
     if error is not None:

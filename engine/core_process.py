@@ -27,9 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
-import time
 import traceback
 import weakref
 from multiprocessing.connection import Connection, wait
@@ -37,6 +35,7 @@ from typing import Any, Optional
 
 import torch.multiprocessing as mp
 
+from .child_process import exit_when_parent_dies, how_it_ended, leave
 from .config import EngineConfig
 from .engine_core import EngineCore
 from .executor.base import Executor
@@ -44,7 +43,6 @@ from .executor.base import Executor
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 1800.0        # weights, profiling and graph capture of a large model
-PARENT_POLL_INTERVAL_S = 0.5
 
 
 class CoreProcessError(RuntimeError):
@@ -93,15 +91,7 @@ class CoreProcess:
         return self.conn.recv()
 
     def exit_message(self, during: str) -> str:
-        self.process.join(timeout=1.0)
-        code = self.process.exitcode
-        if code is None:
-            how = "closed its pipe"
-        elif code < 0:
-            how = f"was killed by {signal.Signals(-code).name}"
-        else:
-            how = f"exited with code {code}"
-        return f"the engine core process (pid {self.process.pid}) {how} during {during}"
+        return f"the engine core process (pid {self.process.pid}) {how_it_ended(self.process)} during {during}"
 
     def stop(self, timeout_s: float) -> None:
         """Asks the core to shut down (its executor too), waits up to timeout_s, then kills it."""
@@ -129,13 +119,13 @@ def _stop(process: Any, conn: Connection, grace_s: float) -> None:
 def _core_main(config: EngineConfig, executor_class: Optional[type[Executor]], conn: Connection,
                parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C reaches the group; the parent decides
-    threading.Thread(target=_exit_when_parent_dies, args=(parent_pid,), name="pagoda-parent-watch",
+    threading.Thread(target=exit_when_parent_dies, args=(parent_pid,), name="pagoda-parent-watch",
                      daemon=True).start()
     try:
         core = EngineCore(config, executor_class)
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         _send_quietly(conn, ("error", traceback.format_exc()))
-        _leave(1)
+        leave(1)
     pipe = _Pipe(conn)
     try:
         pipe.send(("ready", config.cache.num_blocks))
@@ -150,7 +140,7 @@ def _core_main(config: EngineConfig, executor_class: Optional[type[Executor]], c
         core.shutdown()
     except Exception:  # noqa: BLE001
         logger.exception("engine core shutdown failed")
-    _leave(code)
+    leave(code)
 
 
 class _ParentGone(Exception):
@@ -238,15 +228,3 @@ def _send_quietly(conn: Connection, message: tuple) -> None:
         pass
 
 
-def _leave(code: int) -> None:
-    # NOTE: skip the interpreter's teardown (module and tensor finalization no one waits for).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _exit_when_parent_dies(parent_pid: int) -> None:
-    """Exits once the serving process is gone (the core is then re-parented), even mid-step."""
-    while os.getppid() == parent_pid:
-        time.sleep(PARENT_POLL_INTERVAL_S)
-    os._exit(1)

@@ -34,7 +34,6 @@ import logging
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -46,6 +45,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from ..config import EngineConfig
+from ..child_process import exit_when_parent_dies, how_it_ended, leave
 from ..distributed import get_open_port
 from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
 from .base import ExecutorError, StepHandle, WorkerGroupExecutor
@@ -58,8 +58,6 @@ logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = WorkerGroupExecutor.startup_timeout_s
 # How long workers get to leave on their own after their command pipe closes.
 SHUTDOWN_GRACE_S = 5.0
-# How often a worker checks that its engine process is still alive.
-PARENT_POLL_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -236,15 +234,7 @@ class MultiprocExecutor(WorkerGroupExecutor):
         return payload
 
     def _exit_message(self, worker: _WorkerHandle, method: str) -> str:
-        worker.process.join(timeout=1.0)
-        code = worker.process.exitcode
-        if code is None:
-            how = "closed its pipe"
-        elif code < 0:
-            how = f"was killed by {signal.Signals(-code).name}"
-        else:
-            how = f"exited with code {code}"
-        return f"TP rank {worker.rank} worker (pid {worker.process.pid}) {how} during {method}"
+        return f"TP rank {worker.rank} worker (pid {worker.process.pid}) {how_it_ended(worker.process)} during {method}"
 
     def _fail(self, reason: str) -> ExecutorError:
         """Marks the executor dead and stops every worker (no grace: peers may be stuck in a
@@ -279,7 +269,7 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connec
     """Runs `Worker` calls read from `conn` until EOF; replies ("ok", result) or ("error", traceback)."""
     # Ctrl-C reaches the whole process group; the engine decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_when_parent_dies, args=(parent_pid,), name="pagoda-parent-watch",
+    threading.Thread(target=exit_when_parent_dies, args=(parent_pid,), name="pagoda-parent-watch",
                      daemon=True).start()
     worker = Worker(config, rank, init_method)
     while True:
@@ -301,25 +291,11 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connec
                 conn.send(("error", traceback.format_exc()))
             except OSError:
                 pass
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+            leave(1)
         try:
             for result in replies:
                 conn.send(("ok", result))
         except OSError:
             break
     worker.shutdown()
-    # NOTE: skip the interpreter's teardown (seconds of module and tensor finalization that no one
-    # waits for): the process group is already destroyed and the OS reclaims the rest.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _exit_when_parent_dies(parent_pid: int) -> None:
-    """Exits the worker once the engine process is gone (it is then re-parented), even while the
-    main thread is blocked in a collective, which releases the GIL."""
-    while os.getppid() == parent_pid:
-        time.sleep(PARENT_POLL_INTERVAL_S)
-    os._exit(1)
+    leave(0)           # the process group is already destroyed: no teardown needed
