@@ -218,21 +218,31 @@ class RayExecutorInCore:
     the workers in the replica's placement group. Picklable: it travels to the core process as the
     engine's `executor_class`. The workers are owned by the core process and die with it."""
 
-    def __init__(self, gcs_address: str, namespace: Optional[str], group: Optional[PlacementGroup]) -> None:
+    def __init__(self, gcs_address: str, namespace: Optional[str], group: Optional[PlacementGroup],
+                 runtime_env: Optional[dict[str, Any]] = None) -> None:
         self.gcs_address = gcs_address
         self.namespace = namespace
         self.group = group
+        self.runtime_env = runtime_env
 
     @classmethod
     def here(cls) -> "RayExecutorInCore":
-        """For the engine of this Ray actor: its cluster, namespace and placement group."""
+        """For the engine of this Ray actor: its cluster, namespace, placement group and runtime env
+        (the workers get the env vars, working_dir and packages the app was deployed with)."""
         context = ray.get_runtime_context()
-        return cls(context.gcs_address, context.namespace, get_current_placement_group())
+        return cls(context.gcs_address, context.namespace, get_current_placement_group(),
+                   dict(context.runtime_env) or None)
 
     def __call__(self, config: EngineConfig) -> RayExecutor:
         if not ray.is_initialized():
-            ray.init(address=self.gcs_address, namespace=self.namespace, logging_level=logging.WARNING,
-                     log_to_driver=False)
+            try:
+                ray.init(address=self.gcs_address, namespace=self.namespace, runtime_env=self.runtime_env,
+                         logging_level=logging.WARNING, log_to_driver=False)
+            except (TypeError, ValueError) as error:      # a runtime env a driver may not take
+                logger.warning("joining Ray with the replica's runtime env failed (%s); the TP workers get "
+                               "the cluster's default environment", error)
+                ray.init(address=self.gcs_address, namespace=self.namespace, logging_level=logging.WARNING,
+                         log_to_driver=False)
         return RayExecutor(config, self.group)
 
 
