@@ -87,6 +87,10 @@ class RayExecutor(WorkerGroupExecutor):
         """group: the placement group whose bundles the workers take (default: this actor's own,
         else one made here)."""
         super().__init__(config)
+        if not ray.is_initialized():
+            # NOTE: e.g. a core process handed the plain class: Ray would start a cluster of its own
+            raise ExecutorError("the Ray executor needs this process connected to a Ray cluster (ray.init); "
+                                "from an engine core process pass RayExecutorInCore, which connects it")
         self._given_group = group
         self.world_size = config.parallel.tensor_parallel_size
         self._failure: Optional[str] = None
