@@ -81,7 +81,9 @@ class ModelDeployment(BaseModel):
     Ray Serve's default of 5 would starve continuous batching."""
     max_queued_requests: int | None = Field(None, ge=1)
     """Requests allowed to wait in the Serve router for a free replica before clients get 503;
-    None = unbounded."""
+    None = unbounded. NOTE: Serve counts a request as waiting while it is being routed, even to an
+    idle replica, so a burst of N simultaneous requests can meet 503s below N: keep it well above
+    the bursts you expect."""
 
     engine_args: dict[str, Any] = Field(default_factory=dict)
     """Further engine options passed through unchanged, e.g. max_model_len, max_num_seqs, dtype,
