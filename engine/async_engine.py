@@ -369,13 +369,9 @@ class AsyncEngine:
             for command in commands:
                 if isinstance(command, _AddCommand):
                     num_added += len(command.core_requests)
-                    added: list[str] = []
                     try:
-                        for request in command.core_requests:
-                            core.add_request(request)
-                            added.append(request.request_id)
+                        core.add_requests(command.core_requests)
                     except ValueError as error:       # e.g. its id is still live in the core
-                        core.abort_requests(added)
                         self._post(self._on_add_failed, command.request_id, error)
                 elif isinstance(command, _AbortCommand):
                     core.abort_requests(command.core_request_ids)

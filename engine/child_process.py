@@ -1,5 +1,5 @@
-"""What the engine's spawned processes share (TP workers, the engine core): how one ended, in words,
-and how a child leaves when its parent is gone."""
+"""What the engine's spawned processes share (TP workers, the engine core): stopping them, how one
+ended, in words, and how a child leaves when its parent is gone."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,26 @@ import time
 from typing import Any
 
 PARENT_POLL_INTERVAL_S = 0.5
+
+
+def stop_children(children: list[tuple[Any, Any]], grace_s: float, terminate_wait_s: float) -> None:
+    """(process, its command pipe) pairs: closes every pipe (a child leaves its loop on EOF), waits up
+    to `grace_s` in all, then terminates what is left, waits up to `terminate_wait_s` for each, and
+    kills the rest. Safe to call twice."""
+    for _, conn in children:
+        conn.close()
+    deadline = time.monotonic() + grace_s
+    for process, _ in children:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for process, _ in children:
+        if process.is_alive():
+            process.terminate()
+    for process, _ in children:
+        process.join(timeout=terminate_wait_s)
+        if process.is_alive():
+            # SIGTERM stays pending on a stopped (SIGSTOP) process; SIGKILL does not.
+            process.kill()
+            process.join()
 
 
 def how_it_ended(process: Any) -> str:

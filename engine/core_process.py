@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import torch.multiprocessing as mp
 
-from .child_process import exit_when_parent_dies, how_it_ended, leave
+from .child_process import exit_when_parent_dies, how_it_ended, leave, stop_children
 from .config import EngineConfig
 from .engine_core import EngineCore
 from .executor.base import Executor
@@ -60,7 +60,7 @@ class CoreProcess:
         self.process.start()
         child_conn.close()            # the core holds the only other end: EOF when it dies
         self._send_lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _stop, self.process, self.conn, 0.0)
+        self._finalizer = weakref.finalize(self, stop_children, [(self.process, self.conn)], 0.0, 5.0)
         try:
             ready = wait([self.conn, self.process.sentinel], timeout=STARTUP_TIMEOUT_S)
             if self.conn not in ready and not self.conn.poll():
@@ -101,18 +101,6 @@ class CoreProcess:
             pass
         self.process.join(timeout=timeout_s)
         self._finalizer()
-
-
-def _stop(process: Any, conn: Connection, grace_s: float) -> None:
-    """Closes the pipe (the core leaves on EOF), waits, then terminates and kills. Safe twice."""
-    conn.close()
-    process.join(timeout=grace_s)
-    if process.is_alive():
-        process.terminate()
-        process.join(timeout=5.0)
-    if process.is_alive():
-        process.kill()
-        process.join()
 
 
 # -- the core process ------------------------------------------------------------------------------
@@ -194,13 +182,9 @@ def _step_loop(core: EngineCore, conn: _Pipe) -> None:
                 if kind == "add":
                     _, request_id, requests = command
                     num_added += len(requests)
-                    added: list[str] = []
                     try:
-                        for request in requests:
-                            core.add_request(request)
-                            added.append(request.request_id)
+                        core.add_requests(requests)
                     except ValueError as error:            # e.g. its id is still live in the core
-                        core.abort_requests(added)
                         conn.send(("add_failed", request_id, str(error)))
                 elif kind == "abort":
                     core.abort_requests(command[1])

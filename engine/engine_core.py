@@ -45,6 +45,18 @@ class EngineCore:
             raise ValueError(f"request_id {request.request_id!r} is already running")
         self.scheduler.add_request(request)
 
+    def add_requests(self, requests: list[Request]) -> None:
+        """Adds the core requests of one client request (n > 1: several), all or none: on
+        ValueError (e.g. an id still live in the core) those added are aborted and it re-raises."""
+        added: list[str] = []
+        try:
+            for request in requests:
+                self.add_request(request)
+                added.append(request.request_id)
+        except ValueError:
+            self.abort_requests(added)
+            raise
+
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         aborted = self.scheduler.abort_requests(request_ids, RequestStatus.FINISHED_ABORTED)
         return [EngineCoreOutput(r.request_id, [], finish_reason="abort") for r in aborted]

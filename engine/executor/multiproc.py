@@ -45,7 +45,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from ..config import EngineConfig
-from ..child_process import exit_when_parent_dies, how_it_ended, leave
+from ..child_process import exit_when_parent_dies, how_it_ended, leave, stop_children
 from ..distributed import get_open_port
 from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
 from .base import ExecutorError, StepHandle, WorkerGroupExecutor
@@ -248,20 +248,7 @@ class MultiprocExecutor(WorkerGroupExecutor):
 def _stop_workers(workers: list[_WorkerHandle], grace_s: float) -> None:
     """Closes every command pipe (a worker leaves its loop on EOF), waits up to `grace_s`, then
     terminates and finally kills what is left. Safe to call twice."""
-    for worker in workers:
-        worker.conn.close()
-    deadline = time.monotonic() + grace_s
-    for worker in workers:
-        worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
-    for worker in workers:
-        if worker.process.is_alive():
-            worker.process.terminate()
-    for worker in workers:
-        worker.process.join(timeout=1.0)
-        if worker.process.is_alive():
-            # SIGTERM stays pending on a stopped (SIGSTOP) process; SIGKILL does not.
-            worker.process.kill()
-            worker.process.join()
+    stop_children([(worker.process, worker.conn) for worker in workers], grace_s, terminate_wait_s=1.0)
 
 
 # -- the worker process ----------------------------------------------------------------------------

@@ -128,3 +128,28 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
             return True
         time.sleep(interval_s)
     return predicate()
+
+
+async def streams_cut_by(engine, prompts: list, params, kill) -> list:
+    """Streams `prompts` on `engine` until each has output, checks the engine is healthy, calls
+    `kill()` and returns the errors the streams ended with (within 10 s: no hang)."""
+    import asyncio
+
+    from pagoda.engine.errors import EngineDeadError
+
+    started = asyncio.Event()
+    errors: list[EngineDeadError] = []
+
+    async def run(prompt) -> None:
+        try:
+            async for _ in engine.generate(prompt, params):
+                started.set()
+        except EngineDeadError as error:
+            errors.append(error)
+
+    tasks = [asyncio.create_task(run(prompt)) for prompt in prompts]
+    await asyncio.wait_for(started.wait(), 30)
+    assert await engine.is_healthy()
+    kill()
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    return errors

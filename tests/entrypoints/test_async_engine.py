@@ -17,6 +17,8 @@ from pagoda.engine.entrypoints.settings import ServerSettings
 from pagoda.engine.errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError
 from pagoda.engine.executor.uniproc import UniprocExecutor
 
+from .server_helpers import streams_cut_by
+
 PROMPT = "Once upon a time"
 
 
@@ -161,21 +163,7 @@ def test_failing_step_kills_the_engine(tiny_model_dir):
     engine = make_engine(tiny_model_dir, executor_class=_FailingExecutor)
     try:
         async def main():
-            started = asyncio.Event()
-            errors = []
-
-            async def run(index):
-                try:
-                    async for _ in engine.generate(PROMPT, greedy(4000), f"doomed-{index}"):
-                        started.set()
-                except EngineDeadError as error:
-                    errors.append(error)
-
-            tasks = [asyncio.create_task(run(i)) for i in range(3)]
-            await asyncio.wait_for(started.wait(), 30)
-            assert await engine.is_healthy()
-            _FailingExecutor.fail.set()
-            await asyncio.wait_for(asyncio.gather(*tasks), 10)     # no hang
+            errors = await streams_cut_by(engine, [PROMPT] * 3, greedy(4000), _FailingExecutor.fail.set)
             assert len(errors) == 3 and all(e.during_request for e in errors)
             assert engine.errored
             with pytest.raises(EngineDeadError) as refused:

@@ -20,6 +20,8 @@ from pagoda.engine.core_process import CoreProcessError
 from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.executor.uniproc import UniprocExecutor
 
+from .server_helpers import streams_cut_by
+
 PROMPTS = [f"Once upon a time {i}" for i in range(6)]
 
 
@@ -125,21 +127,8 @@ def test_a_killed_core_kills_the_engine_without_a_hang(tiny_model_dir):
     engine = make_engine(tiny_model_dir, core_process=True)
     try:
         async def main():
-            started = asyncio.Event()
-            errors = []
-
-            async def run(index):
-                try:
-                    async for _ in engine.generate(PROMPTS[index], greedy(4000)):
-                        started.set()
-                except EngineDeadError as error:
-                    errors.append(error)
-
-            tasks = [asyncio.create_task(run(i)) for i in range(3)]
-            await asyncio.wait_for(started.wait(), 30)
-            assert await engine.is_healthy()
-            os.kill(engine._core_pid, signal.SIGKILL)
-            await asyncio.wait_for(asyncio.gather(*tasks), 10)
+            errors = await streams_cut_by(engine, PROMPTS[:3], greedy(4000),
+                                          lambda: os.kill(engine._core_pid, signal.SIGKILL))
             assert len(errors) == 3 and all(e.during_request for e in errors)
             with pytest.raises(EngineDeadError):
                 await collect(engine, PROMPTS[0], greedy(2))
