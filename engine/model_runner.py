@@ -24,12 +24,13 @@ import torch
 from pagoda.kernels import AttentionMetadata
 
 from .config import EngineConfig
-from .distributed import get_tp_size, tp_broadcast
+from .distributed import get_tp_rank, get_tp_size, tp_broadcast
 from .models.registry import get_model_class
 from .sampler import Sampler, SamplingRow
 from .executor.base import StepHandle
 from .scheduler_output import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
 from .step_inputs import BlockTable, PinnedStaging
+from .step_profiler import StepProfiler
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class ModelRunner:
         self._host_slot = 0
         self._host_tokens = [torch.empty(config.scheduler.max_num_seqs, dtype=torch.int64,
                                          pin_memory=self.device.type == "cuda") for _ in range(2)]
+        self.profiler = StepProfiler.from_env(get_tp_rank(), self.device)     # None unless asked for
 
     # -- start-up ---------------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
@@ -262,6 +264,8 @@ class ModelRunner:
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return StepHandle.done(ModelRunnerOutput()) if self.is_driver else None
+        if self.profiler is not None:
+            self.profiler.before_step()
         if self._unresolved is not None and any(
                 self.requests[item.request_id].data.sampling_params.needs_penalties
                 for item in scheduler_output.scheduled):
