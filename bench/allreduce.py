@@ -65,6 +65,17 @@ def _worker(rank: int, world: int, init_method: str) -> None:
         got = symm(x.clone())
         error = (got.float() - expected).abs().max().item()
         error = max(error, (symm(x.clone(), "two").float() - expected).abs().max().item())
+        # a row-parallel GEMM writing into the buffer (`matmul`) against GEMM then NCCL all-reduce
+        torch.manual_seed(100 + rank)
+        inputs = torch.randn(tokens, 512, device=device, dtype=torch.bfloat16)
+        weight = torch.randn(hidden, 512, device=device, dtype=torch.bfloat16) / 16
+        product = torch.nn.functional.linear(inputs, weight)
+        dist.all_reduce(product)
+        for algorithm in ("one", "two"):
+            fused = symm.matmul(inputs, weight, algorithm)
+            relative = (fused.float() - product.float()).abs().max().item() / product.float().abs().max().item()
+            if relative > 2e-2:
+                raise SystemExit(f"symm matmul ({algorithm} shot) at {tokens} x {hidden}: relative error {relative:.3g}")
         a, b, c = x.clone(), x.clone(), x.clone()
         times = [_graph_time(lambda: dist.all_reduce(a), 100), _graph_time(lambda: symm(b, "one"), 100),
                  _graph_time(lambda: symm(c, "two"), 100), _time(lambda: dist.all_reduce(a), 200)]

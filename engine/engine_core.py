@@ -13,6 +13,7 @@ from typing import Optional
 
 from .config import EngineConfig
 from .executor.base import Executor, StepHandle, executor_class_for
+from .heap import freeze_startup_heap, thaw_heap
 from .outputs import EngineCoreOutput, EngineStats
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
@@ -39,6 +40,7 @@ class EngineCore:
         self._prefix_summary_time = float("-inf")
         logger.info("KV cache: %d blocks of %d tokens; max_model_len %d", num_blocks,
                     config.cache.block_size, config.model.max_model_len)
+        freeze_startup_heap()          # no full GC pass over start-up objects between steps
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.scheduler.requests:
@@ -118,3 +120,4 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        thaw_heap()

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..config import EngineConfig
+from ..heap import freeze_startup_heap, thaw_heap
 from ..distributed import destroy_tensor_parallel, enable_fast_all_reduce, init_tensor_parallel
 from ..model_runner import ModelRunner
 from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -67,6 +68,7 @@ class Worker:
         assert self.runner is not None, "load_model first"
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_cuda_graphs()
+        freeze_startup_heap()          # a rank's GC pause would stall every rank at the next collective
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
         """One step; rank 0 returns the sampled tokens, the other ranks None."""
@@ -96,3 +98,4 @@ class Worker:
     def shutdown(self) -> None:
         self.runner = None
         destroy_tensor_parallel()
+        thaw_heap()

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
+from ..distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce, tp_linear_all_reduce
 
 
 def _load_full(param: nn.Parameter, weight: Any) -> None:
@@ -124,5 +124,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(weight.load(dim=1, start=self.tp_rank * size, length=size, dtype=param.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and x.dim() == 2:
+            return tp_linear_all_reduce(x, self.weight)                  # (T, out), summed over ranks
         bias: Optional[torch.Tensor] = self.bias if self.tp_rank == 0 else None
         return tp_all_reduce(F.linear(x, self.weight, bias))
