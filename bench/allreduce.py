@@ -3,8 +3,11 @@
     python -m bench.allreduce --tp 2            # CUDA, one process per GPU
 
 For each message size (bf16 tokens x hidden), every rank checks that NCCL, one-shot and two-shot give
-the same sum, then times each replayed from a CUDA graph of 100 calls, the way decode steps run
-(and NCCL eagerly, 200 calls back to back). Prints microseconds per call (rank 0's CUDA events).
+the same sum (and a GEMM writing into the buffer, `SymmAllReduce.matmul`, and the fused all-reduce +
+residual add + RMSNorm the same as NCCL then `fused_add_rms_norm`), then times each replayed from a
+CUDA graph of 100 calls, the way decode steps run (and NCCL eagerly, 200 calls back to back):
+two-shot + the norm kernel vs the fused kernel is the saving per decoder sub-layer. Prints
+microseconds per call (rank 0's CUDA events).
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ def _worker(rank: int, world: int, init_method: str) -> None:
 
     from pagoda.engine.distributed import init_tensor_parallel
     from pagoda.engine.symm_all_reduce import SymmAllReduce
+    from pagoda.kernels import fused_add_rms_norm
 
     device = torch.device("cuda", rank)
     init_tensor_parallel(rank, world, init_method, device)
@@ -76,16 +80,41 @@ def _worker(rank: int, world: int, init_method: str) -> None:
             relative = (fused.float() - product.float()).abs().max().item() / product.float().abs().max().item()
             if relative > 2e-2:
                 raise SystemExit(f"symm matmul ({algorithm} shot) at {tokens} x {hidden}: relative error {relative:.3g}")
-        a, b, c = x.clone(), x.clone(), x.clone()
+        # the fused all-reduce + residual add + RMSNorm against NCCL then fused_add_rms_norm
+        torch.manual_seed(7)                                   # the residual is the same on every rank
+        residual = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+        norm_weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(torch.bfloat16)
+        reduced = x.clone()
+        dist.all_reduce(reduced)
+        want_out, want_residual = fused_add_rms_norm(reduced, residual, norm_weight, 1e-5)
+        for slot in (0, 1):
+            symm.norm.slot_view(slot, tokens, hidden).copy_(x)
+            got_out, got_residual = symm.norm.add_rms_norm(
+                symm.norm.slot_view(slot, tokens, hidden), residual, norm_weight, 1e-5, slot)
+            for got, want in ((got_out, want_out), (got_residual, want_residual)):
+                relative = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
+                if relative > 2e-2:
+                    raise SystemExit(f"fused all-reduce + norm at {tokens} x {hidden}: relative error {relative:.3g}")
+        a, b, c, d = x.clone(), x.clone(), x.clone(), x.clone()
+        calls = iter(range(10**9))
+
+        def fused():
+            slot = next(calls) % 2                             # alternate slots, as the model does
+            symm.norm.add_rms_norm(symm.norm.slot_view(slot, tokens, hidden), residual, norm_weight, 1e-5, slot)
+
         times = [_graph_time(lambda: dist.all_reduce(a), 100), _graph_time(lambda: symm(b, "one"), 100),
-                 _graph_time(lambda: symm(c, "two"), 100), _time(lambda: dist.all_reduce(a), 200)]
+                 _graph_time(lambda: symm(c, "two"), 100), _time(lambda: dist.all_reduce(a), 200),
+                 _graph_time(lambda: fused_add_rms_norm(symm(d, "two"), residual, norm_weight, 1e-5), 100),
+                 _graph_time(fused, 100)]
         rows.append((tokens, hidden, tokens * hidden * 2 / 2**20, *times, error))
     if rank == 0:
         print(f"all-reduce over {world} x {torch.cuda.get_device_name(0)} (bf16), us per call, in CUDA graphs "
               "(nccl eager for reference)")
-        print(f"{'tokens x hidden':>16} {'MiB':>6} {'nccl':>8} {'one-shot':>9} {'two-shot':>9} {'nccl eager':>11} {'max err':>8}")
-        for tokens, hidden, mib, ng, one, two, ne, err in rows:
-            print(f"{tokens:>7} x {hidden:<6} {mib:>6.2f} {ng:>8.1f} {one:>9.1f} {two:>9.1f} {ne:>11.1f} {err:>8.3f}")
+        print(f"{'tokens x hidden':>16} {'MiB':>6} {'nccl':>8} {'one-shot':>9} {'two-shot':>9} {'nccl eager':>11} "
+              f"{'two+norm':>9} {'fused':>7} {'max err':>8}")
+        for tokens, hidden, mib, ng, one, two, ne, two_norm, fused_us, err in rows:
+            print(f"{tokens:>7} x {hidden:<6} {mib:>6.2f} {ng:>8.1f} {one:>9.1f} {two:>9.1f} {ne:>11.1f} "
+                  f"{two_norm:>9.1f} {fused_us:>7.1f} {err:>8.3f}")
     dist.barrier()
     dist.destroy_process_group()
 

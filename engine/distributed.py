@@ -114,6 +114,33 @@ def tp_linear_all_reduce(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return tp_all_reduce(torch.nn.functional.linear(x, weight))
 
 
+def tp_linear_partial(x: torch.Tensor, weight: torch.Tensor, slot: int) -> torch.Tensor:
+    """x @ weight.T, this rank's unreduced share of a bias-free row-parallel layer, to be summed by
+    `tp_all_reduce_add_rms_norm(..., slot)`. Where the fused kernel runs, the GEMM writes into the
+    symmetric-memory `slot` (0 or 1; the two row-parallel layers of a decoder layer alternate)."""
+    fused = _FAST_ALL_REDUCE.norm if _FAST_ALL_REDUCE is not None else None
+    if fused is not None and x.dim() == 2 and x.dtype == fused.dtype:
+        out = fused.slot_view(slot, x.shape[0], weight.shape[0])
+        if out is not None:
+            return torch.mm(x, weight.t(), out=out)
+    return torch.nn.functional.linear(x, weight)
+
+
+def tp_all_reduce_add_rms_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                               slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(sum over ranks of partial + residual), that sum + residual): the all-reduce after a
+    row-parallel layer fused with the residual add and norm that follow it where possible."""
+    if _TP.world_size > 1:
+        fused = _FAST_ALL_REDUCE.norm if _FAST_ALL_REDUCE is not None else None
+        # NOTE: rank-independent: every rank's partial is in its slot or none is (same shapes, same code)
+        if fused is not None and fused.owns(partial, slot) and residual.dtype == fused.dtype:
+            return fused.add_rms_norm(partial, residual, weight, eps, slot)
+        partial = tp_all_reduce(partial)
+    from pagoda.kernels import fused_add_rms_norm
+
+    return fused_add_rms_norm(partial, residual, weight, eps)
+
+
 def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Concatenates every rank's x along `dim`, in rank order."""
     if _TP.world_size == 1:

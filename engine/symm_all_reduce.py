@@ -11,7 +11,8 @@ reads, so the buffer is free again when it returns). Bigger messages (prefill) s
                                    └──> x_r (in place)
 
 A row-parallel layer's GEMM can write its partial product straight into the buffer (`matmul`),
-which saves the copy in.
+which saves the copy in. Where the sum feeds a residual add + RMSNorm (between decoder sub-layers),
+`FusedNormSlots` does all three in one kernel (PAGODA_FUSED_ALL_REDUCE_NORM=0 turns it off).
 
 Invariant: every rank calls it with the same size in the same order (as any collective), and the
 calls are stream-ordered, so they may be captured in CUDA graphs like the NCCL ones. The buffer is
@@ -45,6 +46,8 @@ class SymmAllReduce:
         # on 2 ranks, 13 vs 15 on 4), two shots from 2 MiB (19.5 vs 21.5 us on 2, 25 vs 30.5 on 4).
         # PAGODA_SYMM_TWO_SHOT_MIN_BYTES overrides the cut.
         self.two_shot_min_bytes = int(os.environ.get("PAGODA_SYMM_TWO_SHOT_MIN_BYTES", 1 << 20))
+        self.norm = FusedNormSlots(group, device, dtype, self.max_numel) \
+            if os.environ.get("PAGODA_FUSED_ALL_REDUCE_NORM", "1") != "0" else None
 
     @property
     def max_numel(self) -> int:
@@ -92,6 +95,64 @@ class SymmAllReduce:
         else:
             raise ValueError(f"algorithm must be 'one' or 'two', got {algorithm!r}")
         return out
+
+
+class FusedNormSlots:
+    """The buffers of the fused all-reduce + residual add + RMSNorm (kernels/all_reduce_norm_triton.py).
+
+    Two partial-product slots, used alternately by the two row-parallel layers of a decoder layer
+    (attention's o_proj: slot 0, the MLP's down_proj: slot 1), so consecutive fused calls never
+    share a slot (the kernel's invariant), and int32 barrier flags, all in symmetric memory.
+
+        slot s on rank r: its (rows, hidden) partial; the kernel overwrites rank r's own rows with
+        the reduced sums, which the peers then read
+    """
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_numel: int) -> None:
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        from pagoda.kernels.all_reduce_norm_triton import signal_slots
+
+        self.dtype = dtype
+        self.max_numel = max_numel
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.max_programs = torch.cuda.get_device_properties(device).multi_processor_count
+        self.slots = symm_mem.empty(2 * max_numel, dtype=dtype, device=device)
+        slots_handle = symm_mem.rendezvous(self.slots, group)
+        self.signals = symm_mem.empty(signal_slots(self.max_programs, self.world_size), dtype=torch.int32,
+                                      device=device)
+        self.signals.zero_()
+        signals_handle = symm_mem.rendezvous(self.signals, group)
+
+        def peer_addresses(handle, tensor: torch.Tensor, byte_offset: int) -> torch.Tensor:
+            # the tensor may sit at an offset inside its symmetric allocation: the same on every rank
+            within = tensor.data_ptr() - handle.buffer_ptrs[self.rank] + byte_offset
+            return torch.tensor([ptr + within for ptr in handle.buffer_ptrs], dtype=torch.int64, device=device)
+
+        slot_bytes = max_numel * dtype.itemsize
+        self.buf_ptrs = [peer_addresses(slots_handle, self.slots, s * slot_bytes) for s in (0, 1)]
+        self.sig_ptrs = peer_addresses(signals_handle, self.signals, 0)
+        torch.cuda.synchronize(device)
+        dist.barrier(group)           # every rank's flags are zero before anyone signals
+
+    def slot_view(self, slot: int, rows: int, cols: int) -> Optional[torch.Tensor]:
+        if rows * cols > self.max_numel:
+            return None
+        start = slot * self.max_numel
+        return self.slots[start:start + rows * cols].view(rows, cols)
+
+    def owns(self, partial: torch.Tensor, slot: int) -> bool:
+        view = self.slot_view(slot, *partial.shape) if partial.dim() == 2 else None
+        return view is not None and partial.data_ptr() == view.data_ptr() and partial.is_contiguous()
+
+    def add_rms_norm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, new residual) from `partial` (this rank's, in `slot`), summed over ranks."""
+        from pagoda.kernels.all_reduce_norm_triton import all_reduce_add_rms_norm
+
+        return all_reduce_add_rms_norm(residual.contiguous(), weight, eps, self.buf_ptrs[slot], self.sig_ptrs,
+                                       self.rank, self.world_size, self.max_programs)
 
 
 def try_symm_all_reduce(group: Optional[dist.ProcessGroup], device: torch.device, dtype: torch.dtype,

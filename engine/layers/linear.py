@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce, tp_linear_all_reduce
+from ..distributed import (divide, get_tp_rank, get_tp_size, tp_all_reduce, tp_linear_all_reduce,
+                           tp_linear_partial)
 
 
 def _load_full(param: nn.Parameter, weight: Any) -> None:
@@ -111,10 +112,17 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
+    """Input features split over ranks; the output is summed over ranks, or, with
+    reduce_results=False, returned unreduced (bias included once, on rank 0) for the
+    `RMSNorm.reduce_add` that follows to sum (see distributed.tp_all_reduce_add_rms_norm;
+    `partial_slot` names its symmetric-memory slot)."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, reduce_results: bool = True, partial_slot: int = 0) -> None:
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         super().__init__(divide(in_features, self.tp_size, "input features"), out_features, bias, dtype)
+        self.reduce_results = reduce_results
+        self.partial_slot = partial_slot
 
     def weight_loader(self, param: nn.Parameter, weight: Any, shard_id: Any = None) -> None:
         if param.dim() == 1:            # bias: added once, on rank 0's partial sum
@@ -124,6 +132,10 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(weight.load(dim=1, start=self.tp_rank * size, length=size, dtype=param.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reduce_results:
+            if self.bias is None:
+                return tp_linear_partial(x, self.weight, self.partial_slot)   # (T, out), this rank's share
+            return F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         if self.bias is None and x.dim() == 2:
             return tp_linear_all_reduce(x, self.weight)                  # (T, out), summed over ranks
         bias: Optional[torch.Tensor] = self.bias if self.tp_rank == 0 else None

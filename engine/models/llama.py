@@ -25,6 +25,12 @@ from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, rope_parameters
 
 
+# The symmetric-memory slots of the two row-parallel outputs of a decoder layer: the fused
+# all-reduce + add + norm calls then alternate slots (o_proj, down_proj, o_proj, ...), as
+# kernels/all_reduce_norm_triton.py requires.
+ATTN_SLOT, MLP_SLOT = 0, 1
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
@@ -35,7 +41,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, bias=qkv_bias, dtype=dtype)
         self.num_heads = self.qkv_proj.num_heads          # per rank
         self.num_kv_heads = self.qkv_proj.num_kv_heads    # per rank
-        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden, bias=False, dtype=dtype)
+        # unreduced: the post-attention norm sums it over ranks (fused with the residual add)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden, bias=False, dtype=dtype,
+                                        reduce_results=False, partial_slot=ATTN_SLOT)
         theta, scaling = rope_parameters(config)
         self.rotary = RotaryEmbedding(self.head_dim, max_position, theta, scaling)
         self.qk_norm = qk_norm
@@ -68,7 +76,9 @@ class LlamaMLP(nn.Module):
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], dtype=dtype)
         self.act = SiluAndMul()
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, dtype=dtype)
+        # unreduced: the next layer's input norm (or the final norm) sums it over ranks
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, dtype=dtype,
+                                           reduce_results=False, partial_slot=MLP_SLOT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -84,13 +94,15 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                 metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: the embeddings (first layer, residual None) or the previous layer's MLP output,
+        unreduced over TP ranks; returns this layer's MLP output (unreduced) and the residual."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm.reduce_add(hidden, residual, MLP_SLOT)
+        partial = self.self_attn(positions, hidden, metadata)                # (T, hidden), unreduced
+        hidden, residual = self.post_attention_layernorm.reduce_add(partial, residual, ATTN_SLOT)
         return self.mlp(hidden), residual
 
 
@@ -109,7 +121,9 @@ class LlamaModel(nn.Module):
         residual: Optional[torch.Tensor] = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, metadata)
-        hidden, _ = self.norm(hidden, residual)
+        if residual is None:                  # no layers
+            return self.norm(hidden)
+        hidden, _ = self.norm.reduce_add(hidden, residual, MLP_SLOT)
         return hidden
 
 

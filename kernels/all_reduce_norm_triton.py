@@ -1,0 +1,162 @@
+"""All-reduce of row-parallel partial sums fused with the residual add and RMSNorm that follow it.
+
+Between two sub-layers of a tensor-parallel decoder, every rank holds a partial product (o_proj or
+down_proj over its slice of the inputs) that must be summed over ranks, added to the residual and
+normalised. Unfused that is a two-shot all-reduce (barrier, reduce-scatter, barrier, all-gather,
+barrier) and then a norm kernel. Here one kernel does it, reading the peers' partials straight from
+their symmetric-memory buffers (peer-to-peer over NVLink, no multicast):
+
+    rows in groups of W (the world size); in each group rank r owns row g*W + r
+    phase 1  barrier with the peers; for each owned row: new residual = round(sum over ranks of the
+             partial row) + residual, rounded; written over this rank's own partial row
+    phase 2  barrier with the peers; for every row of the group, from its owner's buffer: the new
+             residual -> residual_out, RMSNorm(new residual) * weight -> out
+
+Each rank reads (W-1)/W of the message per phase, as a two-shot all-reduce does, and the norm costs
+no extra pass. Barriers pair program p of every rank (the grid and the row-to-program map are the
+same on all ranks) through flags in a symmetric int32 buffer: a sender sets its slot on the peer
+from 0 to 1 (release, system scope; it spins while the peer has not consumed its last signal), a
+receiver sets it back from 1 to 0 (acquire).
+
+Invariants the caller keeps (engine/symm_all_reduce.py):
+- the partials live in one of two buffer slots that alternate call by call, so a rank writing the
+  next-but-one call's partial into a slot knows every peer is done reading it (a peer starting the
+  call in between has finished this one: calls are stream-ordered);
+- every rank calls with the same shapes, in the same order; the grid never exceeds the signal
+  slots and stays small enough (<= the SM count) for all programs to be resident at once.
+
+Numerics follow `norm_triton.fused_add_rms_norm` applied to the all-reduced partials: the fp32 sum of
+the partials is rounded to the input dtype (an all-reduce's output), added to the residual in fp32,
+rounded (the new residual), and normalised. Reference: `all_reduce_add_rms_norm_ref`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .norm_triton import _rms_norm_row
+
+
+@triton.jit
+def _signal_and_wait(sig_ptrs, rank, slot_base, WORLD: tl.constexpr):
+    """Barrier of this program with the same program on every peer (slot_base: this (phase,
+    program)'s W slots; slot slot_base + r on a rank is written by rank r)."""
+    tl.debug_barrier()               # this program's earlier stores happen before the release below
+    my_sig = tl.load(sig_ptrs + rank).to(tl.pointer_type(tl.int32))
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            peer_sig = tl.load(sig_ptrs + peer).to(tl.pointer_type(tl.int32))
+            sent = tl.atomic_cas(peer_sig + slot_base + rank, 0, 1, sem="release", scope="sys")
+            while sent != 0:
+                sent = tl.atomic_cas(peer_sig + slot_base + rank, 0, 1, sem="release", scope="sys")
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            got = tl.atomic_cas(my_sig + slot_base + peer, 1, 0, sem="acquire", scope="sys")
+            while got != 1:
+                got = tl.atomic_cas(my_sig + slot_base + peer, 1, 0, sem="acquire", scope="sys")
+    tl.debug_barrier()               # every thread's later loads happen after the acquire
+
+
+@triton.jit
+def _all_reduce_add_rms_norm_kernel(
+    out_ptr,            # (num_rows, hidden) contiguous: RMSNorm(new residual) * weight
+    residual_out_ptr,   # (num_rows, hidden) contiguous: the new residual
+    residual_ptr,       # (num_rows, hidden) contiguous: the residual before this sub-layer (same on all ranks)
+    weight_ptr,         # (hidden,)
+    buf_ptrs,           # (WORLD,) int64: address of each rank's partial (num_rows, hidden), mapped here
+    sig_ptrs,           # (WORLD,) int64: address of each rank's int32 signal flags, mapped here
+    rank,
+    num_rows,
+    hidden,
+    eps,
+    num_groups,         # cdiv(num_rows, WORLD)
+    WORLD: tl.constexpr,
+    BLOCK: tl.constexpr,          # next power of 2 of hidden
+):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden
+    dtype = residual_out_ptr.dtype.element_ty
+    my_buf = tl.load(buf_ptrs + rank).to(tl.pointer_type(dtype))
+
+    # phase 1: this rank's rows of each group: sum the ranks' partials, add the residual
+    _signal_and_wait(sig_ptrs, rank, (pid * 2) * WORLD, WORLD)
+    for group in range(pid, num_groups, programs):
+        row = group * WORLD + rank              # (int32: the wrapper keeps rows * hidden < 2**31)
+        if row < num_rows:
+            acc = tl.zeros([BLOCK], tl.float32)
+            for peer in tl.static_range(WORLD):
+                buf = tl.load(buf_ptrs + peer).to(tl.pointer_type(dtype))
+                acc += tl.load(buf + row * hidden + offs, mask=mask, other=0.0).to(tl.float32)
+            reduced = acc.to(dtype).to(tl.float32)                      # the all-reduce's output
+            residual = tl.load(residual_ptr + row * hidden + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(my_buf + row * hidden + offs, (reduced + residual).to(dtype), mask=mask)
+
+    # phase 2: every row of each group from its owner: copy out the new residual and normalise it
+    _signal_and_wait(sig_ptrs, rank, (pid * 2 + 1) * WORLD, WORLD)
+    for group in range(pid, num_groups, programs):
+        for owner in tl.static_range(WORLD):
+            row = group * WORLD + owner
+            if row < num_rows:
+                buf = tl.load(buf_ptrs + owner).to(tl.pointer_type(dtype))
+                summed = tl.load(buf + row * hidden + offs, mask=mask, other=0.0)
+                tl.store(residual_out_ptr + row * hidden + offs, summed, mask=mask)
+                normed = _rms_norm_row(summed.to(tl.float32), weight_ptr, offs, mask, hidden, eps,
+                                       dtype, out_ptr.dtype.element_ty)
+                tl.store(out_ptr + row * hidden + offs, normed, mask=mask)
+
+
+def signal_slots(max_programs: int, world_size: int) -> int:
+    """int32 flags a rank's signal buffer needs for grids of up to max_programs programs."""
+    return 2 * max_programs * world_size
+
+
+def all_reduce_add_rms_norm(
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    buf_ptrs: torch.Tensor,
+    sig_ptrs: torch.Tensor,
+    rank: int,
+    world_size: int,
+    max_programs: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(sum of partials + residual) * weight, sum of partials + residual), new tensors.
+
+    residual: (rows, hidden), identical on every rank. buf_ptrs / sig_ptrs: (world_size,) int64
+    device tensors with each rank's partial (rows, hidden) of residual's dtype and signal flags
+    (`signal_slots(max_programs, world_size)` int32, zero before the first call). Overwrites this
+    rank's owned rows of its partial. A collective: every rank calls it with the same shapes.
+    """
+    rows, hidden = residual.shape
+    if not residual.is_contiguous() or weight.shape != (hidden,):
+        raise ValueError(f"residual must be contiguous (rows, hidden) and weight ({hidden},), got "
+                         f"{tuple(residual.shape)} / {tuple(weight.shape)}")
+    if buf_ptrs.shape != (world_size,) or sig_ptrs.shape != (world_size,) or not 0 <= rank < world_size:
+        raise ValueError(f"need one buffer and one signal address per rank ({world_size}) and 0 <= rank < "
+                         f"world_size, got {tuple(buf_ptrs.shape)}, {tuple(sig_ptrs.shape)}, rank {rank}")
+    if rows * hidden >= 2**31:
+        raise ValueError(f"{rows} x {hidden} elements exceed the kernel's int32 offsets")
+    out = torch.empty(rows, hidden, dtype=torch.promote_types(residual.dtype, weight.dtype), device=residual.device)
+    residual_out = torch.empty_like(residual)
+    if rows == 0:
+        return out, residual_out
+    groups = triton.cdiv(rows, world_size)
+    block = triton.next_power_of_2(hidden)
+    _all_reduce_add_rms_norm_kernel[(min(groups, max_programs),)](
+        out, residual_out, residual, weight, buf_ptrs, sig_ptrs, rank, rows, hidden, eps, groups,
+        WORLD=world_size, BLOCK=block, num_warps=max(4, min(16, block // 512)))
+    return out, residual_out
+
+
+def all_reduce_add_rms_norm_ref(
+    partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same with every rank's partial given: all-reduce (fp32 sum, rounded), then the fused
+    residual add + RMSNorm of `norm.fused_add_rms_norm_ref`."""
+    from .norm import fused_add_rms_norm_ref
+
+    reduced = torch.stack([p.float() for p in partials]).sum(0).to(residual.dtype)
+    return fused_add_rms_norm_ref(reduced, residual, weight, eps)
