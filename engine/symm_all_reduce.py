@@ -12,7 +12,7 @@ reads, so the buffer is free again when it returns). Bigger messages (prefill) s
 
 A row-parallel layer's GEMM can write its partial product straight into the buffer (`matmul`),
 which saves the copy in. Where the sum feeds a residual add + RMSNorm (between decoder sub-layers),
-`FusedNormSlots` does all three in one kernel (PAGODA_FUSED_ALL_REDUCE_NORM=0 turns it off).
+`FusedNormSlots` does all three in one kernel (`use_fused_norm`: PAGODA_FUSED_ALL_REDUCE_NORM).
 
 Invariant: every rank calls it with the same size in the same order (as any collective), and the
 calls are stream-ordered, so they may be captured in CUDA graphs like the NCCL ones. The buffer is
@@ -47,7 +47,7 @@ class SymmAllReduce:
         # PAGODA_SYMM_TWO_SHOT_MIN_BYTES overrides the cut.
         self.two_shot_min_bytes = int(os.environ.get("PAGODA_SYMM_TWO_SHOT_MIN_BYTES", 1 << 20))
         self.norm = FusedNormSlots(group, device, dtype, self.max_numel) \
-            if os.environ.get("PAGODA_FUSED_ALL_REDUCE_NORM", "1") != "0" else None
+            if use_fused_norm(dist.get_world_size(group)) else None
 
     @property
     def max_numel(self) -> int:
@@ -95,6 +95,18 @@ class SymmAllReduce:
         else:
             raise ValueError(f"algorithm must be 'one' or 'two', got {algorithm!r}")
         return out
+
+
+# PAGODA_FUSED_ALL_REDUCE_NORM: "auto" (default: fused up to FUSED_NORM_MAX_WORLD ranks), "1", "0"
+FUSED_NORM_MODES = ("auto", "1", "0")
+FUSED_NORM_MAX_WORLD = 2
+
+
+def use_fused_norm(world_size: int) -> bool:
+    mode = os.environ.get("PAGODA_FUSED_ALL_REDUCE_NORM", "auto")
+    if mode not in FUSED_NORM_MODES:
+        raise ValueError(f"PAGODA_FUSED_ALL_REDUCE_NORM must be one of {FUSED_NORM_MODES}, got {mode!r}")
+    return mode == "1" or (mode == "auto" and world_size <= FUSED_NORM_MAX_WORLD)
 
 
 class FusedNormSlots:

@@ -6,17 +6,20 @@ normalised. Unfused that is a two-shot all-reduce (barrier, reduce-scatter, barr
 barrier) and then a norm kernel. Here one kernel does it, reading the peers' partials straight from
 their symmetric-memory buffers (peer-to-peer over NVLink, no multicast):
 
-    rows in groups of W (the world size); in each group rank r owns row g*W + r
-    phase 1  barrier with the peers; for each owned row: new residual = round(sum over ranks of the
-             partial row) + residual, rounded; written over this rank's own partial row
-    phase 2  barrier with the peers; for every row of the group, from its owner's buffer: the new
+    rank r owns a contiguous block of rows ((row * W) // rows == r); program p handles rows
+    p, p + P, ... (P <= the SM count, so all programs are resident at once)
+    phase 1  barrier with the peers; for each of its rows this rank owns: new residual =
+             round(sum over ranks of the partial row) + residual, rounded; written over this
+             rank's own partial row
+    phase 2  barrier with the peers; for each of its rows, from the owner's buffer: the new
              residual -> residual_out, RMSNorm(new residual) * weight -> out
 
 Each rank reads (W-1)/W of the message per phase, as a two-shot all-reduce does, and the norm costs
 no extra pass. Barriers pair program p of every rank (the grid and the row-to-program map are the
-same on all ranks) through flags in a symmetric int32 buffer: a sender sets its slot on the peer
-from 0 to 1 (release, system scope; it spins while the peer has not consumed its last signal), a
-receiver sets it back from 1 to 0 (acquire).
+same on all ranks; the rows program p reads from a peer in phase 2 are the ones that peer's program
+p reduced in phase 1) through flags in a symmetric int32 buffer: a sender sets its slot on the peer
+from 0 to 1 (release, system scope; it retries while the peer has not consumed its last signal), a
+receiver sets it back from 1 to 0 (acquire); one lane per peer.
 
 Invariants the caller keeps (engine/symm_all_reduce.py):
 - the partials live in one of two buffer slots that alternate call by call, so a rank writing the
@@ -39,22 +42,30 @@ from .norm_triton import _rms_norm_row
 
 
 @triton.jit
-def _signal_and_wait(sig_ptrs, rank, slot_base, WORLD: tl.constexpr):
+def _signal_and_wait(sig_ptrs, rank, slot_base, WORLD: tl.constexpr, WORLD_PAD: tl.constexpr):
     """Barrier of this program with the same program on every peer (slot_base: this (phase,
-    program)'s W slots; slot slot_base + r on a rank is written by rank r)."""
+    program)'s W slots; slot slot_base + r on a rank is written by rank r). One lane per peer, so
+    the W - 1 signals travel at once; a lane retries only while its peer has not consumed the last one."""
     tl.debug_barrier()               # this program's earlier stores happen before the release below
+    peers = tl.arange(0, WORLD_PAD)
+    is_peer = (peers < WORLD) & (peers != rank)
+    # lanes that are not peers CAS a scratch flag (slot_base + rank on this rank, never signalled)
+    # with compare 2: it holds 0 or... never 2, so they never write
     my_sig = tl.load(sig_ptrs + rank).to(tl.pointer_type(tl.int32))
-    for peer in tl.static_range(WORLD):
-        if peer != rank:
-            peer_sig = tl.load(sig_ptrs + peer).to(tl.pointer_type(tl.int32))
-            sent = tl.atomic_cas(peer_sig + slot_base + rank, 0, 1, sem="release", scope="sys")
-            while sent != 0:
-                sent = tl.atomic_cas(peer_sig + slot_base + rank, 0, 1, sem="release", scope="sys")
-    for peer in tl.static_range(WORLD):
-        if peer != rank:
-            got = tl.atomic_cas(my_sig + slot_base + peer, 1, 0, sem="acquire", scope="sys")
-            while got != 1:
-                got = tl.atomic_cas(my_sig + slot_base + peer, 1, 0, sem="acquire", scope="sys")
+    scratch = my_sig + slot_base + rank
+    peer_sig = tl.load(sig_ptrs + peers, mask=is_peer, other=0).to(tl.pointer_type(tl.int32))
+    send_to = tl.where(is_peer, peer_sig + slot_base + rank, scratch)
+    pending = is_peer
+    while tl.max(pending.to(tl.int32), 0) > 0:
+        old = tl.atomic_cas(tl.where(pending, send_to, scratch), tl.where(pending, 0, 2), tl.where(pending, 1, 2),
+                            sem="release", scope="sys")
+        pending = pending & (old != 0)
+    recv_from = tl.where(is_peer, my_sig + slot_base + peers, scratch)
+    pending = is_peer
+    while tl.max(pending.to(tl.int32), 0) > 0:
+        old = tl.atomic_cas(tl.where(pending, recv_from, scratch), tl.where(pending, 1, 2), tl.where(pending, 0, 2),
+                            sem="acquire", scope="sys")
+        pending = pending & (old != 1)
     tl.debug_barrier()               # every thread's later loads happen after the acquire
 
 
@@ -70,10 +81,12 @@ def _all_reduce_add_rms_norm_kernel(
     num_rows,
     hidden,
     eps,
-    num_groups,         # cdiv(num_rows, WORLD)
     WORLD: tl.constexpr,
+    WORLD_PAD: tl.constexpr,      # next power of 2 of WORLD
     BLOCK: tl.constexpr,          # next power of 2 of hidden
 ):
+    # program p handles rows p, p + P, p + 2P, ...; row r belongs to rank (r * W) // num_rows
+    # (contiguous blocks, so every program's rows spread over the ranks)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
@@ -81,11 +94,10 @@ def _all_reduce_add_rms_norm_kernel(
     dtype = residual_out_ptr.dtype.element_ty
     my_buf = tl.load(buf_ptrs + rank).to(tl.pointer_type(dtype))
 
-    # phase 1: this rank's rows of each group: sum the ranks' partials, add the residual
-    _signal_and_wait(sig_ptrs, rank, (pid * 2) * WORLD, WORLD)
-    for group in range(pid, num_groups, programs):
-        row = group * WORLD + rank              # (int32: the wrapper keeps rows * hidden < 2**31)
-        if row < num_rows:
+    # phase 1: this program's rows that this rank owns: sum the ranks' partials, add the residual
+    _signal_and_wait(sig_ptrs, rank, (pid * 2) * WORLD, WORLD, WORLD_PAD)
+    for row in range(pid, num_rows, programs):        # (int32: the wrapper keeps rows * hidden < 2**31)
+        if (row * WORLD) // num_rows == rank:
             acc = tl.zeros([BLOCK], tl.float32)
             for peer in tl.static_range(WORLD):
                 buf = tl.load(buf_ptrs + peer).to(tl.pointer_type(dtype))
@@ -94,18 +106,16 @@ def _all_reduce_add_rms_norm_kernel(
             residual = tl.load(residual_ptr + row * hidden + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(my_buf + row * hidden + offs, (reduced + residual).to(dtype), mask=mask)
 
-    # phase 2: every row of each group from its owner: copy out the new residual and normalise it
-    _signal_and_wait(sig_ptrs, rank, (pid * 2 + 1) * WORLD, WORLD)
-    for group in range(pid, num_groups, programs):
-        for owner in tl.static_range(WORLD):
-            row = group * WORLD + owner
-            if row < num_rows:
-                buf = tl.load(buf_ptrs + owner).to(tl.pointer_type(dtype))
-                summed = tl.load(buf + row * hidden + offs, mask=mask, other=0.0)
-                tl.store(residual_out_ptr + row * hidden + offs, summed, mask=mask)
-                normed = _rms_norm_row(summed.to(tl.float32), weight_ptr, offs, mask, hidden, eps,
-                                       dtype, out_ptr.dtype.element_ty)
-                tl.store(out_ptr + row * hidden + offs, normed, mask=mask)
+    # phase 2: every row of this program from its owner: copy out the new residual and normalise it
+    _signal_and_wait(sig_ptrs, rank, (pid * 2 + 1) * WORLD, WORLD, WORLD_PAD)
+    for row in range(pid, num_rows, programs):
+        owner = (row * WORLD) // num_rows
+        buf = tl.load(buf_ptrs + owner).to(tl.pointer_type(dtype))
+        summed = tl.load(buf + row * hidden + offs, mask=mask, other=0.0)
+        tl.store(residual_out_ptr + row * hidden + offs, summed, mask=mask)
+        normed = _rms_norm_row(summed.to(tl.float32), weight_ptr, offs, mask, hidden, eps,
+                               dtype, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * hidden + offs, normed, mask=mask)
 
 
 def signal_slots(max_programs: int, world_size: int) -> int:
@@ -143,11 +153,11 @@ def all_reduce_add_rms_norm(
     residual_out = torch.empty_like(residual)
     if rows == 0:
         return out, residual_out
-    groups = triton.cdiv(rows, world_size)
     block = triton.next_power_of_2(hidden)
-    _all_reduce_add_rms_norm_kernel[(min(groups, max_programs),)](
-        out, residual_out, residual, weight, buf_ptrs, sig_ptrs, rank, rows, hidden, eps, groups,
-        WORLD=world_size, BLOCK=block, num_warps=max(4, min(16, block // 512)))
+    _all_reduce_add_rms_norm_kernel[(min(rows, max_programs),)](
+        out, residual_out, residual, weight, buf_ptrs, sig_ptrs, rank, rows, hidden, eps,
+        WORLD=world_size, WORLD_PAD=triton.next_power_of_2(world_size), BLOCK=block,
+        num_warps=max(4, min(16, block // 512)))
     return out, residual_out
 
 

@@ -14,6 +14,10 @@ from pagoda.kernels.all_reduce_norm_triton import (
     all_reduce_add_rms_norm, all_reduce_add_rms_norm_ref, signal_slots)
 
 
+def owned_rows(rank: int, rows: int, world: int) -> torch.Tensor:
+    return torch.tensor([r for r in range(rows) if r * world // rows == rank], dtype=torch.long)
+
+
 def simulate(world: int, rank: int, rows: int, hidden: int, max_programs: int, dtype=torch.bfloat16):
     torch.manual_seed(world * 100 + rank * 10 + rows)
     partials = [torch.randn(rows, hidden, dtype=dtype) for _ in range(world)]
@@ -24,12 +28,12 @@ def simulate(world: int, rank: int, rows: int, hidden: int, max_programs: int, d
     for r in range(world):
         buf = partials[r].clone()
         if r != rank:                                   # the peer has done its phase 1 already
-            owned = torch.tensor(list(range(r, rows, world)), dtype=torch.long)
+            owned = owned_rows(r, rows, world)
             buf[owned] = expected_residual[owned]
         buffers.append(buf)
     slots = signal_slots(max_programs, world)
     signals = [torch.zeros(slots, dtype=torch.int32) for _ in range(world)]
-    programs = min(-(-rows // world), max_programs)
+    programs = min(rows, max_programs)
     for p in range(programs):                           # the peers' signals to this rank, both phases
         for phase in range(2):
             for peer in range(world):
@@ -51,7 +55,7 @@ def test_matches_reference_and_signals(world, rank, rows, max_programs, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.07)
     torch.testing.assert_close(s["residual_out"], s["expected_residual"], **tol)
     torch.testing.assert_close(s["out"], s["expected_out"], **tol)
-    owned = torch.tensor(list(range(rank, rows, world)), dtype=torch.long)
+    owned = owned_rows(rank, rows, world)
     torch.testing.assert_close(s["buffers"][rank][owned], s["expected_residual"][owned], **tol)   # phase 1's rows
     assert int(s["signals"][rank].sum()) == 0                                       # every signal consumed
     for peer in range(world):
