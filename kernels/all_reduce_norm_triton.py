@@ -42,30 +42,29 @@ from .norm_triton import _rms_norm_row
 
 
 @triton.jit
+def _cas_each_once(targets, pending, scratch, expect, new, SEM: tl.constexpr):
+    """Compare-and-swap expect -> new (system scope) at each pending lane's target, retrying a lane
+    until its swap succeeded; lanes not pending swap a scratch flag with compare 2, a value it never
+    holds, so they write nothing."""
+    while tl.max(pending.to(tl.int32), 0) > 0:
+        old = tl.atomic_cas(tl.where(pending, targets, scratch), tl.where(pending, expect, 2),
+                            tl.where(pending, new, 2), sem=SEM, scope="sys")
+        pending = pending & (old != expect)
+
+
+@triton.jit
 def _signal_and_wait(sig_ptrs, rank, slot_base, WORLD: tl.constexpr, WORLD_PAD: tl.constexpr):
     """Barrier of this program with the same program on every peer (slot_base: this (phase,
     program)'s W slots; slot slot_base + r on a rank is written by rank r). One lane per peer, so
-    the W - 1 signals travel at once; a lane retries only while its peer has not consumed the last one."""
+    the W - 1 signals travel at once; a sender retries while its peer has not consumed its last one."""
     tl.debug_barrier()               # this program's earlier stores happen before the release below
     peers = tl.arange(0, WORLD_PAD)
     is_peer = (peers < WORLD) & (peers != rank)
-    # lanes that are not peers CAS a scratch flag (slot_base + rank on this rank, never signalled)
-    # with compare 2: it holds 0 or... never 2, so they never write
     my_sig = tl.load(sig_ptrs + rank).to(tl.pointer_type(tl.int32))
-    scratch = my_sig + slot_base + rank
+    scratch = my_sig + slot_base + rank                # this rank's own slot: nobody ever signals it
     peer_sig = tl.load(sig_ptrs + peers, mask=is_peer, other=0).to(tl.pointer_type(tl.int32))
-    send_to = tl.where(is_peer, peer_sig + slot_base + rank, scratch)
-    pending = is_peer
-    while tl.max(pending.to(tl.int32), 0) > 0:
-        old = tl.atomic_cas(tl.where(pending, send_to, scratch), tl.where(pending, 0, 2), tl.where(pending, 1, 2),
-                            sem="release", scope="sys")
-        pending = pending & (old != 0)
-    recv_from = tl.where(is_peer, my_sig + slot_base + peers, scratch)
-    pending = is_peer
-    while tl.max(pending.to(tl.int32), 0) > 0:
-        old = tl.atomic_cas(tl.where(pending, recv_from, scratch), tl.where(pending, 1, 2), tl.where(pending, 0, 2),
-                            sem="acquire", scope="sys")
-        pending = pending & (old != 1)
+    _cas_each_once(tl.where(is_peer, peer_sig + slot_base + rank, scratch), is_peer, scratch, 0, 1, "release")
+    _cas_each_once(tl.where(is_peer, my_sig + slot_base + peers, scratch), is_peer, scratch, 1, 0, "acquire")
     tl.debug_barrier()               # every thread's later loads happen after the acquire
 
 
