@@ -73,7 +73,6 @@ class SymmAllReduce:
             raise ValueError(f"algorithm must be 'one' or 'two', got {algorithm!r}")
         return x
 
-
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, algorithm: Optional[str] = None) -> Optional[torch.Tensor]:
         """x @ weight.T summed over ranks, the product written by the GEMM straight into this rank's
         buffer (no staging copy); a new (rows, out) tensor, or None where it does not fit (the
@@ -146,7 +145,7 @@ class FusedNormSlots:
         self.buf_ptrs = [peer_addresses(slots_handle, self.slots, s * slot_bytes) for s in (0, 1)]
         self.sig_ptrs = peer_addresses(signals_handle, self.signals, 0)
         torch.cuda.synchronize(device)
-        dist.barrier(group)           # every rank's flags are zero before anyone signals
+        dist.barrier(group, device_ids=[device.index])   # every rank's flags are zero before anyone signals
 
     def slot_view(self, slot: int, rows: int, cols: int) -> Optional[torch.Tensor]:
         if rows * cols > self.max_numel:
