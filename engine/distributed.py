@@ -103,17 +103,6 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def tp_linear_all_reduce(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T summed over ranks (a bias-free row-parallel layer's output). Where the
-    symmetric-memory all-reduce takes the product, the GEMM writes into its buffer directly.
-    Every rank takes the same path: the choice depends only on shapes and dtypes."""
-    if _TP.world_size > 1 and _FAST_ALL_REDUCE is not None:
-        out = _FAST_ALL_REDUCE.matmul(x, weight)
-        if out is not None:
-            return out
-    return tp_all_reduce(torch.nn.functional.linear(x, weight))
-
-
 def tp_linear_partial(x: torch.Tensor, weight: torch.Tensor, slot: int) -> torch.Tensor:
     """x @ weight.T, this rank's unreduced share of a bias-free row-parallel layer, to be summed by
     `tp_all_reduce_add_rms_norm(..., slot)`. Where the fused kernel runs, the GEMM writes into the

@@ -10,7 +10,6 @@ directory. The window starts and ends at a device synchronisation, so it slows t
 """
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import time
@@ -87,11 +86,7 @@ class StepProfiler:
         self._profile.stop()
         self.done = True
         recorded = min(self.steps, self.first + self.count) - self.first
-        trace = self.directory / f"rank{self.rank}.trace.json"
-        self._profile.export_chrome_trace(str(trace))
-        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
-            dst.write(src.read())
-        trace.unlink()
+        self._profile.export_chrome_trace(str(self.directory / f"rank{self.rank}.trace.json.gz"))   # gzipped by torch
         averages = self._profile.key_averages()
         device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in averages)
         head = (f"rank {self.rank}: steps {self.first}..{self.first + recorded - 1} ({recorded}), "

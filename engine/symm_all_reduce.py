@@ -10,14 +10,12 @@ reads, so the buffer is free again when it returns). Bigger messages (prefill) s
     rank r:  x_r ──copy──> buf_r ─┐ barrier; out = sum over peers p of buf_p (NVLink loads); barrier
                                    └──> x_r (in place)
 
-A row-parallel layer's GEMM can write its partial product straight into the buffer (`matmul`),
-which saves the copy in. Where the sum feeds a residual add + RMSNorm (between decoder sub-layers),
-`FusedNormSlots` does all three in one kernel (`use_fused_norm`: PAGODA_FUSED_ALL_REDUCE_NORM).
+Where the sum of a row-parallel layer's partial products feeds a residual add + RMSNorm (between
+decoder sub-layers), `FusedNormSlots` does all three in one kernel, the GEMM writing its partial
+straight into a symmetric slot (`use_fused_norm`: PAGODA_FUSED_ALL_REDUCE_NORM).
 
 Invariant: every rank calls it with the same size in the same order (as any collective), and the
-calls are stream-ordered, so they may be captured in CUDA graphs like the NCCL ones. The buffer is
-free again when a call returns on this rank (its closing barrier waits for every peer's reads), so
-the next GEMM may write into it.
+calls are stream-ordered, so they may be captured in CUDA graphs like the NCCL ones.
 """
 from __future__ import annotations
 
@@ -72,28 +70,6 @@ class SymmAllReduce:
         else:
             raise ValueError(f"algorithm must be 'one' or 'two', got {algorithm!r}")
         return x
-
-    def matmul(self, x: torch.Tensor, weight: torch.Tensor, algorithm: Optional[str] = None) -> Optional[torch.Tensor]:
-        """x @ weight.T summed over ranks, the product written by the GEMM straight into this rank's
-        buffer (no staging copy); a new (rows, out) tensor, or None where it does not fit (the
-        caller then multiplies and all-reduces)."""
-        if x.dim() != 2 or x.dtype != self.dtype or weight.dtype != self.dtype or not x.is_cuda:
-            return None
-        rows, cols = x.shape[0], weight.shape[0]
-        if rows * cols > self.max_numel:
-            return None
-        staged = self.buffer[: rows * cols].view(rows, cols)
-        torch.mm(x, weight.t(), out=staged)                                # (rows, out) into the buffer
-        out = torch.empty((rows, cols), dtype=self.dtype, device=x.device)
-        if algorithm is None:
-            algorithm = "two" if rows * cols * x.element_size() >= self.two_shot_min_bytes else "one"
-        if algorithm == "one":
-            torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
-        elif algorithm == "two":
-            torch.ops.symm_mem.two_shot_all_reduce_out(staged, "sum", self.group_name, out)
-        else:
-            raise ValueError(f"algorithm must be 'one' or 'two', got {algorithm!r}")
-        return out
 
 
 # PAGODA_FUSED_ALL_REDUCE_NORM: "auto" (default: fused up to FUSED_NORM_MAX_WORLD ranks), "1", "0"

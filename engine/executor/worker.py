@@ -7,8 +7,8 @@ multiproc executor calls these methods from a spawned process, and a Ray executo
 class as an actor (`ray.remote(Worker)`) and call them remotely.
 
 Call order: `init_device` -> `load_model` -> `determine_num_blocks` -> `initialize_cache(min over
-ranks)` -> `execute_model` (or `step`, with deferred replies) per step -> `shutdown`. Every rank must receive every step, in the same
-order: the model's collectives pair up across ranks call by call.
+ranks)` -> `execute_model` (or `step`, with deferred replies) per step -> `shutdown`. Every rank
+must receive every step, in the same order: the model's collectives pair up across ranks call by call.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 
 from ..config import EngineConfig
-from ..heap import freeze_startup_heap, thaw_heap
 from ..distributed import destroy_tensor_parallel, enable_fast_all_reduce, init_tensor_parallel
+from ..heap import freeze_startup_heap, thaw_heap
 from ..model_runner import ModelRunner
 from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
 from .base import StepHandle

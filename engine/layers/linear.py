@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distributed import (divide, get_tp_rank, get_tp_size, tp_all_reduce, tp_linear_all_reduce,
-                           tp_linear_partial)
+from ..distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce, tp_linear_partial
 
 
 def _load_full(param: nn.Parameter, weight: Any) -> None:
@@ -136,7 +135,5 @@ class RowParallelLinear(LinearBase):
             if self.bias is None:
                 return tp_linear_partial(x, self.weight, self.partial_slot)   # (T, out), this rank's share
             return F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        if self.bias is None and x.dim() == 2:
-            return tp_linear_all_reduce(x, self.weight)                  # (T, out), summed over ranks
         bias: Optional[torch.Tensor] = self.bias if self.tp_rank == 0 else None
         return tp_all_reduce(F.linear(x, self.weight, bias))
