@@ -1,4 +1,4 @@
-"""All-reduce latency at decode sizes: NCCL vs the symmetric-memory one-shot (engine/symm_all_reduce.py).
+"""All-reduce latency at decode sizes: NCCL vs the symmetric-memory one-shot (engine/distributed/symm_all_reduce.py).
 
     python -m bench.allreduce --tp 2            # CUDA, one process per GPU
 
@@ -51,9 +51,9 @@ def _graph_time(fn, calls: int) -> float:
 def _worker(rank: int, world: int, init_method: str) -> None:
     import torch.distributed as dist
 
-    from pagoda.engine.distributed import init_tensor_parallel
-    from pagoda.engine.symm_all_reduce import SymmAllReduce
-    from pagoda.kernels import fused_add_rms_norm
+    from pagoda.engine.distributed.parallel_state import init_tensor_parallel
+    from pagoda.engine.distributed.symm_all_reduce import SymmAllReduce
+    from pagoda.kernels.norm import fused_add_rms_norm
 
     device = torch.device("cuda", rank)
     init_tensor_parallel(rank, world, init_method, device)
@@ -115,7 +115,7 @@ def main() -> None:
     if not torch.cuda.is_available() or torch.cuda.device_count() < args.tp:
         raise SystemExit(f"needs {args.tp} CUDA devices")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    from pagoda.engine.distributed import get_open_port
+    from pagoda.engine.distributed.parallel_state import get_open_port
 
     torch.multiprocessing.spawn(_worker, args=(args.tp, f"tcp://127.0.0.1:{get_open_port()}"), nprocs=args.tp)
 

@@ -28,8 +28,8 @@ HEAD_DIM, BLOCK_SIZE, GRAPH_MAX_SEQ_LEN = 128, 16, 8192
 def main() -> None:
     import triton
 
-    from pagoda.kernels import AttentionMetadata
     from pagoda.kernels import attention_triton as at
+    from pagoda.kernels.metadata import AttentionMetadata
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 300, 600])

@@ -44,7 +44,7 @@ def load_hf_model(bench_model: BenchModel, device: torch.device, dtype: torch.dt
     model; the same checkpoint (GGUF dequantized by transformers, or safetensors) otherwise."""
     import transformers
 
-    from pagoda.engine.model_source import resolve_model
+    from pagoda.engine.model_loader.model_source import resolve_model
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:

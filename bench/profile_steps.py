@@ -34,9 +34,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from pagoda.engine import SamplingParams
+    from pagoda.engine.core.scheduler import Scheduler
     from pagoda.engine.llm import LLM
-    from pagoda.engine.model_runner import ModelRunner
-    from pagoda.engine.scheduler import Scheduler
+    from pagoda.engine.worker.model_runner import ModelRunner
 
     bench_model = resolve_bench_model(args.model)
     llm = LLM(model=bench_model.model, load_format=bench_model.load_format, skip_tokenizer_init=True,

@@ -21,8 +21,8 @@ if __package__ in (None, ""):
 def main() -> None:
     import triton
 
-    from pagoda.kernels import AttentionMetadata
     from pagoda.kernels import attention_triton as at
+    from pagoda.kernels.metadata import AttentionMetadata
 
     device = torch.device("cuda")
     heads, kv_heads, head_dim, block_size = 32, 8, 128, 16

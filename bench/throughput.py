@@ -38,12 +38,18 @@ import torch
 if __package__ in (None, ""):          # run as a script (python bench/throughput.py): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ceilings import (Ceilings, FloorResult, batch1_roofline, ideal_floor,  # noqa: E402
-                            measure_allreduce_bus_bandwidth, measure_ceilings, percent_of)
+from bench.ceilings import (  # noqa: E402
+    Ceilings,
+    FloorResult,
+    batch1_roofline,
+    ideal_floor,
+    measure_allreduce_bus_bandwidth,
+    measure_ceilings,
+    percent_of,
+)
 from bench.hf_baseline import HFRunResult, load_hf_model, run_hf_continuous, run_hf_static  # noqa: E402
 from bench.models import BenchModel, ModelShape, resolve_bench_model  # noqa: E402
-from bench.workloads import (WORKLOADS, BenchRequest, make_workload, total_output_tokens,  # noqa: E402
-                             total_prompt_tokens)
+from bench.workloads import WORKLOADS, BenchRequest, make_workload, total_output_tokens, total_prompt_tokens  # noqa: E402
 
 SHARED_PREFIX_LEN = 2048          # make_shared_prefix's default prefix
 
@@ -211,7 +217,7 @@ def _free_device_memory(device: torch.device) -> None:
 
 
 def _hf_config(bench_model: BenchModel) -> Any:
-    from pagoda.engine.model_source import load_hf_config, resolve_model
+    from pagoda.engine.model_loader.model_source import load_hf_config, resolve_model
 
     return load_hf_config(resolve_model(bench_model.model))
 

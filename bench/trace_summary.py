@@ -1,4 +1,4 @@
-"""Reads the device timeline of a `PAGODA_TORCH_PROFILER_DIR` trace (engine/step_profiler.py).
+"""Reads the device timeline of a `PAGODA_TORCH_PROFILER_DIR` trace (engine/worker/step_profiler.py).
 
     python -m bench.trace_summary /tmp/prof/rank0.trace.json.gz [--top 25] [--gap-us 5]
 

@@ -3,7 +3,7 @@
     client ─HTTP─> Serve proxy ─> Ingress (ingress.py: build_app's OpenAI API over ClusterEngineClient)
                                     │ client.py: model by name, tokenize + hash leading blocks,
                                     │            retry once on replica failure
-                                    ▼ handle per model, PrefixAwareRouter (router.py, request_router.py)
+                                    ▼ handle per model, PrefixAwareRouter (routing_policy.py, prefix_aware_router.py)
                                   LLMReplica × N per model (replica.py: one AsyncEngine each)
                                     │ TP > 1: Worker actors in a STRICT_PACK placement group
                                     │ (ray_executor.py: RayExecutor, the engine's Executor over Ray)
@@ -20,3 +20,10 @@
 
 The engine never imports Ray; everything Ray lives here.
 """
+
+if __name__ != "pagoda.cluster":
+    # NOTE: reached only when the repository root is on sys.path and something imports the folder by
+    # its bare name; loading it as a second copy of pagoda.cluster would only fail later and obscurely.
+    raise ImportError(f"{__name__!r} is not a package: this folder installs as pagoda.cluster "
+                      "(pip install -e . in the repository root)")
+

@@ -19,7 +19,7 @@ How a `ModelDeployment` becomes Serve options (`replica_options`):
                                  Ray autoscaler adds a node that fits it.
     max_ongoing_requests         Serve's per-replica cap (the engine batches what it lets through)
     max_queued_requests          requests waiting at the router beyond that; more get 503 + Retry-After
-    routing                      PrefixAwareRouter (router.py), fed by record_routing_stats
+    routing                      PrefixAwareRouter (routing_policy.py), fed by record_routing_stats
 
 Knobs that are not part of the app-argument contract (`config.py`, shared with the Helm chart) live
 in `ClusterTuning`: Python callers (tests, benchmarks) use `build_application(args, tuning)`; Serve
@@ -37,8 +37,8 @@ from ray.serve.config import RequestRouterConfig
 
 from .config import AppConfig, ModelDeployment, parse_app_args
 from .ingress import Ingress
+from .prefix_aware_router import PrefixAwareRouter
 from .replica import LLMReplica, engine_args_for
-from .request_router import PrefixAwareRouter
 
 INGRESS_DEPLOYMENT = "ingress"
 # Serve's default look-back (30 s) averages out bursts; it must exceed the metrics push interval.

@@ -39,14 +39,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pagoda.engine.engine_client import resolve_model_name
 from pagoda.engine.entrypoints.openai.errors import to_api_error
 from pagoda.engine.errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError
-from pagoda.engine.input_processor import PromptType
 from pagoda.engine.outputs import EngineStats, RequestOutput, merge_outputs
+from pagoda.engine.processing.input_processor import PromptType
 from pagoda.engine.sampling_params import SamplingParams
 
 from .channels import Inbox, TokenChannels, ray_mailbox
 from .config import ModelDeployment
 from .metrics import merge_expositions
-from .router import prompt_block_hashes, router_for
+from .routing_policy import prompt_block_hashes, router_for
 from .wire import LeaseEnd, ModelInfo, OutputDecoder, ReplicaReport, ReplicaRequest, RoutingHints, WireOutput
 
 logger = logging.getLogger(__name__)

@@ -36,15 +36,19 @@ from typing import Any, Optional
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
-from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group, \
-    remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.distributed import get_open_port
-from pagoda.engine.executor.base import ExecutorError, StepHandle, WorkerGroupExecutor
-from pagoda.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagoda.engine.executor.worker import Worker
+from pagoda.engine.distributed.parallel_state import get_open_port
+from pagoda.engine.executor.base import ExecutorError, WorkerGroupExecutor
+from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput, StepHandle
+from pagoda.engine.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pagoda.engine.input_processor import PromptType
 from pagoda.engine.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
+from pagoda.engine.processing.input_processor import PromptType
 from pagoda.engine.sampling_params import SamplingParams
 
 

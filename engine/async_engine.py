@@ -9,7 +9,7 @@
            while the consumer was busy comes as one merged output)
 
 With `engine_core_process` (the default on CUDA) the EngineCore runs in a process of its own
-(core_process.py) and the engine thread only forwards commands to it, while a reader thread hands its
+(core/core_process.py) and the engine thread only forwards commands to it, while a reader thread hands its
 outputs to the event loop: the step loop then never shares a GIL with the server's text work.
 
 Only the engine thread touches the `EngineCore` (it is even built there); the event loop reaches it
@@ -30,16 +30,16 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 from .config import EngineArgs, EngineConfig
-from .core_process import CoreProcess
-from .engine_core import EngineCore
+from .core.core_process import CoreProcess
+from .core.engine_core import EngineCore
+from .core.request import Request
 from .errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError
 from .executor.base import Executor
-from .input_processor import InputProcessor, PromptType
 from .llm_engine import load_text_side
 from .metrics import EngineMetrics
-from .output_processor import OutputProcessor
 from .outputs import EngineCoreOutput, EngineStats, RequestOutput, merge_outputs
-from .request import Request
+from .processing.input_processor import InputProcessor, PromptType
+from .processing.output_processor import OutputProcessor
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

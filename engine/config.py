@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from .model_source import ModelSource, load_hf_config, resolve_model
+from .model_loader.model_source import ModelSource, load_hf_config, resolve_model
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -86,7 +86,7 @@ class ParallelConfig:
     # raises ExecutorError and the engine turns dead instead of waiting forever.
     step_timeout_s: float = 300.0
     # The serving engine (AsyncEngine) runs its EngineCore in a process of its own, so the step loop
-    # never waits for the server's Python work (engine/core_process.py). The offline LLM ignores it.
+    # never waits for the server's Python work (engine/core/core_process.py). The offline LLM ignores it.
     engine_core_process: bool = False
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any, AsyncIterator, Optional, Protocol, runtime_checkable
 
 from .errors import ModelNotFoundError
-from .input_processor import PromptType
 from .outputs import EngineStats, RequestOutput
+from .processing.input_processor import PromptType
 from .sampling_params import SamplingParams
 
 

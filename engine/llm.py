@@ -11,11 +11,11 @@ from typing import Any, Optional, Sequence, Union
 from tqdm.auto import tqdm
 
 from .config import EngineArgs
-from .input_processor import PromptType
 from .llm_engine import LLMEngine
 from .outputs import EngineStats, RequestOutput
+from .processing.input_processor import PromptType
+from .processing.tokenizer import apply_chat_template
 from .sampling_params import SamplingParams
-from .tokenizer import apply_chat_template
 
 
 class LLM:

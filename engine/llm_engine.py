@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .config import EngineArgs, EngineConfig
-from .engine_core import EngineCore
-from .input_processor import InputProcessor, ProcessedRequest, PromptType
-from .output_processor import OutputProcessor
+from .core.engine_core import EngineCore
 from .outputs import EngineStats, RequestOutput
+from .processing.input_processor import InputProcessor, ProcessedRequest, PromptType
+from .processing.output_processor import OutputProcessor
 from .sampling_params import SamplingParams
 
 
@@ -25,7 +25,7 @@ def load_text_side(config: EngineConfig) -> tuple[Any, frozenset[int]]:
         eos.update(int(t) for t in eos_config)
     if config.model.skip_tokenizer_init:
         return None, frozenset(eos)
-    from .tokenizer import eos_token_ids, load_tokenizer
+    from .processing.tokenizer import eos_token_ids, load_tokenizer
 
     tokenizer = load_tokenizer(config.model.source)
     return tokenizer, frozenset(eos_token_ids(tokenizer, config.model.hf_config))

@@ -21,7 +21,7 @@ p reduced in phase 1) through flags in a symmetric int32 buffer: a sender sets i
 from 0 to 1 (release, system scope; it retries while the peer has not consumed its last signal), a
 receiver sets it back from 1 to 0 (acquire); one lane per peer.
 
-Invariants the caller keeps (engine/symm_all_reduce.py):
+Invariants the caller keeps (engine/distributed/symm_all_reduce.py):
 - the partials live in one of two buffer slots that alternate call by call, so a rank writing the
   next-but-one call's partial into a slot knows every peer is done reading it (a peer starting the
   call in between has finished this one: calls are stream-ordered);

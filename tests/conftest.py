@@ -34,10 +34,8 @@ if "PAGODA_CACHE_DIR" not in os.environ:
     os.environ["PAGODA_CACHE_DIR"] = tempfile.mkdtemp(prefix="pagoda-test-cache-")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pytest  # noqa: E402
-
 import model_factory  # noqa: E402
-
+import pytest  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Tiny checkpoints (model_factory), session-scoped: each spec is written once per test session.
@@ -84,20 +82,20 @@ def tiny_gguf(tiny_checkpoint, tmp_path_factory) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def default_source():
-    from pagoda.engine.model_source import resolve_model
+    from pagoda.engine.model_loader.model_source import resolve_model
 
     return resolve_model("default")
 
 
 @pytest.fixture(scope="session")
 def default_hf_config(default_source):
-    from pagoda.engine.model_source import load_hf_config
+    from pagoda.engine.model_loader.model_source import load_hf_config
 
     return load_hf_config(default_source)
 
 
 @pytest.fixture(scope="session")
 def default_tokenizer(default_source):
-    from pagoda.engine.tokenizer import load_tokenizer
+    from pagoda.engine.processing.tokenizer import load_tokenizer
 
     return load_tokenizer(default_source)

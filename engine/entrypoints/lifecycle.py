@@ -18,8 +18,8 @@ import time
 from typing import AsyncIterator, Iterator
 
 from ..engine_client import EngineClient
-from ..input_processor import PromptType
 from ..outputs import RequestOutput
+from ..processing.input_processor import PromptType
 from ..sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

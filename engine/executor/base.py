@@ -6,30 +6,10 @@ a Ray executor (cluster) drives Ray actors. The engine core only ever calls thes
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ..config import EngineConfig
-from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
-
-
-class StepHandle:
-    """A launched step whose output may not be on the host yet; `result()` waits for it (once)."""
-
-    def __init__(self, resolve: Callable[[], ModelRunnerOutput]) -> None:
-        self._resolve: Optional[Callable[[], ModelRunnerOutput]] = resolve
-        self._output: Optional[ModelRunnerOutput] = None
-
-    @classmethod
-    def done(cls, output: ModelRunnerOutput) -> "StepHandle":
-        handle = cls(lambda: output)
-        handle.result()
-        return handle
-
-    def result(self) -> ModelRunnerOutput:
-        if self._resolve is not None:
-            self._output, self._resolve = self._resolve(), None
-        assert self._output is not None
-        return self._output
+from ..step import ModelRunnerOutput, SchedulerOutput, StepHandle
 
 
 class ExecutorError(RuntimeError):
@@ -84,16 +64,3 @@ class WorkerGroupExecutor(Executor):
                                        timeout_s=self.config.parallel.step_timeout_s)
         assert isinstance(replies[0], ModelRunnerOutput), "rank 0 is the driver and must sample"
         return replies[0]
-
-
-def executor_class_for(config: EngineConfig) -> type[Executor]:
-    backend = config.parallel.executor_backend
-    if backend == "uni":
-        from .uniproc import UniprocExecutor
-
-        return UniprocExecutor
-    if backend == "mp":
-        from .multiproc import MultiprocExecutor
-
-        return MultiprocExecutor
-    raise ValueError(f"executor backend {backend!r} needs its own executor class (e.g. pagoda.cluster's Ray executor)")

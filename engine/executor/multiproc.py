@@ -45,11 +45,11 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from ..config import EngineConfig
-from ..child_process import exit_when_parent_dies, how_it_ended, leave, stop_children
-from ..distributed import get_open_port
-from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
-from .base import ExecutorError, StepHandle, WorkerGroupExecutor
-from .worker import Worker
+from ..distributed.parallel_state import get_open_port
+from ..step import ModelRunnerOutput, SchedulerOutput, StepHandle
+from ..utils.child_process import exit_when_parent_dies, how_it_ended, leave, stop_children
+from ..worker.worker import Worker
+from .base import ExecutorError, WorkerGroupExecutor
 
 logger = logging.getLogger(__name__)
 

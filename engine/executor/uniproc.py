@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ..config import EngineConfig
-from ..model_runner import ModelRunner
-from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
-from .base import Executor, StepHandle
+from ..step import ModelRunnerOutput, SchedulerOutput, StepHandle
+from ..worker.model_runner import ModelRunner
+from .base import Executor
 
 
 class UniprocExecutor(Executor):

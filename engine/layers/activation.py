@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pagoda.kernels import silu_and_mul
+from pagoda.kernels.activation import silu_and_mul
 
 
 class SiluAndMul(nn.Module):

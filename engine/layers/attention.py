@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pagoda.kernels import AttentionMetadata, paged_attention, reshape_and_cache
+from pagoda.kernels.attention import paged_attention
+from pagoda.kernels.cache import reshape_and_cache
+from pagoda.kernels.metadata import AttentionMetadata
 
 
 class PagedAttention(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from ..distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 
 
 class VocabParallelEmbedding(nn.Module):

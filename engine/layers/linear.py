@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce, tp_linear_partial
+from ..distributed.parallel_state import divide, get_tp_rank, get_tp_size, tp_all_reduce, tp_linear_partial
 
 
 def _load_full(param: nn.Parameter, weight: Any) -> None:

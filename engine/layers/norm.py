@@ -7,9 +7,9 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from pagoda.kernels import fused_add_rms_norm, rms_norm
+from pagoda.kernels.norm import fused_add_rms_norm, rms_norm
 
-from ..distributed import tp_all_reduce_add_rms_norm
+from ..distributed.parallel_state import tp_all_reduce_add_rms_norm
 
 
 class RMSNorm(nn.Module):

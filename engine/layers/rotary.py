@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from pagoda.kernels import apply_rotary
+from pagoda.kernels.rotary import apply_rotary
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from pagoda.kernels import AttentionMetadata
+from pagoda.kernels.metadata import AttentionMetadata
 
 from ..layers.activation import SiluAndMul
 from ..layers.attention import PagedAttention
@@ -23,7 +23,6 @@ from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, rope_parameters
-
 
 # The symmetric-memory slots of the two row-parallel outputs of a decoder layer: the fused
 # all-reduce + add + norm calls then alternate slots (o_proj, down_proj, o_proj, ...), as

@@ -13,8 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repo root, 
 
 from bench.ceilings import Ceilings, batch1_roofline, ideal_floor, measure_ceilings  # noqa: E402
 from bench.models import SHAPES, ModelShape, resolve_bench_model, shape_config  # noqa: E402
-from bench.workloads import (BenchRequest, make_batch1, make_s64, make_shared_prefix, make_w256,  # noqa: E402
-                             make_workload, total_output_tokens, total_prompt_tokens)
+from bench.workloads import (  # noqa: E402
+    BenchRequest,
+    make_batch1,
+    make_s64,
+    make_shared_prefix,
+    make_w256,
+    make_workload,
+    total_output_tokens,
+    total_prompt_tokens,
+)
 
 H100 = Ceilings(copy_bandwidth_Bps=3023e9, matmul_flops=804e12)
 H200 = Ceilings(copy_bandwidth_Bps=4300e9, matmul_flops=790e12)
@@ -102,7 +110,7 @@ def test_llama3_70b_shape():
 
 
 def test_random_model_configs_load_in_pagoda():
-    from pagoda.engine.model_source import load_hf_config, resolve_model
+    from pagoda.engine.model_loader.model_source import load_hf_config, resolve_model
 
     for name in SHAPES:
         bench_model = resolve_bench_model(f"{name}-random")

@@ -14,12 +14,12 @@ import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
+from pagoda.cluster.channels import Mailbox
 from pagoda.cluster.client import ClusterEngineClient, ModelRoute, _cause
 from pagoda.cluster.config import ModelDeployment
 from pagoda.cluster.ingress import build_ingress_app
 from pagoda.cluster.replica import LLMReplica
-from pagoda.cluster.channels import Mailbox
-from pagoda.cluster.router import prompt_block_hashes
+from pagoda.cluster.routing_policy import prompt_block_hashes
 from pagoda.engine.entrypoints.settings import ServerSettings
 from pagoda.engine.sampling_params import SamplingParams
 

@@ -1,11 +1,11 @@
-"""cluster/router.py: the replica-choice policy and the prompt's block hashes (no Ray cluster)."""
+"""cluster/routing_policy.py: the replica-choice policy and the prompt's block hashes (no Ray cluster)."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from pagoda.cluster.router import AffinityMemory, InFlight, ReplicaView, prompt_block_hashes, rank_replicas
+from pagoda.cluster.routing_policy import AffinityMemory, InFlight, ReplicaView, prompt_block_hashes, rank_replicas
 from pagoda.cluster.wire import RoutingHints
 from pagoda.engine import SamplingParams
 from pagoda.engine.config import EngineArgs

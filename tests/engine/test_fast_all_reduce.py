@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagoda.engine import distributed
+from pagoda.engine.distributed import parallel_state as distributed
 
 
 def test_bad_mode_is_refused_by_name(monkeypatch):

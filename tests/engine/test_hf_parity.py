@@ -4,11 +4,10 @@ Tolerance for logprobs: 2e-4 absolute (fp32; the two implementations sum in diff
 """
 from __future__ import annotations
 
+import model_factory
 import pytest
 import torch
 import transformers
-
-import model_factory
 from conftest import greedy, token_prompts
 from model_factory import TinyModelSpec
 
@@ -86,7 +85,7 @@ def test_gguf_checkpoint_matches_its_source(make_llm, tiny_checkpoint, tiny_gguf
 def test_default_model_matches_hf_gguf_load():
     """SmolLM2-135M from the GGUF: our engine vs transformers loading the same file."""
     from pagoda.engine.llm import LLM
-    from pagoda.engine.model_source import resolve_model
+    from pagoda.engine.model_loader.model_source import resolve_model
 
     source = resolve_model("default")
     llm = LLM(model="default")

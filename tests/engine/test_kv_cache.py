@@ -1,8 +1,8 @@
 """Block pool and prefix-cache bookkeeping, on its own (no model)."""
 from __future__ import annotations
 
-from pagoda.engine.kv_cache import KVCacheManager, hash_block
-from pagoda.engine.request import Request
+from pagoda.engine.core.kv_cache import KVCacheManager, hash_block
+from pagoda.engine.core.request import Request
 from pagoda.engine.sampling_params import SamplingParams
 
 

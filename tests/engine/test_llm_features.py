@@ -4,9 +4,9 @@ features; the block pool must be whole after every test (see conftest)."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import greedy, token_prompts
 from model_factory import TinyModelSpec
+
 from pagoda.engine import SamplingParams
 
 
@@ -172,7 +172,7 @@ def test_detokenization_never_breaks_multibyte(make_llm):
     # byte-level BPE: a 4-byte emoji and CJK characters become several byte tokens
     text = "héllo 😀 世界 ✓"
     ids = tokenizer.encode(text)
-    from pagoda.engine.detokenizer import IncrementalDetokenizer
+    from pagoda.engine.processing.detokenizer import IncrementalDetokenizer
 
     detok = IncrementalDetokenizer(tokenizer, [], [], False, True, 0)
     pieces = []

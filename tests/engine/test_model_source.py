@@ -5,10 +5,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from model_factory import TinyModelSpec
-from pagoda.engine import model_source
-from pagoda.engine.model_source import ModelSource, load_hf_config, resolve_model
+
+from pagoda.engine.model_loader import model_source
+from pagoda.engine.model_loader.model_source import ModelSource, load_hf_config, resolve_model
 
 # ------------------------------------------------------------------------------------- resolve_model
 

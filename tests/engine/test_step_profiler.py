@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pagoda.engine.step_profiler import StepProfiler, parse_steps
+from pagoda.engine.worker.step_profiler import StepProfiler, parse_steps
 
 
 def test_parse_steps_names_the_bad_value():

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import transformers
-
 from model_factory import EOS_TOKEN_ID
-from pagoda.engine.model_source import load_hf_config, resolve_model
-from pagoda.engine.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
+
+from pagoda.engine.model_loader.model_source import load_hf_config, resolve_model
+from pagoda.engine.processing.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
 
 TEXT = "Hello world! The quick brown fox, 12345."
 MESSAGES = [
@@ -166,8 +166,8 @@ def test_gguf_metadata_cache_round_trips(tmp_path, monkeypatch):
     """The cached config/tokenizer equal what transformers derives from the GGUF itself."""
     import transformers
 
-    from pagoda.engine.model_source import load_hf_config, resolve_model
-    from pagoda.engine.tokenizer import load_tokenizer
+    from pagoda.engine.model_loader.model_source import load_hf_config, resolve_model
+    from pagoda.engine.processing.tokenizer import load_tokenizer
 
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
     source = resolve_model("default")

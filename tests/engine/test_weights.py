@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from model_factory import TinyModelSpec, read_state_dict
-from pagoda.engine.model_source import ModelSource, resolve_model
-from pagoda.engine.weights import LazyWeight, gguf_to_hf_name, iterate_weights
+
+from pagoda.engine.model_loader.model_source import ModelSource, resolve_model
+from pagoda.engine.model_loader.weights import LazyWeight, gguf_to_hf_name, iterate_weights
 
 HF_SPECS = [
     TinyModelSpec(),

@@ -16,7 +16,7 @@ import pytest
 
 from pagoda.engine import EngineArgs, SamplingParams
 from pagoda.engine.async_engine import AsyncEngine
-from pagoda.engine.core_process import CoreProcessError
+from pagoda.engine.core.core_process import CoreProcessError
 from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.executor.uniproc import UniprocExecutor
 

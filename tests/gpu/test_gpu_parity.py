@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-
 from model_factory import TinyModelSpec
+
 from pagoda.engine import SamplingParams
 from pagoda.engine.llm import LLM
 
@@ -45,7 +45,7 @@ def test_fp32_exact_tokens(tiny_checkpoint, spec):
 
 
 def test_default_model_bf16_top1_agreement():
-    from pagoda.engine.model_source import resolve_model
+    from pagoda.engine.model_loader.model_source import resolve_model
 
     source = resolve_model("default")
     llm = LLM(model="default", dtype="bfloat16", gpu_memory_utilization=0.3)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagoda.kernels import activation_triton, silu_and_mul, use_backend
-from pagoda.kernels.activation import silu_and_mul_ref
+from pagoda.kernels import activation_triton
+from pagoda.kernels.activation import silu_and_mul, silu_and_mul_ref
+from pagoda.kernels.backend import use_backend
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagoda.kernels.all_reduce_norm_triton import (
-    all_reduce_add_rms_norm, all_reduce_add_rms_norm_ref, signal_slots)
+from pagoda.kernels.all_reduce_norm_triton import all_reduce_add_rms_norm, all_reduce_add_rms_norm_ref, signal_slots
 
 
 def owned_rows(rank: int, rows: int, world: int) -> torch.Tensor:
@@ -75,7 +74,7 @@ def test_rejects_bad_shapes():
 
 
 def test_fused_norm_mode(monkeypatch):
-    from pagoda.engine.symm_all_reduce import FUSED_NORM_MAX_WORLD, use_fused_norm
+    from pagoda.engine.distributed.symm_all_reduce import FUSED_NORM_MAX_WORLD, use_fused_norm
 
     monkeypatch.delenv("PAGODA_FUSED_ALL_REDUCE_NORM", raising=False)
     assert use_fused_norm(2) and not use_fused_norm(FUSED_NORM_MAX_WORLD + 1)     # auto: measured faster on 2

@@ -17,8 +17,9 @@ import dataclasses
 import pytest
 import torch
 
-from pagoda.kernels import attention_triton, use_backend
+from pagoda.kernels import attention_triton
 from pagoda.kernels.attention import paged_attention, paged_attention_ref
+from pagoda.kernels.backend import use_backend
 from pagoda.kernels.metadata import AttentionMetadata
 
 ON_CUDA = torch.cuda.is_available()
@@ -254,7 +255,7 @@ def test_decode_cuda_graph_replay(device):
     seqs = [(1, 1000), (1, 3000), (1, 20), (1, 2048)]
     batch = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, device)
     metadata = batch.metadata
-    metadata.num_decode_splits = 8                     # fixed at capture, as engine/cuda_graphs.py does
+    metadata.num_decode_splits = 8                     # fixed at capture, as engine/worker/cuda_graphs.py does
     out = run_triton(batch)                                                  # compile outside the graph
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -13,12 +13,11 @@ import random
 
 import pytest
 import torch
+from test_attention import DECODE, MIXED, PREFILL, PREFIX_HIT, TOLERANCES, make_batch, reference
 
-from pagoda.kernels import use_backend
 from pagoda.kernels.attention import paged_attention
 from pagoda.kernels.attention_cpu import GROUP_CALL_COST_CELLS, _cut_points, paged_attention_cpu, plan_for
-
-from test_attention import DECODE, MIXED, PREFILL, PREFIX_HIT, TOLERANCES, make_batch, reference
+from pagoda.kernels.backend import use_backend
 
 CPU = torch.device("cpu")
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagoda.kernels import cache_triton, reshape_and_cache, use_backend
-from pagoda.kernels.cache import reshape_and_cache_ref
+from pagoda.kernels import cache_triton
+from pagoda.kernels.backend import use_backend
+from pagoda.kernels.cache import reshape_and_cache, reshape_and_cache_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

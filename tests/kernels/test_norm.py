@@ -12,8 +12,9 @@ import os
 import pytest
 import torch
 
-from pagoda.kernels import fused_add_rms_norm, norm_triton, rms_norm, use_backend
-from pagoda.kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
+from pagoda.kernels import norm_triton
+from pagoda.kernels.backend import use_backend
+from pagoda.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagoda.kernels import apply_rotary, rotary_triton, use_backend
-from pagoda.kernels.rotary import apply_rotary_ref
+from pagoda.kernels import rotary_triton
+from pagoda.kernels.backend import use_backend
+from pagoda.kernels.rotary import apply_rotary, apply_rotary_ref
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

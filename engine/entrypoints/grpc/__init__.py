@@ -1,0 +1,1 @@
+"""The gRPC API (pagoda.proto: Generate, Health, ListModels) and its committed stubs."""

@@ -1,0 +1,2 @@
+"""The OpenAI-compatible HTTP API: request/response models, completions and chat serving,
+streaming, errors and the FastAPI app."""

@@ -16,9 +16,8 @@ from ...engine_client import EngineClient, resolve_model_name
 from ...outputs import CompletionOutput, Logprob, RequestOutput
 from ..lifecycle import ServerLifecycle
 from .errors import bad_request, to_api_error
-from .protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse, UsageInfo,
-                       random_id)
-from .sampling import to_sampling_params
+from .protocol import CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse, UsageInfo, random_id
+from .request_to_params import to_sampling_params
 from .streaming import SSE_DONE, close_all, merge_streams, run_until_disconnected, sse, start_streams
 
 

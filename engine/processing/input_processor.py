@@ -12,9 +12,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from .config import EngineConfig
-from .request import Request
-from .sampling_params import SamplingParams
+from ..config import EngineConfig
+from ..core.request import Request
+from ..sampling_params import SamplingParams
 
 PromptType = Union[str, dict, list]
 

@@ -26,7 +26,7 @@ while only one of them was cached would all go to that one.
 
 A retry (hints.attempt > 0) avoids the replica the first attempt was routed to.
 
-The Serve plug-in class is `request_router.PrefixAwareRouter`; this module holds the policy, pure
+The Serve plug-in class is `prefix_aware_router.PrefixAwareRouter`; this module holds the policy, pure
 and unit-tested. `router_for(app, deployment)` lets the ingress, which owns the handles (and so the
 router objects, in its own process), read the replicas' latest reports for /metrics and `pagoda status`.
 """
@@ -39,7 +39,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Generic, Hashable, Optional, TypeVar
 
-from pagoda.engine.kv_cache import hash_block
+from pagoda.engine.core.kv_cache import hash_block
 
 from .wire import ReplicaRequest, RoutingHints
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import transformers
 
-from pagoda.engine.model_source import ModelSource
+from pagoda.engine.model_loader.model_source import ModelSource
 
 # Roles a chat message may have (OpenAI's, which the common chat templates understand).
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -22,7 +22,7 @@ def load_tokenizer(source: ModelSource) -> transformers.PreTrainedTokenizerBase:
     """The fast tokenizer for `source`, read from local files only."""
     try:
         if source.gguf_file is not None:
-            from .gguf_cache import cached
+            from ..model_loader.gguf_cache import cached
 
             gguf_file = source.gguf_file
             return cached(

@@ -35,10 +35,10 @@ from typing import Any, Optional
 
 import torch.multiprocessing as mp
 
-from .child_process import exit_when_parent_dies, how_it_ended, leave, stop_children
-from .config import EngineConfig
+from ..config import EngineConfig
+from ..executor.base import Executor
+from ..utils.child_process import exit_when_parent_dies, how_it_ended, leave, stop_children
 from .engine_core import EngineCore
-from .executor.base import Executor
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`PrefixAwareRouter`: the model deployments' Ray Serve `RequestRouter` (policy: router.py).
+"""`PrefixAwareRouter`: the model deployments' Ray Serve `RequestRouter` (policy: routing_policy.py).
 
 NOTE: Serve pickles a custom router's module *by value* (so that routers defined in scripts work),
 globals included. This module therefore holds the class alone and reaches everything else, the
@@ -12,8 +12,15 @@ from typing import Any, Optional
 
 from ray.serve.request_router import RequestRouter
 
-from pagoda.cluster.router import (AffinityMemory, InFlight, ReplicaView, hints_of, rank_replicas,
-                                   register_router, remember)
+from pagoda.cluster.routing_policy import (
+    AffinityMemory,
+    InFlight,
+    ReplicaView,
+    hints_of,
+    rank_replicas,
+    register_router,
+    remember,
+)
 from pagoda.cluster.wire import ReplicaReport
 
 

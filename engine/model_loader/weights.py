@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from pagoda.engine.model_source import ModelSource
+from pagoda.engine.model_loader.model_source import ModelSource
 
 
 class LazyWeight(ABC):

@@ -21,14 +21,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pagoda.kernels import AttentionMetadata
+from pagoda.kernels.metadata import AttentionMetadata
 
-from .config import EngineConfig
-from .distributed import get_tp_rank, get_tp_size, tp_broadcast
-from .models.registry import get_model_class
+from ..config import EngineConfig
+from ..distributed.parallel_state import get_tp_rank, get_tp_size, tp_broadcast
+from ..models.registry import get_model_class
+from ..step import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput, StepHandle
 from .sampler import Sampler, SamplingRow
-from .executor.base import StepHandle
-from .scheduler_output import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
 from .step_inputs import BlockTable, PinnedStaging
 from .step_profiler import StepProfiler
 
@@ -85,7 +84,7 @@ class ModelRunner:
             for param in model.parameters():
                 param.data.uniform_(-1e-3, 1e-3, generator=generator)
         else:
-            from .weights import iterate_weights
+            from ..model_loader.weights import iterate_weights
 
             model.load_weights(iterate_weights(mc.source))
         model.eval()

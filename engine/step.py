@@ -5,7 +5,7 @@ scheduler state, so it pickles small and the workers never reach into the schedu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from .sampling_params import SamplingParams
 
@@ -52,3 +52,23 @@ class ModelRunnerOutput:
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
     # request id -> (prompt index of the first entry, entries); entry i predicted prompt token i
     prompt_logprobs: dict[str, tuple[int, list[Optional[dict[int, float]]]]] = field(default_factory=dict)
+
+
+class StepHandle:
+    """A launched step whose output may not be on the host yet; `result()` waits for it (once)."""
+
+    def __init__(self, resolve: Callable[[], ModelRunnerOutput]) -> None:
+        self._resolve: Optional[Callable[[], ModelRunnerOutput]] = resolve
+        self._output: Optional[ModelRunnerOutput] = None
+
+    @classmethod
+    def done(cls, output: ModelRunnerOutput) -> "StepHandle":
+        handle = cls(lambda: output)
+        handle.result()
+        return handle
+
+    def result(self) -> ModelRunnerOutput:
+        if self._resolve is not None:
+            self._output, self._resolve = self._resolve(), None
+        assert self._output is not None
+        return self._output

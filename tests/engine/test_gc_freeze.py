@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 
 from pagoda.engine import LLM, SamplingParams
-from pagoda.engine.heap import freeze_startup_heap, thaw_heap
+from pagoda.engine.utils.gc_freeze import freeze_startup_heap, thaw_heap
 
 
 def test_freeze_then_thaw():

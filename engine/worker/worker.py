@@ -19,11 +19,10 @@ from typing import Optional
 import torch
 
 from ..config import EngineConfig
-from ..distributed import destroy_tensor_parallel, enable_fast_all_reduce, init_tensor_parallel
-from ..heap import freeze_startup_heap, thaw_heap
-from ..model_runner import ModelRunner
-from ..scheduler_output import ModelRunnerOutput, SchedulerOutput
-from .base import StepHandle
+from ..distributed.parallel_state import destroy_tensor_parallel, enable_fast_all_reduce, init_tensor_parallel
+from ..step import ModelRunnerOutput, SchedulerOutput, StepHandle
+from ..utils.gc_freeze import freeze_startup_heap, thaw_heap
+from .model_runner import ModelRunner
 
 
 class Worker:

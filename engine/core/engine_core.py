@@ -11,13 +11,14 @@ import logging
 import time
 from typing import Optional
 
-from .config import EngineConfig
-from .executor.base import Executor, StepHandle, executor_class_for
-from .heap import freeze_startup_heap, thaw_heap
-from .outputs import EngineCoreOutput, EngineStats
+from ..config import EngineConfig
+from ..executor.base import Executor
+from ..executor.factory import executor_class_for
+from ..outputs import EngineCoreOutput, EngineStats
+from ..step import SchedulerOutput, StepHandle
+from ..utils.gc_freeze import freeze_startup_heap, thaw_heap
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
-from .scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):

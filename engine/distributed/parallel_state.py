@@ -125,7 +125,7 @@ def tp_all_reduce_add_rms_norm(partial: torch.Tensor, residual: torch.Tensor, we
         if fused is not None and fused.owns(partial, slot) and residual.dtype == fused.dtype:
             return fused.add_rms_norm(partial, residual, weight, eps, slot)
         partial = tp_all_reduce(partial)
-    from pagoda.kernels import fused_add_rms_norm
+    from pagoda.kernels.norm import fused_add_rms_norm
 
     return fused_add_rms_norm(partial, residual, weight, eps)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pagoda.kernels import AttentionMetadata
+from pagoda.kernels.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..outputs import CompletionOutput, EngineCoreOutput, Logprob, RequestMetrics, RequestOutput
+from ..sampling_params import SamplingParams
 from .detokenizer import IncrementalDetokenizer
-from .outputs import CompletionOutput, EngineCoreOutput, Logprob, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams
 
 
 @dataclass

@@ -11,11 +11,11 @@ from __future__ import annotations
 import bisect
 import time
 
-from .config import CacheConfig, SchedulerConfig
+from ..config import CacheConfig, SchedulerConfig
+from ..outputs import EngineCoreOutput
+from ..step import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
 from .kv_cache import KVCacheManager
-from .outputs import EngineCoreOutput
 from .request import Request, RequestStatus
-from .scheduler_output import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:

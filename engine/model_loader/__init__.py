@@ -1,0 +1,6 @@
+"""From a model name or path to weights.
+
+    model_source.py  resolves "default", a Hugging Face checkpoint directory or a .gguf file
+    weights.py       iterates (name, tensor) from safetensors or GGUF, slicing per TP rank
+    gguf_cache.py    on-disk cache of what a GGUF file converts into (config, tokenizer)
+"""

@@ -1,0 +1,9 @@
+"""One device's share of the model and what runs a step on it.
+
+    worker.py        Worker: one tensor-parallel rank (device, model, KV cache shard), any transport
+    model_runner.py  ModelRunner: per-step device inputs, forward pass, sampling
+    step_inputs.py   host-side block table and pinned staging buffers for the step inputs
+    cuda_graphs.py   captured decode graphs for padded batch sizes
+    sampler.py       temperature / top-k / top-p / min-p / penalties / seeds / logprobs
+    step_profiler.py opt-in torch.profiler window over chosen steps
+"""
