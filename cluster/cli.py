@@ -33,8 +33,7 @@ logger = logging.getLogger("pagoda.cluster")
 IMPORT_PATH = "pagoda.cluster.app:build_app"
 DEFAULT_APP_NAME = "pagoda"
 # EngineArgs fields that are model-level options of a deployment, never engine_args.
-_MODEL_LEVEL = frozenset({"model", "served_model_name", "tensor_parallel_size", "distributed_executor_backend",
-                          "extra"})
+_MODEL_LEVEL = frozenset({"model", "served_model_name", "tensor_parallel_size", "distributed_executor_backend"})
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:

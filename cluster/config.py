@@ -87,7 +87,8 @@ class ModelDeployment(BaseModel):
 
     engine_args: dict[str, Any] = Field(default_factory=dict)
     """Further engine options passed through unchanged, e.g. max_model_len, max_num_seqs, dtype,
-    gpu_memory_utilization, block_size, enable_prefix_caching, kv_cache_memory_bytes."""
+    gpu_memory_utilization, block_size, enable_prefix_caching, kv_cache_memory_bytes,
+    scheduling_policy ("fcfs" or "priority": whether a request's `priority` orders the queue)."""
     num_gpus_per_worker: float = Field(1.0, ge=0)
     """GPUs reserved per tensor-parallel worker: 1 on GPU clusters, 0 to run on CPU."""
     num_cpus_per_worker: float = Field(1.0, ge=0)

@@ -37,7 +37,7 @@ from .wire import LeaseEnd, ModelInfo, OutputEncoder, ReplicaReport, ReplicaRequ
 
 logger = logging.getLogger(__name__)
 
-ENGINE_ARG_NAMES = frozenset(field.name for field in dataclasses.fields(EngineArgs)) - {"extra"}
+ENGINE_ARG_NAMES = frozenset(field.name for field in dataclasses.fields(EngineArgs))
 # Engine options the deployment sets itself (one name per concept: they live on ModelDeployment).
 _DEPLOYMENT_OWNED = frozenset({"model", "served_model_name", "tensor_parallel_size", "distributed_executor_backend"})
 # How long `check_health` waits for the engine thread to answer; a step may be running, so a slow

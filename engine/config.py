@@ -7,7 +7,7 @@ known only once the executor has sized the cache; `EngineConfig.finalize_capacit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
@@ -41,23 +41,6 @@ class ModelConfig:
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
 
-    @property
-    def num_layers(self) -> int:
-        return int(self.hf_config.num_hidden_layers)
-
-    @property
-    def num_heads(self) -> int:
-        return int(self.hf_config.num_attention_heads)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return int(getattr(self.hf_config, "num_key_value_heads", None) or self.num_heads)
-
-    @property
-    def head_dim(self) -> int:
-        head_dim = getattr(self.hf_config, "head_dim", None)
-        return int(head_dim or self.hf_config.hidden_size // self.num_heads)
-
 
 @dataclass
 class CacheConfig:
@@ -73,6 +56,8 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
+    # "fcfs": arrival order, request priority ignored; "priority": lower priority value first, and
+    # preemption takes the lowest priority first (engine/core/scheduler.py)
     policy: Literal["fcfs", "priority"] = "fcfs"
     # schedule step N+1 while step N runs on the device (its sampled tokens feed N+1 there)
     async_scheduling: bool = False
@@ -141,14 +126,13 @@ class EngineArgs:
     load_format: str = "auto"
     skip_tokenizer_init: bool = False
     served_model_name: Optional[str] = None
-    scheduling_policy: str = "fcfs"
+    scheduling_policy: str = "fcfs"            # "fcfs" or "priority" (SchedulerConfig.policy)
     enforce_eager: bool = False
     distributed_executor_backend: Optional[str] = None
     async_scheduling: Optional[bool] = None     # None = on on CUDA, else off
     # None = on on CUDA with the uniproc and multiproc executors, else off. With 'ray' the engine
     # needs an executor that connects the core process to Ray (pagoda.cluster's replicas pass one).
     engine_core_process: Optional[bool] = None
-    extra: dict = field(default_factory=dict)
 
     def create_config(self) -> EngineConfig:
         def bad(name: str, value: object, rule: str) -> ValueError:

@@ -35,7 +35,7 @@ class LLM:
         device: str = "auto",
         **kwargs: Any,
     ) -> None:
-        known = set(EngineArgs.__dataclass_fields__) - {"extra"}
+        known = set(EngineArgs.__dataclass_fields__)
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown LLM argument(s) {unknown}; accepted: {sorted(known)}")
@@ -59,6 +59,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in input order.
 
+        `priority`: one integer per prompt, lower runs first; it orders requests only under
+        `scheduling_policy="priority"` (under "fcfs" it is accepted and ignored).
         All prompts are validated before any is queued, so a bad one leaves the engine untouched.
         """
         prompt_list = self._as_prompt_list(prompts)

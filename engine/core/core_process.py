@@ -1,43 +1,44 @@
-"""The engine core in a process of its own, so that the step loop never waits on the server's Python.
+"""Transport: the engine core's loop in a process of its own, so that the step loop never waits on
+the serving process's Python.
 
-    serving process (AsyncEngine)                            core process (_core_main)
-    event loop ── _send(command) ──> sender thread ──pipe──> between steps: apply add / abort / health
-                                                             step() (busy while there is work)
-    event loop <── call_soon_threadsafe ── reader thread <── ("step", outputs, stats, number added)
+    serving process                                         core process (_core_main)
+    client ── send(command) ──> CommandQueue ──> sender thread ──pipe──> EngineCore.run_loop
+    client <── on_event(event) ── reader thread <──────────────pipe──── StepDone | HealthAnswer | ...
 
 Why: in one process the step loop (scheduling, launching the model) and the event loop (tokenizing,
 detokenizing, formatting and sending every token of every stream) share one GIL, so under load each
 waits on the other and the device idles between steps. Here the core only schedules, runs the model
 and pickles token ids; the server keeps all text work.
 
-Protocol. Parent -> core: ("commands", [("add", request id, [Request]), ("abort", [core ids]),
-("health", probe id)]) or ("shutdown",). Core -> parent: ("ready", num_blocks) once, then ("step",
-outputs, EngineStats, number of core requests added since the last message, whether the stats'
-prefix summary changed), ("health", probe id,
-error or None), ("add_failed", request id, message), and ("dead", traceback) before it exits on a
-failed step. The parent reads in a thread of its own, so the core never blocks on a full pipe while
-the parent is writing (the one deadlock two pipes could have).
+The pipe carries the typed commands and events of `commands.py`: parent -> core a list of commands
+per message (a sender thread drains the queue, so the client never blocks on a full pipe); core ->
+parent `CoreReady` once, then the loop's events, and `CoreDied` with the traceback before it exits
+on a failed step. The parent reads in a thread of its own, so the core never blocks on a full pipe
+while the parent is writing (the one deadlock two pipes could have).
 
 No orphans: the core exits on EOF of its command pipe and, should it be blocked in a step, when its
-parent pid changes; `stop` joins it, then terminates and kills it. It is not a daemon process: it
-may itself spawn TP workers (the multiproc executor), which daemon processes cannot.
+parent pid changes; `shutdown` joins it, then terminates and kills it. It is not a daemon process:
+it may itself spawn TP workers (the multiproc executor), which daemon processes cannot.
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import sys
 import threading
 import traceback
 import weakref
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any, Optional
+from typing import Optional
 
 import torch.multiprocessing as mp
 
 from ..config import EngineConfig
 from ..executor.base import Executor
 from ..utils.child_process import exit_when_parent_dies, how_it_ended, leave, stop_children
+from .commands import Command, CommandQueue, CoreDied, Event, EventSink, Shutdown
 from .engine_core import EngineCore
 
 logger = logging.getLogger(__name__)
@@ -46,61 +47,111 @@ STARTUP_TIMEOUT_S = 1800.0        # weights, profiling and graph capture of a la
 
 
 class CoreProcessError(RuntimeError):
-    """The core process failed to start, or died."""
+    """The core process failed to start."""
+
+
+@dataclass
+class CoreReady:
+    """The core process's first message: the engine is built and the KV cache sized."""
+    num_blocks: int
+
+
+@dataclass
+class _StartupFailed:
+    traceback: str
 
 
 class CoreProcess:
-    """The parent's handle: start (waits until the core is built), send, recv, stop."""
+    """The parent's handle. The constructor returns once the core is built (raising
+    CoreProcessError if it failed); then `send` commands, events arrive through `on_event` on
+    the reader thread, and `shutdown` stops it all."""
 
-    def __init__(self, config: EngineConfig, executor_class: Optional[type[Executor]] = None) -> None:
+    def __init__(self, config: EngineConfig, on_event: EventSink,
+                 executor_class: Optional[type[Executor]] = None) -> None:
         context = mp.get_context("spawn")
-        self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_core_main, name="pagoda-engine-core",
-                                       args=(config, executor_class, child_conn, os.getpid()))
-        self.process.start()
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_core_main, name="pagoda-engine-core",
+                                        args=(config, executor_class, child_conn, os.getpid()))
+        self._process.start()
         child_conn.close()            # the core holds the only other end: EOF when it dies
-        self._send_lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, stop_children, [(self.process, self.conn)], 0.0, 5.0)
+        self._finalizer = weakref.finalize(self, stop_children, [(self._process, self._conn)], 0.0, 5.0)
         try:
-            ready = wait([self.conn, self.process.sentinel], timeout=STARTUP_TIMEOUT_S)
-            if self.conn not in ready and not self.conn.poll():
-                raise CoreProcessError(self.exit_message("start-up") if ready else
-                                       f"the engine core did not start within {STARTUP_TIMEOUT_S:.0f} s")
-            kind, payload = self.conn.recv()
-            if kind != "ready":
-                raise CoreProcessError(f"the engine core failed to start:\n{payload}")
-        except (EOFError, OSError):
-            self._finalizer()
-            raise CoreProcessError(self.exit_message("start-up")) from None
+            ready = self._wait_until_built()
         except BaseException:
             self._finalizer()
             raise
-        self.num_blocks: int = payload
+        config.finalize_capacity(ready.num_blocks)       # what the core sized, on this side too
+        self._on_event = on_event
+        self._commands = CommandQueue()
+        self._stopping = False
+        self._sender = threading.Thread(target=self._send_commands, name="pagoda-core-sender", daemon=True)
+        self._reader = threading.Thread(target=self._read_events, name="pagoda-core-reader", daemon=True)
+        self._sender.start()
+        self._reader.start()
+
+    def _wait_until_built(self) -> CoreReady:
+        try:
+            ready = wait([self._conn, self._process.sentinel], timeout=STARTUP_TIMEOUT_S)
+            if self._conn not in ready and not self._conn.poll():
+                raise CoreProcessError(self._exit_message("start-up") if ready else
+                                       f"the engine core did not start within {STARTUP_TIMEOUT_S:.0f} s")
+            message = self._conn.recv()
+        except (EOFError, OSError):
+            raise CoreProcessError(self._exit_message("start-up")) from None
+        if isinstance(message, _StartupFailed):
+            raise CoreProcessError(f"the engine core failed to start:\n{message.traceback}")
+        assert isinstance(message, CoreReady), f"unexpected first message {message!r}"
+        return message
 
     @property
     def pid(self) -> Optional[int]:
-        return self.process.pid
+        return self._process.pid
 
-    def send(self, message: tuple) -> None:
-        """Raises OSError once the core is gone."""
-        with self._send_lock:
-            self.conn.send(message)
+    def send(self, command: Command) -> None:
+        self._commands.put(command)
 
-    def recv(self) -> tuple:
-        """The core's next message; EOFError / OSError once it is gone."""
-        return self.conn.recv()
+    def is_alive(self) -> bool:
+        return self._process.is_alive()
 
-    def exit_message(self, during: str) -> str:
-        return f"the engine core process (pid {self.process.pid}) {how_it_ended(self.process)} during {during}"
-
-    def stop(self, timeout_s: float) -> None:
-        """Asks the core to shut down (its executor too), waits up to timeout_s, then kills it."""
-        try:
-            self.send(("shutdown",))
-        except OSError:
-            pass
-        self.process.join(timeout=timeout_s)
+    def shutdown(self, timeout_s: float) -> None:
+        """Asks the core to leave (its executor too) after what was sent before; waits most of
+        timeout_s for it, then kills it, and the rest for the reader."""
+        self._stopping = True
+        self._commands.put(Shutdown())
+        self._sender.join(0.1 * timeout_s)
+        self._process.join(0.8 * timeout_s)
         self._finalizer()
+        self._reader.join(0.1 * timeout_s)
+
+    def _exit_message(self, during: str) -> str:
+        return f"the engine core process (pid {self._process.pid}) {how_it_ended(self._process)} during {during}"
+
+    # -- the parent's threads ----------------------------------------------------------------------
+    def _send_commands(self) -> None:
+        while True:
+            commands = self._commands.take(block=True)
+            try:
+                self._conn.send(commands)
+            except OSError:           # the core is gone; the reader reports why
+                return
+            if any(isinstance(command, Shutdown) for command in commands):
+                return
+
+    def _read_events(self) -> None:
+        try:
+            while True:
+                try:
+                    event: Event = self._conn.recv()
+                except (EOFError, OSError):
+                    if not (self._stopping or sys.is_finalizing()):
+                        self._on_event(CoreDied(self._exit_message("serving")))
+                    return
+                self._on_event(event)
+                if isinstance(event, CoreDied):
+                    return
+        except BaseException as error:  # noqa: BLE001 - e.g. a message that does not unpickle
+            logger.exception("reading the engine core's outputs failed")
+            self._on_event(CoreDied(f"reading the engine core's outputs failed: {type(error).__name__}: {error}"))
 
 
 # -- the core process ------------------------------------------------------------------------------
@@ -112,17 +163,17 @@ def _core_main(config: EngineConfig, executor_class: Optional[type[Executor]], c
     try:
         core = EngineCore(config, executor_class)
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
-        _send_quietly(conn, ("error", traceback.format_exc()))
+        _send_quietly(conn, _StartupFailed(traceback.format_exc()))
         leave(1)
     pipe = _Pipe(conn)
     try:
-        pipe.send(("ready", config.cache.num_blocks))
-        _step_loop(core, pipe)
+        pipe.send(CoreReady(config.cache.num_blocks))
+        core.run_loop(pipe, pipe.send)
         code = 0
     except _ParentGone:                  # the parent is gone (or closed the pipe): leave
         code = 0
     except BaseException:  # noqa: BLE001 - a failed step (even an OSError in it) kills the engine
-        _send_quietly(conn, ("dead", traceback.format_exc()))
+        _send_quietly(conn, CoreDied(f"engine step failed in the core process:\n{traceback.format_exc()}"))
         code = 1
     try:
         core.shutdown()
@@ -136,79 +187,33 @@ class _ParentGone(Exception):
 
 
 class _Pipe:
-    """The core's end of the pipe; only its own I/O errors mean "the parent is gone" (an OSError
-    raised inside a step is a failed step)."""
+    """The core's end of the pipe, as the loop's inbox and event sink. Only its own I/O errors mean
+    "the parent is gone" (an OSError raised inside a step is a failed step)."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def poll(self, timeout: Optional[float]) -> bool:
+    def take(self, block: bool) -> list[Command]:
+        """What has arrived; idle (block=True), waits for the next message."""
+        commands: list[Command] = []
         try:
-            return self.conn.poll(timeout)
+            timeout = None if block else 0.0
+            while self.conn.poll(timeout):
+                commands += self.conn.recv()
+                timeout = 0.0
         except (EOFError, OSError):
             raise _ParentGone() from None
+        return commands
 
-    def recv(self) -> Any:
+    def send(self, event: Event) -> None:
         try:
-            return self.conn.recv()
-        except (EOFError, OSError):
-            raise _ParentGone() from None
-
-    def send(self, message: tuple) -> None:
-        try:
-            self.conn.send(message)
+            self.conn.send(event)
         except OSError:
             raise _ParentGone() from None
 
 
-def _step_loop(core: EngineCore, conn: _Pipe) -> None:
-    """Invariant: between two steps every command that has arrived is applied, in arrival order.
-
-    The stats ride every step message; their prefix summary (up to thousands of hashes, refreshed
-    at most once a second) only when it changed: `prefix_changed` tells the parent to keep its own.
-    """
-    sent_summary: Optional[list[int]] = None
-    while True:
-        num_added = 0
-        # idle: block until a command comes; busy: take only what is there
-        timeout = 0.0 if core.has_unfinished_requests() else None
-        while conn.poll(timeout):
-            timeout = 0.0
-            message = conn.recv()
-            if message[0] == "shutdown":
-                return
-            for command in message[1]:
-                kind = command[0]
-                if kind == "add":
-                    _, request_id, requests = command
-                    num_added += len(requests)
-                    try:
-                        core.add_requests(requests)
-                    except ValueError as error:            # e.g. its id is still live in the core
-                        conn.send(("add_failed", request_id, str(error)))
-                elif kind == "abort":
-                    core.abort_requests(command[1])
-                elif kind == "health":
-                    try:
-                        core.check_health()
-                    except BaseException as error:
-                        conn.send(("health", command[1], f"{type(error).__name__}: {error}"))
-                        raise
-                    conn.send(("health", command[1], None))
-        outputs = core.step() if core.has_unfinished_requests() else []
-        stats = core.get_stats()
-        prefix_changed = stats.cached_prefix_hashes is not sent_summary
-        if prefix_changed:
-            sent_summary = stats.cached_prefix_hashes
-        else:
-            stats.cached_prefix_hashes = []
-        conn.send(("step", outputs, stats, num_added, prefix_changed))
-
-
-def _send_quietly(conn: Connection, message: tuple) -> None:
+def _send_quietly(conn: Connection, message: object) -> None:
     try:
         conn.send(message)
     except OSError:
         pass
-
-

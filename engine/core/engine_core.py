@@ -1,15 +1,18 @@
-"""The engine core: add_request / step / abort over token ids.
+"""The engine core: add_request / step / abort over token ids, and the one loop that serves them.
 
     step() = schedule -> execute (forward + sample) -> update (append tokens, finish requests)
+    run_loop(inbox, emit) = apply the commands that arrived -> step() -> emit StepDone, until Shutdown
 
 No text here: tokenization and detokenization live in the input and output processors so that the
-core can run on its own thread or process, free of the callers' work.
+core can run on its own thread or process, free of the callers' work. The offline `LLMEngine` calls
+add_request / step / abort directly; the servers send typed commands (commands.py) to `run_loop`
+through a transport: on a thread (core_thread.py) or in a process of its own (core_process.py).
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from typing import Optional, Protocol
 
 from ..config import EngineConfig
 from ..executor.base import Executor
@@ -17,10 +20,17 @@ from ..executor.factory import executor_class_for
 from ..outputs import EngineCoreOutput, EngineStats
 from ..step import SchedulerOutput, StepHandle
 from ..utils.gc_freeze import freeze_startup_heap, thaw_heap
+from .commands import (AbortRequests, AddRejected, AddRequests, CheckHealth, Command, EventSink, HealthAnswer,
+                       Shutdown, StepDone)
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
+
+
+class Inbox(Protocol):
+    def take(self, block: bool) -> list[Command]:
+        """The commands that arrived since the last call, in arrival order; block=True waits for one."""
 
 
 class EngineCore:
@@ -89,6 +99,46 @@ class EngineCore:
         else:
             self._in_flight = (scheduler_output, handle)
         return outputs
+
+    def run_loop(self, inbox: Inbox, emit: EventSink) -> None:
+        """Serves commands until Shutdown: the one step loop of every transport.
+
+        Invariant: between two steps every command that has arrived is applied, in arrival order.
+        Idle, it blocks on the inbox; busy, it takes only what is there. Every turn ends with one
+        StepDone carrying the step's outputs and the stats (their prefix summary only when it
+        changed). Raises whatever a step or a health check raised: the transport reports CoreDied.
+        """
+        sent_summary: Optional[list[int]] = None
+        while True:
+            num_added = 0
+            for command in inbox.take(block=not self.has_unfinished_requests()):
+                if isinstance(command, Shutdown):
+                    return
+                if isinstance(command, AddRequests):
+                    num_added += len(command.core_requests)
+                    try:
+                        self.add_requests(command.core_requests)
+                    except ValueError as error:            # e.g. its id is still live in the core
+                        emit(AddRejected(command.request_id, str(error)))
+                elif isinstance(command, AbortRequests):
+                    self.abort_requests(command.core_request_ids)
+                elif isinstance(command, CheckHealth):
+                    try:
+                        self.check_health()
+                    except BaseException as error:
+                        emit(HealthAnswer(command.probe_id, f"{type(error).__name__}: {error}"))
+                        raise
+                    emit(HealthAnswer(command.probe_id, None))
+                else:
+                    raise TypeError(f"not an engine core command: {command!r}")
+            outputs = self.step() if self.has_unfinished_requests() else []
+            stats = self.get_stats()
+            summary_changed = stats.cached_prefix_hashes is not sent_summary
+            if summary_changed:
+                sent_summary = stats.cached_prefix_hashes
+            else:
+                stats.cached_prefix_hashes = []
+            emit(StepDone(outputs, stats, num_added, summary_changed))
 
     def get_stats(self) -> EngineStats:
         kv = self.scheduler.kv

@@ -1,15 +1,23 @@
 """Continuous batching: each step mixes running decodes with (chunked) prefills under a token
-budget, admits waiting requests in priority/FCFS order and preempts by recompute when the KV cache
-runs out.
+budget, admits waiting requests in the order of the scheduling policy and preempts by recompute
+when the KV cache runs out.
 
 There is no prefill/decode phase split (as in vLLM v1): every request simply has
 `num_tokens - num_computed_tokens` tokens left to compute, and a step gives each request as many of
 them as the budget allows.
+
+The policy (`SchedulerConfig.policy`, as vLLM's `scheduling_policy`) decides two orders only:
+
+    policy     waiting queue                      preemption victim
+    fcfs       arrival order; preempted -> head   the most recently admitted running request
+    priority   by (priority, arrival)             the running request with the largest
+                                                  (priority, arrival): lowest priority, latest
 """
 from __future__ import annotations
 
 import bisect
 import time
+from typing import Optional
 
 from ..config import CacheConfig, SchedulerConfig
 from ..outputs import EngineCoreOutput
@@ -18,15 +26,67 @@ from .kv_cache import KVCacheManager
 from .request import Request, RequestStatus
 
 
+class FCFSPolicy:
+    """First come, first served; a request's priority is accepted and ignored.
+
+    Waiting requests keep their arrival order. A preempted request goes back to the head of the
+    queue: it arrived before everything that waits. The victim is the last of `running`, the most
+    recently admitted request (vLLM v1 pops it).
+    """
+
+    name = "fcfs"
+
+    def enqueue(self, waiting: list[Request], request: Request) -> None:
+        waiting.append(request)
+
+    def requeue(self, waiting: list[Request], request: Request) -> None:
+        waiting.insert(0, request)
+
+    def victim(self, running: list[Request]) -> Request:
+        return running[-1]
+
+
+class PriorityPolicy:
+    """Lower `priority` first, then arrival order; preemption takes the running request with the
+    largest (priority, arrival): the lowest priority, and among those the latest arrival."""
+
+    name = "priority"
+
+    @staticmethod
+    def key(request: Request) -> tuple[int, int]:
+        return (request.priority, request.arrival_seq)
+
+    def enqueue(self, waiting: list[Request], request: Request) -> None:
+        bisect.insort(waiting, request, key=self.key)
+
+    requeue = enqueue
+
+    def victim(self, running: list[Request]) -> Request:
+        return max(running, key=self.key)
+
+
+SCHEDULING_POLICIES = {policy.name: policy for policy in (FCFSPolicy, PriorityPolicy)}
+
+
 class Scheduler:
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 kv_cache_manager: Optional[KVCacheManager] = None) -> None:
+        """`kv_cache_manager`: the block allocator to use (default: a KVCacheManager sized by
+        `cache_config`); the scheduler calls only its get_computed_blocks, allocate_slots,
+        cache_known_blocks, free and block_ids."""
         assert cache_config.num_blocks is not None, "the cache must be sized before scheduling"
+        policy = SCHEDULING_POLICIES.get(scheduler_config.policy)
+        if policy is None:
+            raise ValueError(f"scheduling_policy must be one of {sorted(SCHEDULING_POLICIES)}, "
+                             f"got {scheduler_config.policy!r}")
+        self.policy = policy()
         self.config = scheduler_config
         self.block_size = cache_config.block_size
-        self.kv = KVCacheManager(cache_config.num_blocks, cache_config.block_size,
-                                 cache_config.enable_prefix_caching)
+        self.num_blocks = cache_config.num_blocks
+        self.kv = kv_cache_manager if kv_cache_manager is not None else KVCacheManager(
+            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
-        self.waiting: list[Request] = []          # sorted by (priority, arrival_seq)
+        self.waiting: list[Request] = []          # in the policy's order; the head is admitted first
         self.running: list[Request] = []          # in admission order
         self._needs_new_data: set[str] = set()    # workers have no state for these yet
         self._dropped: list[str] = []             # workers must forget these
@@ -36,13 +96,9 @@ class Scheduler:
         self.num_generation_tokens = 0
 
     # -- queue management ---------------------------------------------------------------------------
-    @staticmethod
-    def _order(request: Request) -> tuple[int, int]:
-        return (request.priority, request.arrival_seq)
-
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        bisect.insort(self.waiting, request, key=self._order)
+        self.policy.enqueue(self.waiting, request)
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,
                        ) -> list[Request]:
@@ -89,11 +145,7 @@ class Scheduler:
         self.num_preemptions += 1
         self._dropped.append(victim.request_id)
         self._needs_new_data.add(victim.request_id)
-        bisect.insort(self.waiting, victim, key=self._order)
-
-    def _victim(self) -> Request:
-        # the lowest-priority (largest value), latest-arriving running request
-        return max(self.running, key=self._order)
+        self.policy.requeue(self.waiting, victim)
 
     def schedule(self) -> SchedulerOutput:
         """Builds one step.
@@ -107,7 +159,7 @@ class Scheduler:
         scheduled: list[tuple[Request, int, int]] = []    # (request, num_new_tokens, num_old_blocks)
         preempted_any = False
 
-        # 1. running requests, in admission order
+        # 1. running requests, in admission order; the policy picks who is preempted
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -116,19 +168,20 @@ class Scheduler:
             if num_new <= 0 or request.finishes_with_pending(self.config.max_model_len):
                 index += 1
                 continue
-            num_old_blocks = len(self.kv.req_blocks.get(request.request_id, []))
+            num_old_blocks = len(self.kv.block_ids(request.request_id))
             while not self.kv.allocate_slots(request, num_new):
-                victim = self._victim()
+                victim = self.policy.victim(self.running)
                 preempted_any = True
                 if victim is request:
                     break
+                if self.running.index(victim) < index:
+                    index -= 1         # the victim sat before the cursor: `running` shifts under it
                 self._preempt(victim)
                 # the victim may have been scheduled earlier in this loop: unschedule it
                 for i, (r, n, _) in enumerate(scheduled):
                     if r is victim:
                         budget += n
                         del scheduled[i]
-                        index -= 1
                         break
             else:
                 scheduled.append((request, num_new, num_old_blocks))
@@ -141,7 +194,7 @@ class Scheduler:
             else:
                 self._preempt(request)
 
-        # 2. admit waiting requests
+        # 2. admit waiting requests from the head of the queue (the policy keeps it ordered)
         while (self.waiting and budget > 0 and not preempted_any
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
@@ -157,7 +210,7 @@ class Scheduler:
                     self.waiting.pop(0)
                     self._fail(request, (
                         f"request needs {-(-request.num_tokens // self.block_size)} KV blocks but the "
-                        f"cache has {self.kv.pool.num_blocks}"))
+                        f"cache has {self.num_blocks}"))
                     continue
                 break
             self.waiting.pop(0)
@@ -205,7 +258,7 @@ class Scheduler:
                 # -1: the token sampled by the step in flight (the runner fills it in on the device)
                 token_ids=request.token_ids_slice(start, known_end) + [-1] * (end - known_end),
                 num_computed_tokens=start,
-                new_block_ids=[b.block_id for b in self.kv.req_blocks[request.request_id][num_old_blocks:]],
+                new_block_ids=self.kv.block_ids(request.request_id)[num_old_blocks:],
                 sample=sample,
             ))
             out.num_scheduled_tokens += num_new

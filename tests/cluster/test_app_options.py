@@ -138,6 +138,15 @@ def test_serve_flags_become_app_args():
         parse_app_args({"models": [{}], "ingress_replicas": 0})
 
 
+def test_the_scheduling_policy_flag_reaches_the_replicas_engine():
+    [model] = parse_app_args(cluster_cli.app_args_from_flags(
+        _serve_args("default", "--scheduling-policy", "priority"), has_gpus=False)).models
+    assert model.engine_args == {"scheduling_policy": "priority"}
+    assert engine_args_for(model).scheduling_policy == "priority"
+    [model] = parse_app_args(cluster_cli.app_args_from_flags(_serve_args("default"), has_gpus=False)).models
+    assert "scheduling_policy" not in model.engine_args and engine_args_for(model).scheduling_policy == "fcfs"
+
+
 def test_config_file_may_hold_bare_app_args(tmp_path):
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump({"models": [{"model": "a"}, {"model": "b"}]}))

@@ -22,5 +22,5 @@ async def forever(engine: AsyncEngine) -> None:
 if __name__ == "__main__":       # the spawned core imports this file as __mp_main__: keep the guard
     config = EngineArgs(model=sys.argv[1], kv_cache_memory_bytes=16 << 20, engine_core_process=True).create_config()
     engine = AsyncEngine(config)
-    print("PID", engine._core_pid, flush=True)
+    print("PID", engine.core_client.pid, flush=True)
     asyncio.run(forever(engine))

@@ -38,7 +38,7 @@ def engine(tiny_model_dir):
     engine = make_engine(tiny_model_dir)
     yield engine
     engine.shutdown()
-    assert not engine._thread.is_alive()
+    assert not engine.core_client.is_alive()
 
 
 async def collect(engine: AsyncEngine, prompt, params, request_id=None):
@@ -184,13 +184,13 @@ def test_failing_step_kills_the_engine(tiny_model_dir):
         _FailingExecutor.fail.clear()
         started = time.monotonic()
         engine.shutdown()
-        assert not engine._thread.is_alive() and time.monotonic() - started < 5
+        assert not engine.core_client.is_alive() and time.monotonic() - started < 5
 
 
 def test_shutdown_refuses_new_requests(tiny_model_dir):
     engine = make_engine(tiny_model_dir)
     engine.shutdown()
-    assert not engine._thread.is_alive()
+    assert not engine.core_client.is_alive()
 
     async def main():
         with pytest.raises(EngineShuttingDownError):

@@ -50,11 +50,11 @@ def pid_alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     engine = make_engine(tiny_model_dir, core_process=True)
-    assert engine._core_pid is not None and engine._core_pid != os.getpid()
+    assert engine.core_client.pid is not None and engine.core_client.pid != os.getpid()
     yield engine
-    pid = engine._core_pid
+    pid = engine.core_client.pid
     engine.shutdown()
-    assert not engine._thread.is_alive()
+    assert not engine.core_client.is_alive()
     deadline = time.monotonic() + 10
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -128,7 +128,7 @@ def test_a_killed_core_kills_the_engine_without_a_hang(tiny_model_dir):
     try:
         async def main():
             errors = await streams_cut_by(engine, PROMPTS[:3], greedy(4000),
-                                          lambda: os.kill(engine._core_pid, signal.SIGKILL))
+                                          lambda: os.kill(engine.core_client.pid, signal.SIGKILL))
             assert len(errors) == 3 and all(e.during_request for e in errors)
             with pytest.raises(EngineDeadError):
                 await collect(engine, PROMPTS[0], greedy(2))
@@ -138,7 +138,7 @@ def test_a_killed_core_kills_the_engine_without_a_hang(tiny_model_dir):
     finally:
         started = time.monotonic()
         engine.shutdown()
-        assert not engine._thread.is_alive() and time.monotonic() - started < 10
+        assert not engine.core_client.is_alive() and time.monotonic() - started < 10
 
 
 def test_a_start_up_error_in_the_core_is_raised_by_the_constructor(tiny_model_dir):
