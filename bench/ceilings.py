@@ -1,4 +1,4 @@
-"""The card's two ceilings, measured in the same run, and the ideal floor of a workload (../shared/BENCH.md).
+"""The card's two ceilings, measured in the same run, and the ideal floor of a workload (bench/README.md).
 
 Ceilings (`measure_ceilings`):
 - copy bandwidth: a device-to-device copy of a 2 GiB buffer, counting bytes read + written, median
@@ -18,7 +18,7 @@ The ideal floor (`ideal_floor`) is the time of a perfect schedule:
               flops = live * 2 * params + attention (each live query x its prompt_len + t keys)
     requests leave as they finish.
 
-Conventions, chosen to match BENCH.md's anchors (W256, llama3-8b shape, H100 at 3,023 GB/s and
+Conventions, chosen to match the reference figures (W256, llama3-8b shape, H100 at 3,023 GB/s and
 804 TFLOP/s: 14.1 s = ~10,000 output tok/s; batch-1 roofline 188 tok/s):
 - "params" and "weights" are every parameter (`ModelShape.num_params`), the embedding table included,
   although a step reads only a few of its rows and it does no matmul; for llama3-8b that table is
@@ -115,7 +115,7 @@ def measure_ceilings(
 ) -> Ceilings:
     """Copy bandwidth (bytes read + written / s) and matmul FLOP/s on `device`, medians of `repeats`.
 
-    Defaults are BENCH.md's (2 GiB copy, bf16 8192^3). On CPU pass small sizes and float32: the
+    Defaults are the benchmarks' (2 GiB copy, bf16 8192^3). On CPU pass small sizes and float32: the
     numbers are only indicative there.
     """
     device = torch.device(device)

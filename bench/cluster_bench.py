@@ -1,8 +1,8 @@
 """Serving benchmark through the Ray Serve ingress: one workload, several replica layouts, one table.
 
-    # on a 2-GPU host (kind nvidia-h100-x2): W256 through the HTTP ingress, three layouts
+    # on a 2-GPU host: W256 through the HTTP ingress, three layouts and the standalone server
     python -m bench.cluster_bench --model llama3-8b-random --layouts 1xtp1 2xtp1 1xtp2 standalone \\
-        --workload w256 --json $OUT/cluster_w256.json
+        --workload w256 --json results/cluster_w256.json
 
 A layout `NxtpK` deploys `pagoda.cluster.app:build_app` with N replicas of tensor_parallel_size K
 (N*K GPUs) on a local Ray cluster (started here, or joined with --address), serves it on --port, sends

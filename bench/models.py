@@ -1,7 +1,7 @@
 """Models to benchmark: the default model, a local checkpoint, or a random-weight model of a real shape.
 
 No weights can be downloaded, and with EOS ignored GPU throughput does not depend on the weights'
-values, so GPU numbers use random-weight models of real shapes (../shared/BENCH.md). For those,
+values, so GPU numbers use random-weight models of real shapes (bench/README.md). For those,
 `resolve_bench_model("llama3-8b-random")` writes a `config.json` (nothing else) into a temporary
 directory; pagoda then builds the model from it with `load_format="dummy"` (random weights made
 directly on the device) and Hugging Face with `AutoModelForCausalLM.from_config`.

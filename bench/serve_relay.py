@@ -4,9 +4,9 @@ ingress itself vs relayed item by item from another deployment vs relayed in bat
     python -m bench.serve_relay [--streams 32] [--events 200] [--batch 32] [--num-cpus 2]
 
 No model: the producer yields integers. `/local` is the ceiling of the ingress + proxy path; `/relay`
-is today's per-request token relay (one handle-stream item per event); `/relay-batched` moves the
+is a per-request token relay (one handle-stream item per event); `/relay-batched` moves the
 same events `--batch` per item. The gap between the last two is what batching outputs of many
-requests into one item (the ingress's next design) can recover.
+requests into one item (the ingress's token channel, cluster/channels.py) recovers.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Online serving benchmark: a BENCH.md workload sent to any OpenAI-compatible server over HTTP.
+"""Online serving benchmark: a benchmark workload sent to any OpenAI-compatible server over HTTP.
 
     python -m bench.serving --base-url http://127.0.0.1:8000 --workload s64 --vocab-size 49152 \\
         --request-rate 1 4 inf

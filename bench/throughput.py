@@ -1,6 +1,6 @@
-"""Offline throughput of pagoda on a BENCH.md workload, against the card's floor and Hugging Face.
+"""Offline throughput of pagoda on a benchmark workload, against the card's floor and Hugging Face.
 
-    python -m bench.throughput --workload s64 --baseline hf                          # the CPU bar
+    python -m bench.throughput --workload s64 --baseline hf                          # the CPU comparison
     python -m bench.throughput --model llama3-8b-random --workload w256 --baseline hf --hf-subset 128
     python -m bench.throughput --model llama3-8b-random --workload batch1
     python -m bench.throughput --model llama3-8b-random --workload shared-prefix --compare-prefix-caching
@@ -190,7 +190,7 @@ def _dtype_name(args: argparse.Namespace) -> str:
 
 
 def _commit() -> str:
-    """HEAD of the checkout, or $PAGODA_COMMIT where the tree travelled without .git (GPU box)."""
+    """HEAD of the checkout, or $PAGODA_COMMIT where the tree was copied without its .git."""
     import os
 
     if os.environ.get("PAGODA_COMMIT"):

@@ -1,4 +1,4 @@
-"""The benchmark workloads of ../shared/BENCH.md, deterministic, as lists of `BenchRequest`.
+"""The benchmark workloads (defined in bench/README.md), deterministic, as lists of `BenchRequest`.
 
 Every request runs with EOS ignored, so it produces exactly `output_len` tokens.
 
@@ -8,7 +8,7 @@ Every request runs with EOS ignored, so it produces exactly `output_len` tokens.
 - S64: the CPU-sized variant: 64 requests from Random(0); prompt randint(16, 256), output
   randint(16, 128), then ids randint(0, vocab_size - 1).
 - shared-prefix: `num_requests` prompts that start with one `prefix_len`-token prefix and end with a
-  unique suffix; measures prefix caching. Choices (BENCH.md fixes only the shape), all from one
+  unique suffix; measures prefix caching. Beyond that shape, the draws are pagoda's, all from one
   Random(0): first the prefix's ids randint(0, vocab_size - 1); then per request, in order, the
   suffix length randint(64, 256) and the suffix's ids randint(0, vocab_size - 1); 128 output tokens
   each. With 2,048 prefix tokens the prefix is 128 whole blocks of 16, so every request after the

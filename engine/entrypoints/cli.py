@@ -5,7 +5,12 @@
 
 Flags are named as vLLM's where the meaning is the same. `serve --standalone` runs the HTTP (and
 optional gRPC) server in this process. Without `--standalone`, `serve` hands over to the cluster
-CLI (`pagoda.cluster.cli.serve(args)`, Ray Serve) when that exists, and otherwise runs standalone.
+CLI (`pagoda.cluster.cli.serve(args)`, Ray Serve), which also owns `pagoda status`.
+
+Ray is an optional extra (`pip install 'pagoda[cluster]'`). Without it (or with Ray but without
+Ray Serve) the Ray commands exit with status 1 and one message, the same for both, that names the
+install and `--standalone`; never a traceback, and never a silent fall-back to one process. This
+module imports no Ray: the cluster CLI imports it when a Ray command runs.
 """
 from __future__ import annotations
 
@@ -61,6 +66,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
     group.add_argument("--max-num-seqs", type=int, default=256, help="sequences per batch")
     group.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step")
+    group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                       help="'fcfs': requests in arrival order (their priority ignored); 'priority': lower "
+                            "priority values first, and preemption takes the lowest priority first")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -84,6 +92,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        scheduling_policy=args.scheduling_policy,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
         distributed_executor_backend=getattr(args, "distributed_executor_backend", None),
@@ -158,7 +167,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from ..sampling_params import SamplingParams
 
     engine_args = engine_args_from(args)
-    llm = LLM(**{f.name: getattr(engine_args, f.name) for f in dataclasses.fields(engine_args) if f.name != "extra"})
+    llm = LLM(**{f.name: getattr(engine_args, f.name) for f in dataclasses.fields(engine_args)})
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     try:
@@ -180,29 +189,40 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.standalone:
         return serve_standalone(args)
-    cluster_serve = cluster_entrypoint()
-    if cluster_serve is None:
-        logger.info("no cluster CLI (pagoda.cluster.cli.serve) available: serving standalone")
-        return serve_standalone(args)
-    return cluster_serve(args)
+    return cluster_entrypoint()(args)
 
 
-def cluster_entrypoint() -> Optional[Callable[[argparse.Namespace], int]]:
-    """`pagoda.cluster.cli.serve(args) -> exit code`, or None when the cluster path is not available.
+def cluster_entrypoint() -> Callable[[argparse.Namespace], int]:
+    """`pagoda.cluster.cli.serve(args) -> exit code`: `pagoda serve` without --standalone.
 
-    NOTE: this is the hook the cluster issue fills in: define `serve(args)` in cluster/cli.py (it gets
-    the parsed `serve` flags; `engine_args_from(args)` and `server_settings_from(args)` build the
-    engine and server settings) and `pagoda serve` without --standalone goes through Ray Serve.
+    It gets the parsed `serve` flags (`engine_args_from(args)` and `server_settings_from(args)` build
+    the engine and server settings) and imports Ray itself, so a missing Ray raises from the call.
     """
-    try:
-        module = importlib.import_module("pagoda.cluster.cli")
-    except ModuleNotFoundError as error:
-        if error.name in ("pagoda.cluster.cli", "ray") or (error.name or "").startswith("ray."):
-            if error.name != "pagoda.cluster.cli":
-                logger.warning("the cluster CLI needs Ray (%s); pip install 'pagoda[cluster]'", error)
-            return None
-        raise
-    return getattr(module, "serve", None)
+    return importlib.import_module("pagoda.cluster.cli").serve
+
+
+RAY_MISSING_MESSAGE = ("`pagoda serve` without --standalone and `pagoda status` run on Ray Serve, which is not "
+                       "installed ({cause}). Install it with: pip install 'pagoda[cluster]'. "
+                       "Or serve in one process without Ray: pagoda serve MODEL --standalone")
+_CLUSTER_MODULES = ("pagoda.cluster", "pagoda.cluster.cli")
+
+
+def is_ray_missing(error: ImportError) -> bool:
+    """True when `error` means the cluster extra is not (fully) installed: the missing module is `ray`,
+    one of its submodules or pagoda's cluster CLI, or the failing import statement is in Ray's own
+    code (Ray installed without its `serve` extra fails on a dependency of `ray.serve`)."""
+    name = error.name or ""
+    if name == "ray" or name.startswith("ray.") or name in _CLUSTER_MODULES:
+        return True
+    innermost = error.__traceback__
+    while innermost is not None and innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    module = innermost.tb_frame.f_globals.get("__name__", "") if innermost is not None else ""
+    return module == "ray" or module.startswith("ray.")
+
+
+def _runs_on_ray(args: argparse.Namespace) -> bool:
+    return args.command == "status" or (args.command == "serve" and not args.standalone)
 
 
 def serve_standalone(args: argparse.Namespace) -> int:
@@ -230,6 +250,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as error:
         print(f"pagoda: error: {error}", file=sys.stderr)
         return 2
+    except ImportError as error:
+        # NOTE: the cluster CLI imports Ray only inside `serve` and `status`, so a missing Ray surfaces
+        # here, for both commands alike; any other import error keeps its traceback.
+        if not (_runs_on_ray(args) and is_ray_missing(error)):
+            raise
+        print(f"pagoda: error: {RAY_MISSING_MESSAGE.format(cause=error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

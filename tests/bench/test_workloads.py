@@ -1,5 +1,5 @@
-"""Cheap checks of the benchmark harness: the BENCH.md workloads, the random-weight shapes, the
-ideal-floor arithmetic (a toy worked by hand, and BENCH.md's H100/H200 anchors), and that the HF
+"""Cheap checks of the benchmark harness: the workloads, the random-weight shapes, the ideal-floor
+arithmetic (a toy worked by hand, and the H100/H200 figures in bench/README.md), and that the HF
 static baseline produces exactly each request's output length."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def llama3_8b() -> ModelShape:
 # ---------------------------------------------------------------------------------------- workloads
 
 
-def test_w256_matches_bench_md_totals():
+def test_w256_matches_the_documented_totals():
     requests = make_w256()
     assert len(requests) == 256
     assert total_prompt_tokens(requests) == 144_262
@@ -95,7 +95,7 @@ def test_batch1_and_validation():
 # ------------------------------------------------------------------------------------------- models
 
 
-def test_llama3_8b_shape_matches_bench_md():
+def test_llama3_8b_shape_matches_the_documented_shape():
     shape = llama3_8b()
     assert shape.weight_bytes == pytest.approx(16.06e9, rel=1e-3)
     assert shape.kv_bytes_per_token == 131_072
@@ -168,7 +168,7 @@ def test_floor_shared_prefix_is_prefilled_once():
     assert separate.prefill_seconds - shared.prefill_seconds == pytest.approx(2 * 11 * 2 + 4 * 3)
 
 
-def test_floor_matches_bench_md_anchors():
+def test_floor_matches_the_documented_anchors():
     shape, w256 = llama3_8b(), make_w256()
     h100 = ideal_floor(w256, shape, H100)
     assert h100.seconds == pytest.approx(14.1, rel=0.02)

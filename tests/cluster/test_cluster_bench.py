@@ -1,4 +1,4 @@
-"""bench/cluster_bench.py (the lead's GPU run of issue 6) end to end on CPU: one small layout joining the
+"""bench/cluster_bench.py (the Ray Serve GPU benchmark) end to end on CPU: one small layout joining the
 test's Ray cluster, through the HTTP ingress."""
 from __future__ import annotations
 

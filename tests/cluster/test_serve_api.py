@@ -1,4 +1,4 @@
-"""The server issue's API behaviour through the Ray Serve ingress: authentication, error statuses (also
+"""The OpenAI server's API behaviour through the Ray Serve ingress: authentication, error statuses (also
 for errors raised inside a replica), back-pressure, per-replica /metrics, `pagoda status`."""
 from __future__ import annotations
 

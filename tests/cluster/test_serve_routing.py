@@ -1,4 +1,4 @@
-"""Issue 6 on a real local Ray cluster: replicas share the work, prefixes stick to the replica that
+"""Routing on a real local Ray cluster: replicas share the work, prefixes stick to the replica that
 caches them, sessions stick, models route by name, and a TP=2 replica (Ray actors, gloo) matches TP=1.
 
 Which replica served what is read from the replicas' own stats (`pagoda status` rows), diffed around

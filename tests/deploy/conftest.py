@@ -1,7 +1,7 @@
 """Fixtures shared by the deployment tests: repository paths, the KubeRay CRD schema, the chart.
 
-The KubeRay CRDs are data in `../shared/schemas/kuberay/` beside the project root (CI lays
-`shared/` there too); they are never copied into the repository.
+The KubeRay RayService CRD is test data in `tests/deploy/data/` (upstream, commit and licence in
+that folder's README.md).
 """
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT / ".." / "shared"
-RAYSERVICE_CRD = SHARED / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
+RAYSERVICE_CRD = Path(__file__).resolve().parent / "data" / "ray.io_rayservices.yaml"
 CHART_DIR = ROOT / "helm" / "pagoda"
 DEPLOY_DIR = ROOT / "deploy"
 
@@ -44,7 +43,7 @@ def rayservice_validator():
     """
     jsonschema = pytest.importorskip("jsonschema")
     if not RAYSERVICE_CRD.is_file():
-        pytest.fail(f"KubeRay RayService CRD not found at {RAYSERVICE_CRD} (shared/ beside the repo)")
+        pytest.fail(f"KubeRay RayService CRD not found at {RAYSERVICE_CRD} (see tests/deploy/data/README.md)")
     # The CRD is 1 MB of YAML: the C loader reads it in a quarter of the time.
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     crd = yaml.load(RAYSERVICE_CRD.read_text(), Loader=loader)  # noqa: S506 - a safe loader

@@ -1,5 +1,5 @@
 """`enable_fast_all_reduce`: the switch and its refusals (the all-reduce itself needs 2+ GPUs:
-bench/allreduce.py checks it against NCCL on the device box)."""
+bench/allreduce.py checks it against NCCL on a multi-GPU machine)."""
 from __future__ import annotations
 
 import pytest

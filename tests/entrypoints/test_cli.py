@@ -1,8 +1,10 @@
-"""The `pagoda` command: generate (tiny model, and once the real default model), serve's flags and
-the hook where the cluster path plugs in; plus a smoke run of bench/serving.py against a server."""
+"""The `pagoda` command: generate (tiny model, and once the real default model), serve's flags, the
+hook where the cluster path plugs in and the message when Ray is not installed; plus a smoke run of
+bench/serving.py against a server."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +48,12 @@ def test_serve_flags_parse_with_vllm_names():
         "--no-enable-prefix-caching", "--tensor-parallel-size", "1", "--seed", "3", "--served-model-name", "m",
         "--grpc-port", "9001", "--max-queued-requests", "4", "--shutdown-timeout", "2.5",
         "--allowed-origins", '["https://a.example", "https://b.example"]', "--max-request-body-bytes", "2MiB",
-        "--kv-cache-memory-bytes", "1GiB", "--device", "cpu", "--dtype", "float32"])
+        "--kv-cache-memory-bytes", "1GiB", "--device", "cpu", "--dtype", "float32",
+        "--scheduling-policy", "priority"])
     engine_args = cli.engine_args_from(argparse_model(args))
+    assert engine_args.scheduling_policy == "priority"
+    default = cli.engine_args_from(argparse_model(cli.build_parser().parse_args(["serve", "m"])))
+    assert default.scheduling_policy == "fcfs"
     assert (engine_args.max_model_len, engine_args.max_num_seqs, engine_args.max_num_batched_tokens) == (512, 8, 1024)
     assert engine_args.block_size == 32 and engine_args.enable_prefix_caching is False
     assert engine_args.kv_cache_memory_bytes == 2**30 and engine_args.served_model_name == "m"
@@ -71,25 +77,66 @@ def test_serve_rejects_bad_values_with_exit_2(tiny_model_dir, capsys):
     assert "disagree" in capsys.readouterr().err
 
 
-def test_serve_without_standalone_uses_the_cluster_hook_when_present(monkeypatch):
+def test_serve_without_standalone_uses_the_cluster_hook(monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "cluster_entrypoint", lambda: lambda args: calls.append(args.model) or 0)
-    assert cli.main(["serve", "default"]) == 0
-    assert calls == ["default"]
-
     standalone = []
-    monkeypatch.setattr(cli, "cluster_entrypoint", lambda: None)
     monkeypatch.setattr(cli, "serve_standalone", lambda args: standalone.append(args.model) or 0)
     assert cli.main(["serve", "default"]) == 0
-    assert standalone == ["default"]
+    assert cli.main(["serve", "other", "--standalone"]) == 0
+    assert calls == ["default"] and standalone == ["other"]
 
 
-def test_cluster_entrypoint_falls_back_when_the_module_is_missing(monkeypatch):
-    def missing(name):
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+# Ray missing, simulated in a fresh interpreter before anything imports it: `None` in sys.modules makes
+# `import ray` (or `from ray import serve`) fail as if the package were not installed.
+_WITHOUT = ("import sys; sys.modules.update(dict.fromkeys({modules!r})); "
+            "from pagoda.engine.entrypoints.cli import main; sys.exit(main({argv!r}))")
 
-    monkeypatch.setattr(cli.importlib, "import_module", missing)
-    assert cli.cluster_entrypoint() is None
+
+def _run_without(modules: list[str], argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _WITHOUT.format(modules=modules, argv=argv)], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def _assert_ray_missing_message(result: subprocess.CompletedProcess) -> None:
+    before, after = cli.RAY_MISSING_MESSAGE.split("{cause}")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.splitlines()                   # one line, nothing logged before it
+    assert line.startswith("pagoda: error: " + before) and line.endswith(after), line
+    assert "pip install 'pagoda[cluster]'" in line and "--standalone" in line
+
+
+@pytest.mark.parametrize("module", ["ray", "ray.serve"])
+@pytest.mark.parametrize("argv", [["serve", "default"], ["serve", "--model", "default", "--num-replicas", "2"],
+                                  ["status"]], ids=["serve", "serve-flags", "status"])
+def test_ray_commands_without_ray_say_what_to_install(module, argv):
+    result = _run_without([module], argv, subprocess_env())
+    _assert_ray_missing_message(result)
+    assert f"{module} halted" in result.stderr           # the cause: which module was missing
+
+
+def test_ray_without_its_serve_extra_gets_the_same_message(tmp_path):
+    # A stand-in Ray whose `ray.serve` fails on a dependency that only the `serve` extra installs: the
+    # missing module is not Ray's, but the import that fails is in Ray's code.
+    (tmp_path / "ray" / "serve").mkdir(parents=True)
+    (tmp_path / "ray" / "__init__.py").write_text("")
+    (tmp_path / "ray" / "serve" / "__init__.py").write_text("import serve_extra_dependency_not_installed\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    for argv in (["serve", "default"], ["status"]):
+        result = _run_without([], argv, env)
+        _assert_ray_missing_message(result)
+        assert "serve_extra_dependency_not_installed" in result.stderr
+
+
+def test_other_import_errors_keep_their_traceback(monkeypatch):
+    def broken(args):
+        import pagoda_module_that_does_not_exist  # noqa: F401
+
+    monkeypatch.setattr(cli, "cluster_entrypoint", lambda: broken)
+    with pytest.raises(ModuleNotFoundError, match="pagoda_module_that_does_not_exist"):
+        cli.main(["serve", "default"])
 
 
 def test_bench_serving_smoke(main_server, tmp_path):

@@ -1,4 +1,4 @@
-"""GPU-only tests: skipped entirely where CUDA is absent (CI). Run on a GPU box with
+"""GPU-only tests: skipped entirely where CUDA is absent (CI). Run on a GPU machine with
 `python -m pytest -q tests/gpu` (see README)."""
 import pytest
 import torch
