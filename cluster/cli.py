@@ -67,7 +67,7 @@ def app_args_from_flags(args: argparse.Namespace, has_gpus: bool) -> dict[str, A
     """The app args (list form) for `pagoda serve MODEL ...` flags; pure, so testable without Ray."""
     from pagoda.engine.config import EngineArgs
     from pagoda.engine.entrypoints.auth import API_KEY_ENV
-    from pagoda.engine.entrypoints.cli import engine_args_from
+    from pagoda.engine.entrypoints.cli_args import engine_args_from
 
     engine_args = engine_args_from(args)
     defaults = EngineArgs()

@@ -1,4 +1,4 @@
-"""Paged attention on the CPU: the same contract as `attention.paged_attention_ref`, less padding.
+"""Paged attention on the CPU: the same contract as `attention_ref.paged_attention_ref`, less padding.
 
 The reference pads every sequence of the step to the longest context and the longest query and
 makes one masked SDPA call. On the CPU that padding is most of the work: decode contexts in a
@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .attention import _gather_context
+from .attention_ref import gather_context
 from .metadata import AttentionMetadata
 
 # One more SDPA call costs about as much as this many (sequence x context token) cells of padded
@@ -160,8 +160,8 @@ def paged_attention_cpu(
 
     for group in plan.decode:
         n = group.rows.shape[0]
-        keys = _gather_context(key_cache, group.tables, group.max_len).to(query.dtype)  # (n, Hkv, L, D)
-        values = _gather_context(value_cache, group.tables, group.max_len).to(query.dtype)
+        keys = gather_context(key_cache, group.tables, group.max_len).to(query.dtype)  # (n, Hkv, L, D)
+        values = gather_context(value_cache, group.tables, group.max_len).to(query.dtype)
         q = query.index_select(0, group.rows)[:, :, None, :]                 # (n, H, 1, D)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=group.valid, scale=scale,
                                                   enable_gqa=gqa)            # (n, H, 1, D)
@@ -173,8 +173,8 @@ def paged_attention_cpu(
             keys = key[rows].to(query.dtype).transpose(0, 1)[None]             # (1, Hkv, S, D)
             values = value[rows].to(query.dtype).transpose(0, 1)[None]
         else:
-            keys = _gather_context(key_cache, seq.blocks[None], seq.seq_len).to(query.dtype)  # (1, Hkv, S, D)
-            values = _gather_context(value_cache, seq.blocks[None], seq.seq_len).to(query.dtype)
+            keys = gather_context(key_cache, seq.blocks[None], seq.seq_len).to(query.dtype)  # (1, Hkv, S, D)
+            values = gather_context(value_cache, seq.blocks[None], seq.seq_len).to(query.dtype)
         q = query[seq.start:seq.start + seq.q_len].transpose(0, 1)[None]         # (1, H, q, D)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=seq.mask,
                                                   is_causal=seq.mask is None, scale=scale, enable_gqa=gqa)

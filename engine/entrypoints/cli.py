@@ -17,96 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import logging
 import os
-import re
 import sys
 from typing import Callable, Optional
 
-from ..config import EngineArgs
 from .auth import API_KEY_ENV
-from .settings import ServerSettings
+from .cli_args import add_engine_flags, engine_args_from, parse_bytes, parse_origins, server_settings_from
 
 logger = logging.getLogger("pagoda.cli")
-
-_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-
-
-def parse_bytes(text: str) -> int:
-    """'16777216', '16MiB', '16M', '1.5GiB' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgG]i?)?[bB]?\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size in bytes such as 16777216 or 16MiB, got {text!r}")
-    number, unit = match.groups()
-    value = int(float(number) * _SIZE_UNITS[(unit or "").lower()])
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
-    return value
-
-
-def parse_origins(text: str) -> list[str]:
-    """A JSON list ('["https://a.example"]', as vLLM takes it) or comma-separated origins."""
-    text = text.strip()
-    if text.startswith("["):
-        try:
-            origins = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise argparse.ArgumentTypeError(f"--allowed-origins is not a JSON list: {error}") from None
-        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
-            raise argparse.ArgumentTypeError(f"--allowed-origins must be a list of strings, got {text!r}")
-        return origins
-    return [origin.strip() for origin in text.split(",") if origin.strip()]
-
-
-def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine")
-    group.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    group.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    group.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
-    group.add_argument("--max-num-seqs", type=int, default=256, help="sequences per batch")
-    group.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step")
-    group.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
-                       help="'fcfs': requests in arrival order (their priority ignored); 'priority': lower "
-                            "priority values first, and preemption takes the lowest priority first")
-    group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    group.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
-                       help="where the model runs: 'uni' in the serving process, 'mp' in worker processes "
-                            "(one per GPU), 'ray' in Ray actors (cluster only). Default: uni for one GPU, "
-                            "mp for several; in a cluster replica, see ModelDeployment")
-    group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    group.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,
-                       help="KV-cache budget, e.g. 16MiB (default: from gpu-memory-utilization; 1 GiB on CPU)")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--served-model-name", default=None, help="the name clients use (default: MODEL)")
-    group.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    group.add_argument("--enforce-eager", action="store_true")
-    group.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=None,
-                       help="run the engine core (scheduler + model) in a process of its own, apart from "
-                            "the HTTP server (default: on with CUDA)")
-
-
-def engine_args_from(args: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(
-        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        scheduling_policy=args.scheduling_policy,
-        block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
-        tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
-        distributed_executor_backend=getattr(args, "distributed_executor_backend", None),
-        engine_core_process=getattr(args, "engine_core_process", None),
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
-        served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager)
-
-
-def server_settings_from(args: argparse.Namespace) -> ServerSettings:
-    return ServerSettings(
-        host=args.host, port=args.port, api_key=args.api_key or None, allowed_origins=args.allowed_origins,
-        max_request_body_bytes=args.max_request_body_bytes, shutdown_timeout_s=args.shutdown_timeout,
-        grpc_port=args.grpc_port, log_level=args.uvicorn_log_level)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description="pagoda: LLM inference and serving")
@@ -119,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--top-p", type=float, default=1.0)
-    _add_engine_flags(generate)
+    add_engine_flags(generate)
     generate.set_defaults(handler=run_generate)
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API (and gRPC)")
@@ -141,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds SIGTERM lets in-flight requests finish before aborting them")
     serve.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
-    _add_engine_flags(serve)
+    add_engine_flags(serve)
     serve.set_defaults(handler=run_serve)
     cluster_cli = _cluster_cli_module()
     if cluster_cli is not None:   # pagoda.cluster adds the Ray flags to `serve` and the `status` command

@@ -2,7 +2,7 @@
 
     worker.py        Worker: one tensor-parallel rank (device, model, KV cache shard), any transport
     model_runner.py  ModelRunner: per-step device inputs, forward pass, sampling
-    step_inputs.py   host-side block table and pinned staging buffers for the step inputs
+    step_inputs.py   StepInputs (one step's device inputs), the host-side block table and pinned staging
     cuda_graphs.py   captured decode graphs for padded batch sizes
     sampler.py       temperature / top-k / top-p / min-p / penalties / seeds / logprobs
     step_profiler.py opt-in torch.profiler window over chosen steps

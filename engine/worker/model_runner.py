@@ -1,7 +1,7 @@
 """Runs one forward pass per step over the flattened batch, and samples.
 
-All per-step device inputs are built in one place (`_prepare_inputs`) from the scheduler's
-descriptor and passed explicitly to the model:
+All per-step device inputs are built in one place (`_prepare_inputs`, into a `StepInputs`) from
+the scheduler's descriptor and passed explicitly to the model:
 
     scheduled:  A (prefill chunk, 5 tokens)      B (decode, 1 token)
     input_ids   [a5 a6 a7 a8 a9 | b41]           positions [5 6 7 8 9 | 41]
@@ -28,7 +28,7 @@ from ..distributed.parallel_state import get_tp_rank, get_tp_size, tp_broadcast
 from ..models.registry import get_model_class
 from ..step import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput, StepHandle
 from .sampler import Sampler, SamplingRow
-from .step_inputs import BlockTable, PinnedStaging
+from .step_inputs import BlockTable, PinnedStaging, Placeholders, PromptRows, StepInputs
 from .step_profiler import StepProfiler
 
 logger = logging.getLogger(__name__)
@@ -181,8 +181,12 @@ class ModelRunner:
         for item in scheduler_output.scheduled:
             self.block_table.append(self.requests[item.request_id].row, item.new_block_ids)
 
-    def _prepare_inputs(self, scheduler_output: SchedulerOutput):
-        """The flattened batch as device tensors; vectorised over requests (see step_inputs.py)."""
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
+        """The flattened batch as device tensors; vectorised over requests (see step_inputs.py).
+
+        Invariant: `logits_indices` lists, request by request in scheduled order, its prompt-logprob
+        rows (`prompt_rows`) and then its sampled row; `_launch_sampling` walks the same order.
+        """
         block_size = self.block_size
         scheduled = scheduler_output.scheduled
         states = [self.requests[item.request_id] for item in scheduled]
@@ -207,16 +211,15 @@ class ModelRunner:
         block_tables = table[rows, : -(-max_seq_len // block_size)]
         input_ids = np.fromiter((t for item in scheduled for t in item.token_ids), dtype=np.int64, count=num_tokens)
         # -1 marks a token the previous step sampled on the device (async scheduling): gather it there
-        placeholders = None
+        dst = src = None
         if (input_ids < 0).any():
-            dst = np.nonzero(input_ids < 0)[0]
+            dst = np.nonzero(input_ids < 0)[0]                    # rows of input_ids
             src = np.fromiter((self.prev_rows[scheduled[i].request_id] for i in seq_of_token[dst]),
-                              dtype=np.int64, count=dst.size)
+                              dtype=np.int64, count=dst.size)    # rows of the last step's sampled ids
             input_ids[dst] = 0
-            placeholders = (dst, src)
 
-        # rows of the hidden states that feed the LM head, in the order _sample reads them
-        prompt_rows: dict[str, tuple[int, int, int]] = {}   # id -> (first row, count, first position)
+        # rows of the hidden states that feed the LM head, in the order _launch_sampling reads them
+        prompt_rows: dict[str, PromptRows] = {}
         sample_mask = np.fromiter((item.sample for item in scheduled), dtype=bool, count=num_seqs)
         if any(state.data.sampling_params.prompt_logprobs is not None for state in states):
             logits_indices: list[int] = []
@@ -225,7 +228,7 @@ class ModelRunner:
                 prompt_len = len(state.data.prompt_token_ids)
                 if state.data.sampling_params.prompt_logprobs is not None and start < prompt_len:
                     count = max(0, min(start + len(item.token_ids), prompt_len - 1) - start)
-                    prompt_rows[item.request_id] = (len(logits_indices), count, start)
+                    prompt_rows[item.request_id] = PromptRows(len(logits_indices), count, start)
                     logits_indices.extend(range(cursor, cursor + count))
                 if item.sample:
                     logits_indices.append(int(query_start_loc[i + 1]) - 1)
@@ -235,9 +238,10 @@ class ModelRunner:
 
         self.staging.begin_step()
         stage = self.staging.to_device
-        if placeholders is not None:
-            placeholders = (stage("placeholder_dst", placeholders[0], torch.int64),
-                            stage("placeholder_src", placeholders[1], torch.int64))
+        placeholders = None
+        if dst is not None:
+            placeholders = Placeholders(stage("placeholder_dst", dst, torch.int64),
+                                        stage("placeholder_src", src, torch.int64))
         metadata = AttentionMetadata(
             slot_mapping=stage("slot_mapping", slot_mapping, torch.int64),
             query_start_loc=stage("query_start_loc", query_start_loc, torch.int32),
@@ -246,8 +250,14 @@ class ModelRunner:
             max_query_len=int(num_new.max()),
             max_seq_len=max_seq_len,
         )
-        inputs = (stage("input_ids", input_ids, torch.int64), stage("positions", positions, torch.int64),
-                  metadata, stage("logits_indices", indices, torch.int64), prompt_rows, placeholders)
+        inputs = StepInputs(
+            input_ids=stage("input_ids", input_ids, torch.int64),
+            positions=stage("positions", positions, torch.int64),
+            metadata=metadata,
+            logits_indices=stage("logits_indices", indices, torch.int64),
+            prompt_rows=prompt_rows,
+            placeholders=placeholders,
+        )
         self.staging.end_step()
         return inputs
 
@@ -269,15 +279,14 @@ class ModelRunner:
                 self.requests[item.request_id].data.sampling_params.needs_penalties
                 for item in scheduler_output.scheduled):
             self._unresolved.result()      # penalties count every earlier token: wait for them on the host
-        input_ids, positions, metadata, logits_indices, prompt_rows, placeholders = \
-            self._prepare_inputs(scheduler_output)
-        if placeholders is not None:
-            dst, src = placeholders
-            input_ids[dst] = self.prev_sampled[src]
-        if self.graphs is not None and self.graphs.can_run(metadata):
-            hidden = self.graphs.run(input_ids, positions, metadata)        # (T, hidden)
+        inputs = self._prepare_inputs(scheduler_output)
+        if inputs.placeholders is not None:
+            inputs.input_ids[inputs.placeholders.dst] = self.prev_sampled[inputs.placeholders.src]
+        if self.graphs is not None and self.graphs.can_run(inputs.metadata):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)   # (T, hidden)
         else:
-            hidden = self.model(input_ids, positions, metadata)              # (T, hidden)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)         # (T, hidden)
+        logits_indices, prompt_rows = inputs.logits_indices, inputs.prompt_rows
         if get_tp_size() > 1 and not prompt_rows and all(
                 self.requests[item.request_id].plain_greedy for item in scheduler_output.scheduled if item.sample):
             # NOTE: every rank takes this branch alike (the same requests, flags and prompt rows):
@@ -308,7 +317,7 @@ class ModelRunner:
         return handle
 
     def _launch_sampling(self, scheduler_output: SchedulerOutput, logits: Optional[torch.Tensor],
-                         prompt_rows: dict[str, tuple[int, int, int]],
+                         prompt_rows: dict[str, PromptRows],
                          greedy_sampled: Optional[torch.Tensor] = None) -> StepHandle:
         """greedy_sampled: the rows' argmax ids, already taken on every TP rank (then logits is None)."""
         row_index: list[int] = []          # row of `logits` for each sampling request
@@ -317,7 +326,7 @@ class ModelRunner:
         cursor = 0
         for item in scheduler_output.scheduled:
             if item.request_id in prompt_rows:
-                cursor += prompt_rows[item.request_id][1]
+                cursor += prompt_rows[item.request_id].num_rows
             if item.sample:
                 row_index.append(cursor)
                 row_ids.append(item.request_id)
@@ -391,7 +400,7 @@ class ModelRunner:
         )
 
     def _prompt_logprobs(self, logits: torch.Tensor,
-                         prompt_rows: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, list]]:
+                         prompt_rows: dict[str, PromptRows]) -> dict[str, tuple[int, list]]:
         """Per request: (prompt index of the first entry, entries). Entry i is the distribution that
         predicted prompt token i (None for token 0), so a chunk recomputed after a preemption
         overwrites the same indices instead of duplicating them."""

@@ -1,5 +1,7 @@
-"""Host-side state for building each step's device inputs fast.
+"""One step's device inputs, and the host-side state that builds them fast.
 
+- `StepInputs`: what `ModelRunner._prepare_inputs` hands the forward pass and the sampler, with the
+  `PromptRows` of each request asking for prompt logprobs and the async `Placeholders`.
 - `BlockTable`: one row per live request (rows reused as requests come and go), holding its KV block
   ids, so a step's block tables and slot mapping are numpy gathers rather than per-request loops.
 - `PinnedStaging`: persistent pinned host buffers; a step's arrays are copied in and sent to the
@@ -11,8 +13,42 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
 import numpy as np
 import torch
+
+from pagoda.kernels.metadata import AttentionMetadata
+
+
+class PromptRows(NamedTuple):
+    """Where one request's prompt-logprob rows sit among the step's logits rows."""
+
+    first_row: int          # its first row of `logits` (an index into `logits_indices`)
+    num_rows: int           # prompt positions scored this step (0 when the chunk scores none)
+    first_position: int     # prompt position of the first row's token (its num_computed_tokens)
+
+
+class Placeholders(NamedTuple):
+    """Input ids the previous step sampled on the device (async scheduling): input_ids[dst] is
+    filled from that step's sampled ids[src] on the device, without a host round trip."""
+
+    dst: torch.Tensor       # (n,) int64: rows of input_ids that hold a placeholder
+    src: torch.Tensor       # (n,) int64: rows of the previous step's sampled ids
+
+
+@dataclass
+class StepInputs:
+    """The flattened batch on the device (see model_runner.py's diagram); built once per step."""
+
+    input_ids: torch.Tensor                 # (num_tokens,) int64; placeholder rows hold 0 until filled
+    positions: torch.Tensor                 # (num_tokens,) int64
+    metadata: AttentionMetadata             # slot mapping, query_start_loc, seq_lens, block tables
+    logits_indices: torch.Tensor            # (num_logits_rows,) int64: hidden rows for the LM head,
+                                            # per request its prompt rows, then its sampled row
+    prompt_rows: dict[str, PromptRows]      # request id -> its prompt-logprob rows; {} when none asks
+    placeholders: Optional[Placeholders]    # None unless the step reads last step's device samples
 
 
 class BlockTable:

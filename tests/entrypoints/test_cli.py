@@ -14,7 +14,7 @@ import pytest
 
 from .server_helpers import MODEL_NAME, subprocess_env
 
-from pagoda.engine.entrypoints import cli
+from pagoda.engine.entrypoints import cli, cli_args
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,19 +50,19 @@ def test_serve_flags_parse_with_vllm_names():
         "--allowed-origins", '["https://a.example", "https://b.example"]', "--max-request-body-bytes", "2MiB",
         "--kv-cache-memory-bytes", "1GiB", "--device", "cpu", "--dtype", "float32",
         "--scheduling-policy", "priority"])
-    engine_args = cli.engine_args_from(argparse_model(args))
+    engine_args = cli_args.engine_args_from(argparse_model(args))
     assert engine_args.scheduling_policy == "priority"
-    default = cli.engine_args_from(argparse_model(cli.build_parser().parse_args(["serve", "m"])))
+    default = cli_args.engine_args_from(argparse_model(cli.build_parser().parse_args(["serve", "m"])))
     assert default.scheduling_policy == "fcfs"
     assert (engine_args.max_model_len, engine_args.max_num_seqs, engine_args.max_num_batched_tokens) == (512, 8, 1024)
     assert engine_args.block_size == 32 and engine_args.enable_prefix_caching is False
     assert engine_args.kv_cache_memory_bytes == 2**30 and engine_args.served_model_name == "m"
-    settings = cli.server_settings_from(args)
+    settings = cli_args.server_settings_from(args)
     assert (settings.host, settings.port, settings.grpc_port, settings.api_key) == ("0.0.0.0", 9000, 9001, "k")
     assert settings.allowed_origins == ["https://a.example", "https://b.example"]
     assert settings.max_request_body_bytes == 2 * 2**20 and settings.shutdown_timeout_s == 2.5
-    assert cli.parse_origins("https://a.example, https://b.example") == ["https://a.example", "https://b.example"]
-    assert cli.parse_bytes("16777216") == cli.parse_bytes("16MiB") == 16 * 2**20
+    assert cli_args.parse_origins("https://a.example, https://b.example") == ["https://a.example", "https://b.example"]
+    assert cli_args.parse_bytes("16777216") == cli_args.parse_bytes("16MiB") == 16 * 2**20
 
 
 def argparse_model(args):

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from pagoda.kernels import attention_triton
-from pagoda.kernels.attention import paged_attention, paged_attention_ref
+from pagoda.kernels.attention import paged_attention
+from pagoda.kernels.attention_ref import paged_attention_ref
 from pagoda.kernels.backend import use_backend
 from pagoda.kernels.metadata import AttentionMetadata
 

@@ -3,7 +3,7 @@
 The CPU tests run kernels in the Triton interpreter, which executes the Python body and never
 type-checks or lowers it, so a kernel can pass every interpreter test and still fail to compile on
 a GPU. This test compiles each launch configuration the wrappers produce down to a cubin with
-Triton's bundled ptxas, in a subprocess (the interpreter setting of this session is process-wide).
+Triton's bundled ptxas, in a subprocess (the tests run Triton in interpreter mode, a process-wide setting).
 It uses Triton internals (the launch binder), so it skips itself if those move. On a CUDA machine
 the other tests compile the kernels for real and this one is skipped.
 """
