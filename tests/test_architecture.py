@@ -25,8 +25,7 @@ TOP_LEVEL = ("engine", "kernels", "cluster")     # folder `x/` installs as `pago
 MAX_FILE_LINES = 600
 CLI = "pagoda.engine.entrypoints.cli"
 
-# Edges a cycle may close through for now, each with what removes it. Delete an entry with its fix:
-# `test_tolerated_edges_still_exist` fails once the code no longer has the edge.
+
 class ImportEdge(NamedTuple):
     importer: str      # pagoda.* name of the importing module
     target: str        # what it imports: `pkg.name` when that is a module, else `pkg`

@@ -1,0 +1,47 @@
+"""The top-level folders install only as `pagoda.*`: none of them shadows an installed package of the
+same name when the repository root is on `sys.path` (`python -c` or `python -m` run from the root).
+
+transformers imports the PyPI package `kernels` while it loads; a regular package in our `kernels/`
+would be found first and break it. Each check runs a fresh interpreter in the repository root, as a
+user typing the command there would.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def python_in_repo_root(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_transformers_and_pagoda_import_from_the_repository_root():
+    result = python_in_repo_root(
+        "import sys; assert sys.path[0] == '', sys.path[:2]\n"
+        "import transformers.activations, pagoda.engine, pagoda.kernels.attention, pagoda.cluster\n"
+        "from pagoda.engine import LLM, SamplingParams\n"
+        "print('ok')")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_our_kernels_folder_never_wins_over_an_installed_kernels_package():
+    result = python_in_repo_root(
+        "import kernels\n"
+        "print(getattr(kernels, '__file__', None))")
+    assert result.returncode == 0, result.stderr[-2000:]
+    location = result.stdout.splitlines()[0]
+    if location != "None":          # an installed `kernels`: it must be that one, not our folder
+        assert not Path(location).resolve().is_relative_to((REPO / "kernels").resolve()), location
+    assert not (REPO / "kernels" / "__init__.py").exists(), "kernels/ must stay a namespace package"
+
+
+@pytest.mark.parametrize("folder", ["engine", "cluster"])
+def test_engine_and_cluster_refuse_to_load_under_a_bare_name(folder):
+    result = python_in_repo_root(f"import {folder}")
+    assert result.returncode != 0
+    assert f"'{folder}' is not a package: this folder installs as pagoda.{folder}" in result.stderr
