@@ -54,8 +54,11 @@ class LLMEngine:
         self.output_processor.add_request(
             processed.request_id, processed.prompt, processed.prompt_token_ids, processed.params,
             [r.request_id for r in processed.core_requests], processed.arrival_time)
-        for request in processed.core_requests:
-            self.core.add_request(request)
+        try:
+            self.core.add_requests(processed.core_requests)         # all or none
+        except ValueError:
+            self.output_processor.abort(processed.request_id)
+            raise
         return processed
 
     def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:

@@ -25,7 +25,7 @@ VALUE_SETS = {
                     "tensor_parallel_size": 4, "min_replicas": 1, "max_replicas": 6,
                     "target_ongoing_requests": 24, "upscale_delay_s": 15,
                     "engine_args": {"max_model_len": 8192, "gpu_memory_utilization": 0.9}}],
-        "worker": {"nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+        "worker": {"nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-a100-80gb"},
                    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}],
                    "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}]},
         "autoscaler": {"upscalingMode": "Aggressive", "idleTimeoutSeconds": 120},

@@ -75,3 +75,17 @@ def test_bad_engine_arguments(tiny_checkpoint, tmp_path):
         LLM(model=str(model_dir), max_model_len=100000)
     with pytest.raises(ValueError, match=r"max_model_len=200 needs more KV cache"):
         LLM(model=str(model_dir), max_model_len=200, kv_cache_memory_bytes=4 * 2 * 2 * 16 * 64 * 4)
+
+
+def test_a_request_whose_core_id_is_taken_is_refused_whole(make_llm):
+    # "x#1" is the core id of the second completion of request "x" (n=2): a request named "x#1" collides
+    llm = make_llm()
+    prompt = {"prompt_token_ids": token_prompts(3)[2]}
+    engine = llm.engine
+    engine.add_request("x", prompt, greedy(50, n=2))
+    with pytest.raises(ValueError, match=r"'x#1' is already running"):
+        engine.add_request("x#1", prompt, greedy(4))
+    assert not engine.output_processor.has("x#1"), "the refused request must leave nothing behind"
+    engine.abort_request(["x"])
+    assert not engine.has_unfinished_requests()
+    assert len(llm.generate([prompt], greedy(4), use_tqdm=False)[0].outputs[0].token_ids) == 4
