@@ -39,6 +39,7 @@ from .config import AppConfig, ModelDeployment, parse_app_args
 from .ingress import Ingress
 from .prefix_aware_router import PrefixAwareRouter
 from .replica import LLMReplica, engine_args_for
+from .serve_state import AppOwner
 
 INGRESS_DEPLOYMENT = "ingress"
 # Serve's default look-back (30 s) averages out bursts; it must exceed the metrics push interval.
@@ -62,6 +63,7 @@ class ClusterTuning:
     graceful_shutdown_timeout_s: float = 60.0
     """How long a replica being scaled down gets to finish its requests (then they are retried)."""
     ingress_num_cpus: float = 1.0
+    """CPUs each ingress replica reserves (`capacity.app_demands` counts them)."""
     ingress_max_ongoing_requests: int = 4096
     """Every request passes one ingress replica; Serve's default of 5 would throttle streaming."""
 
@@ -74,8 +76,9 @@ def build_app(args: dict[str, Any]) -> Application:
     return build_application(args, ClusterTuning())
 
 
-def build_application(args: dict[str, Any], tuning: ClusterTuning) -> Application:
-    """`build_app` with explicit `ClusterTuning` (tests, benchmarks)."""
+def build_application(args: dict[str, Any], tuning: ClusterTuning, owner: AppOwner | None = None) -> Application:
+    """`build_app` with explicit `ClusterTuning` (tests, benchmarks), and the `pagoda serve` process
+    that deploys it (`owner`: marked on the ingress replicas, see `serve_state`)."""
     config = parse_app_args(args)
     names = deployment_names(config)
     replicas = {}
@@ -83,10 +86,10 @@ def build_application(args: dict[str, Any], tuning: ClusterTuning) -> Applicatio
         engine_args_for(model)      # unknown engine_args fail here, before any replica starts
         deployment = serve.deployment(LLMReplica).options(name=names[model.name], **replica_options(model, tuning))
         replicas[model.name] = deployment.bind(model.model_dump(exclude_unset=True), tuning.stall_timeout_s)
+    ingress_actor_options = {"num_cpus": tuning.ingress_num_cpus, **(owner.actor_options() if owner else {})}
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_DEPLOYMENT, num_replicas=config.ingress_replicas,
-        max_ongoing_requests=tuning.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": tuning.ingress_num_cpus})
+        max_ongoing_requests=tuning.ingress_max_ongoing_requests, ray_actor_options=ingress_actor_options)
     return ingress.bind(config.model_dump(exclude_unset=True), replicas, names)
 
 

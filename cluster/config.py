@@ -19,8 +19,9 @@ Two spellings are accepted (see `parse_app_args`):
 
 Replica arithmetic (what a cluster must provide):
 
-    one replica  = tensor_parallel_size workers × num_gpus_per_worker GPUs each
+    one replica  = tensor_parallel_size workers × (num_gpus_per_worker GPUs + num_cpus_per_worker CPUs)
     one model    = num_replicas (fixed) or min_replicas..max_replicas (autoscaled) replicas
+    the app      = its models' replicas + ingress_replicas × 1 CPU (the HTTP ingress)
     the autoscaler adds a replica when a replica holds more than target_ongoing_requests
     requests (waiting + running) for upscale_delay_s, and removes one after downscale_delay_s
 
@@ -35,6 +36,12 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# num_cpus_per_worker when a worker has a GPU (it feeds the GPU) and when it has none. NOTE: half a
+# core on CPU lets two replicas and the ingress (1 CPU) fit a 2-core machine; the engine's step runs
+# its torch threads regardless of the share Ray books for it.
+GPU_WORKER_NUM_CPUS = 1.0
+CPU_WORKER_NUM_CPUS = 0.5
 
 # The name `serve run ... model=default` and the CLI use for the model that ships with the
 # test extra (a small GGUF); any other value is a local path to a checkpoint directory or file.
@@ -91,8 +98,10 @@ class ModelDeployment(BaseModel):
     scheduling_policy ("fcfs" or "priority": whether a request's `priority` orders the queue)."""
     num_gpus_per_worker: float = Field(1.0, ge=0)
     """GPUs reserved per tensor-parallel worker: 1 on GPU clusters, 0 to run on CPU."""
-    num_cpus_per_worker: float = Field(1.0, ge=0)
-    """CPUs reserved per tensor-parallel worker (tokenisation and scheduling run on it)."""
+    num_cpus_per_worker: float = Field(GPU_WORKER_NUM_CPUS, ge=0)
+    """CPUs reserved per tensor-parallel worker (tokenisation and scheduling run on it). Unset, it is
+    GPU_WORKER_NUM_CPUS (1) when the worker has a GPU and CPU_WORKER_NUM_CPUS (0.5) when
+    num_gpus_per_worker is 0."""
 
     @field_validator("engine_args")
     @classmethod
@@ -106,6 +115,12 @@ class ModelDeployment(BaseModel):
                 "set them next to `model` instead"
             )
         return engine_args
+
+    @model_validator(mode="after")
+    def _default_cpus_follow_gpus(self) -> ModelDeployment:
+        if "num_cpus_per_worker" not in self.model_fields_set and self.num_gpus_per_worker == 0:
+            self.num_cpus_per_worker = CPU_WORKER_NUM_CPUS
+        return self
 
     @model_validator(mode="after")
     def _check_replica_bounds(self) -> ModelDeployment:
@@ -160,6 +175,17 @@ class ModelDeployment(BaseModel):
     @property
     def num_gpus_per_replica(self) -> float:
         return self.tensor_parallel_size * self.num_gpus_per_worker
+
+    @property
+    def initial_replicas(self) -> int:
+        """Replicas that must be placed for the model to serve at all: the fixed count, else the
+        autoscaling floor but at least one (a floor of 0 still needs one replica for a request)."""
+        return self.num_replicas if self.num_replicas is not None else max(self.min_replicas, 1)
+
+    @property
+    def most_replicas(self) -> int:
+        """The replicas it may run at most: the fixed count, else the autoscaling ceiling."""
+        return self.num_replicas if self.num_replicas is not None else self.max_replicas
 
 
 class AppConfig(BaseModel):

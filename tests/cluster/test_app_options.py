@@ -45,7 +45,7 @@ def test_tp_replica_reserves_one_strict_pack_bundle_per_worker():
                                              "look_back_period_s": 30}
     assert options["max_queued_requests"] == 100
     cpu_only = replica_options(ModelDeployment(tensor_parallel_size=2, num_gpus_per_worker=0), ClusterTuning())
-    assert cpu_only["placement_group_bundles"] == [{"CPU": 1.0}] * 2
+    assert cpu_only["placement_group_bundles"] == [{"CPU": 0.5}] * 2      # CPU-only workers: half a core
     with pytest.raises(ValueError, match="bundles empty"):
         replica_options(ModelDeployment(tensor_parallel_size=2, num_gpus_per_worker=0, num_cpus_per_worker=0),
                         ClusterTuning())
