@@ -2,11 +2,13 @@
 
 Each test drives `Scheduler.schedule()` and feeds `update_from_output` a `ModelRunnerOutput` as the
 executor would (every request that samples gets token 7 unless a test says otherwise). One test at
-the end runs both scheduling policies through `LLM` on a tiny checkpoint.
+the end runs both scheduling policies through `LLM` on a tiny checkpoint. The liveness of the whole
+under KV pressure (many long requests, both policies, async, prefix caching) is in test_kv_pressure.py.
 """
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Optional
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from conftest import greedy, token_prompts
 from pagoda.engine.config import CacheConfig, EngineArgs, SchedulerConfig
 from pagoda.engine.core.request import Request, RequestStatus
-from pagoda.engine.core.scheduler import Scheduler
+from pagoda.engine.core.scheduler import MAX_PREEMPTIONS_PER_REQUEST, Scheduler
 from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
 
@@ -91,6 +93,14 @@ class Harness:
         self.scheduler.update_from_output(out, ModelRunnerOutput(
             sampled_token_ids={item.request_id: SAMPLED for item in out.scheduled if item.sample}))
         return out
+
+    def step_until(self, condition: Callable[[], bool], max_steps: int = 100) -> SchedulerOutput:
+        """Steps until `condition()` holds after a step; returns that step's output."""
+        for _ in range(max_steps):
+            out = self.step()
+            if condition():
+                return out
+        raise AssertionError(f"not reached in {max_steps} steps")
 
     @property
     def running_ids(self) -> list[str]:
@@ -223,6 +233,69 @@ def test_a_victim_before_the_cursor_leaves_no_request_unscheduled():
     [done] = scheduler.update_from_output(first, ModelRunnerOutput(sampled_token_ids={"low": SAMPLED}))
     assert done.finish_reason == "length" and low.status == RequestStatus.FINISHED_LENGTH
     assert harness.waiting_ids == []
+
+
+def test_a_request_preempted_once_comes_back_reserved_and_is_not_preempted_again():
+    # 6 blocks of 4 tokens. a, b, c grow together until c (the last admitted) has to go; back once
+    # a finishes, c holds a reservation, so when b then needs a block b goes, not c: plain fcfs
+    # would have preempted c, the most recently admitted, a second time.
+    assert MAX_PREEMPTIONS_PER_REQUEST == 1
+    harness = Harness(num_blocks=6)
+    a = harness.add("a", 4, max_tokens=8)
+    b = harness.add("b", 4, max_tokens=12)
+    c = harness.add("c", 4, max_tokens=8)
+    out = harness.step_until(lambda: c.num_preemptions == 1)
+    assert out.finished_request_ids == ["c"] and harness.running_ids == ["a", "b"]
+    harness.step_until(lambda: harness.running_ids == ["b", "c"])
+    assert a.status == RequestStatus.FINISHED_LENGTH
+    out = harness.step()            # b needs a block and none is free
+    assert out.finished_request_ids == ["b"] and scheduled_ids(out) == ["c"] and harness.running_ids == ["c"]
+    while harness.scheduler.has_unfinished_requests():
+        harness.step()
+    assert [r.num_output_tokens for r in (a, b, c)] == [8, 12, 8]
+    assert [r.num_preemptions for r in (a, b, c)] == [0, 1, 1]
+
+
+def test_reserved_requests_are_admitted_only_while_they_fit_together():
+    # 7 blocks. b and c are preempted once each; each needs 4 blocks to finish (4 + 12 - 1 tokens),
+    # so they run one after the other even where c's recompute alone would fit beside b.
+    harness = Harness(num_blocks=7)
+    requests = [harness.add(name, 4, max_tokens=12) for name in "abc"]
+    b, c = requests[1:]
+    harness.step_until(lambda: harness.running_ids == ["b"])
+    assert harness.waiting_ids == ["c"] and c.num_preemptions == 1
+    assert len(harness.kv.free_block_ids) >= -(-c.num_tokens // BLOCK_SIZE)     # c's blocks are free...
+    out = harness.step()
+    assert scheduled_ids(out) == ["b"] and harness.waiting_ids == ["c"]           # ...but 4 + 4 > 7
+    harness.step_until(lambda: harness.running_ids == ["c"])
+    assert b.status == RequestStatus.FINISHED_LENGTH
+    while harness.scheduler.has_unfinished_requests():
+        harness.step()
+    assert [r.num_output_tokens for r in requests] == [12, 12, 12]
+    assert [r.num_preemptions for r in requests] == [0, 1, 1]
+
+
+def test_an_aborted_reserved_request_gives_its_reservation_back():
+    harness = Harness(num_blocks=7)
+    requests = [harness.add(name, 4, max_tokens=12) for name in "abc"]
+    harness.step_until(lambda: harness.running_ids == ["b"])
+    assert harness.scheduler.abort_requests(["b"]) == [requests[1]]
+    out = harness.step()
+    assert [new.request_id for new in out.new_requests] == ["c"] and harness.running_ids == ["c"]
+
+
+def test_a_request_that_cannot_get_a_reservation_fails_instead_of_waiting_forever():
+    # A cache smaller than max_model_len (the engine never builds one: finalize_capacity): a, once
+    # preempted, needs 4 blocks to finish in a cache of 3.
+    harness = Harness(num_blocks=3)
+    b = harness.add("b", 4, max_tokens=4)
+    a = harness.add("a", 4, max_tokens=12)
+    harness.step_until(lambda: a.status.is_finished)
+    assert a.status == RequestStatus.FINISHED_ERROR and a.error == (
+        "request needs 4 KV blocks to finish but the cache has 3")
+    while harness.scheduler.has_unfinished_requests():
+        harness.step()
+    assert b.num_output_tokens == 4 and len(harness.kv.free_block_ids) == 3
 
 
 @pytest.mark.parametrize("policy, first", [("fcfs", "low"), ("priority", "high")])
