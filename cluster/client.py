@@ -17,8 +17,9 @@ this ingress's mailbox actor, one call per batch), not over each request's own s
 own call is still what routes, counts, cancels and fails it (`token_channels=False`: per-request
 streams, as before).
 
-Retries: a request whose replica fails (actor died, engine dead, replica shutting down) is sent once
-more, to another replica, when the client has seen nothing yet: no output streamed, or any
+Retries: a request whose replica fails (actor died, engine dead, replica shutting down, or the replica
+cut it short: finish_reason 'abort' that this ingress did not ask for) is sent once more, to
+another replica, when the client has seen nothing yet: no output streamed, or any
 non-streamed request (its response is only written at the end). A streamed request that already
 sent tokens raises instead, and the server ends the stream with an error event.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional
@@ -37,10 +37,13 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagoda.engine.engine_client import resolve_model_name
-from pagoda.engine.entrypoints.openai.errors import to_api_error
+from pagoda.engine.entrypoints.lifecycle import cut_short, request_cut_error
+from pagoda.engine.entrypoints.openai.errors import APIError, to_api_error
+from pagoda.engine.entrypoints.openai.request_body import parse_json_object
 from pagoda.engine.errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError
 from pagoda.engine.outputs import EngineStats, RequestOutput, merge_outputs
 from pagoda.engine.processing.input_processor import PromptType
+from pagoda.engine.processing.tokenizer import TokenizerThread, prompt_chars_limit
 from pagoda.engine.sampling_params import SamplingParams
 
 from .channels import Inbox, TokenChannels, ray_mailbox
@@ -106,6 +109,8 @@ class ClusterEngineClient:
         self._aborted: set[str] = set()
         self._streams: dict[str, Any] = {}
         self._token_channels = TokenChannels(mailbox_factory) if token_channels else None
+        # tokenizes long prompts for their routing key, off the event loop
+        self._tokenizer_thread = TokenizerThread("pagoda-ingress-tokenizer")
 
     # -- the EngineClient protocol ------------------------------------------------------------------
     @property
@@ -143,7 +148,7 @@ class ClusterEngineClient:
             info = await route.ready()
         except Exception as error:  # noqa: BLE001 - no replica could describe the model
             raise _client_error(_cause(error), during_request=False) from None
-        hints = RoutingHints(request_id=request_id, prefix_hashes=_prefix_hashes(info, prompt),
+        hints = RoutingHints(request_id=request_id, prefix_hashes=await self._prefix_hashes(info, prompt),
                              session_id=scope.session_id)
         channels = self._token_channels
         for attempt in range(MAX_ATTEMPTS):
@@ -171,6 +176,11 @@ class ClusterEngineClient:
                         merged = output if merged is None else merge_outputs(merged, output)
                     if merged is None:
                         continue
+                    if cut_short(merged) and request_id not in self._aborted:
+                        # NOTE: only the replica's own shutdown aborts a request whose caller still
+                        # reads: a replica failure like the others, retried when the client has seen
+                        # nothing yet, never passed on as a finished request
+                        raise EngineShuttingDownError("the replica serving this request shut down before it finished")
                     if attempt:
                         merged.request_id = request_id
                     last = merged
@@ -182,7 +192,7 @@ class ClusterEngineClient:
                 error = _cause(raised)
                 if request_id in self._aborted:       # abort() cancelled the stream
                     if last is None:
-                        raise EngineShuttingDownError() from None
+                        raise request_cut_error() from None
                     yield _aborted_output(last)
                     return
                 if _is_replica_failure(error) and attempt + 1 < MAX_ATTEMPTS and (last is None or not scope.stream):
@@ -264,6 +274,30 @@ class ClusterEngineClient:
             return self.routes[model]
         return next(iter(self.routes.values()))
 
+    async def _prefix_hashes(self, info: ModelInfo, prompt: PromptType) -> list[int]:
+        """The routing key; an unusable prompt gets none (the replica reports what is wrong with it).
+
+        A prompt that cannot fit max_model_len is not tokenized at all (the replica refuses it at
+        once); a long one is tokenized on the tokenizer thread, so the ingress's loop keeps serving.
+        """
+        if not info.enable_prefix_caching:
+            return []
+        if isinstance(prompt, dict):
+            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+        try:
+            if isinstance(prompt, str):
+                limit = prompt_chars_limit(info.tokenizer, info.max_model_len)
+                if info.tokenizer is None or (limit is not None and len(prompt) > limit):
+                    return []
+                token_ids = await self._tokenizer_thread.run(info.tokenizer.encode, prompt, size=len(prompt))
+            elif isinstance(prompt, (list, tuple)) and len(prompt) < info.max_model_len:
+                token_ids = [int(token) for token in prompt]
+            else:
+                return []
+            return prompt_block_hashes(list(token_ids), info.block_size)
+        except Exception:  # noqa: BLE001
+            return []
+
 
 async def _stream_batches(stream: Any) -> AsyncIterator[list[WireOutput]]:
     """The outputs as the request's own call streams them."""
@@ -312,26 +346,6 @@ async def _lease_end(stream: Any) -> LeaseEnd:
             return item
         raise TypeError(f"a channel-mode request's call yielded {type(item).__name__}, not LeaseEnd")
     raise EngineDeadError("the replica ended the request without its final outputs", during_request=True)
-
-
-def _prefix_hashes(info: ModelInfo, prompt: PromptType) -> list[int]:
-    """The routing key; an unusable prompt gets none (the replica reports what is wrong with it)."""
-    if not info.enable_prefix_caching:
-        return []
-    if isinstance(prompt, dict):
-        prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
-    try:
-        if isinstance(prompt, str):
-            if info.tokenizer is None:
-                return []
-            token_ids = list(info.tokenizer.encode(prompt))
-        elif isinstance(prompt, (list, tuple)):
-            token_ids = [int(token) for token in prompt]
-        else:
-            return []
-        return prompt_block_hashes(token_ids, info.block_size)
-    except Exception:  # noqa: BLE001
-        return []
 
 
 def _cancel(stream: Any) -> None:
@@ -427,10 +441,8 @@ class RequestScopeMiddleware:
 def _peek(body: bytes) -> tuple[Optional[str], bool]:
     """The body's "model" and "stream" (a body that is not a JSON object is left to the route's 400)."""
     try:
-        value = json.loads(body) if body else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None, True
-    if not isinstance(value, dict):
+        value = parse_json_object(body)
+    except APIError:
         return None, True
     model = value.get("model")
     return (model if isinstance(model, str) and model else None), value.get("stream") is True

@@ -30,6 +30,7 @@ from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.config import EngineArgs
 from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.outputs import EngineStats
+from pagoda.engine.utils import startup_timeline
 
 from .config import ModelDeployment
 from .channels import ChannelRef
@@ -129,9 +130,11 @@ class LLMReplica:
     """The Serve deployment class of one model (`app.py` names and sizes one deployment per model)."""
 
     def __init__(self, deployment: dict[str, Any], stall_timeout_s: float = 300.0) -> None:
+        startup_timeline.mark("replica process to constructor")     # Ray's worker start, imports
         self.deployment = ModelDeployment.model_validate(deployment)
         args = engine_args_for(self.deployment)
         config = args.create_config()
+        startup_timeline.mark("config")
         executor_class: Any = None
         if args.distributed_executor_backend == "ray":
             from .ray_executor import RayExecutor, RayExecutorInCore
@@ -140,11 +143,13 @@ class LLMReplica:
         # NOTE: admission control is Serve's (max_ongoing_requests per replica, max_queued_requests
         # at the router); the engine queues whatever Serve lets through.
         self.engine = AsyncEngine(config, max_queued_requests=None, executor_class=executor_class)
+        startup_timeline.mark("engine core")
         self.watchdog = StepWatchdog(stall_timeout_s)
         self.replica_id = _replica_id()
         self._outboxes: dict[str, _Outbox] = {}     # token channel id -> what this replica owes it
         logger.info("replica %s serves %r (tensor_parallel_size=%d, max_model_len=%d)", self.replica_id,
                     self.deployment.name, args.tensor_parallel_size, self.engine.max_model_len)
+        startup_timeline.ready("replica constructed")      # Serve then health-checks it and routes to it
 
     async def generate(self, request: ReplicaRequest) -> AsyncIterator[Any]:
         """Streams the request's outputs; each item holds every output that was ready (usually one).

@@ -11,8 +11,9 @@
 
 The event loop reaches the core through typed commands alone (core/commands.py), and hears back
 through events delivered on a transport thread, which hands them to the event loop. Tokenization
-and detokenization run on the event loop, never inside the step loop, so the model is never held
-up by text work, and the tokenizer is used from one thread only. A step that raises kills the
+and detokenization never run inside the step loop, so the model is never held up by text work; a
+long prompt is tokenized on the input processor's worker thread, so the event loop is not either
+(the fast tokenizer is safe to share between the two threads). A step that raises kills the
 engine: every in-flight request gets `EngineDeadError`, new requests are refused and
 `is_healthy()` turns False; nothing hangs.
 """
@@ -23,6 +24,7 @@ import itertools
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional, Union
 
@@ -66,9 +68,6 @@ class AsyncEngine:
             raise ValueError(f"max_queued_requests must be an integer >= 0 or None, got {max_queued_requests!r}")
         self.config = config
         self.max_queued_requests = max_queued_requests
-        self._tokenizer, eos_token_ids = load_text_side(config)
-        self.input_processor = InputProcessor(config, self._tokenizer, eos_token_ids)
-        self.output_processor = OutputProcessor(self._tokenizer)
         self.metrics = EngineMetrics()
 
         # Written by the transport's thread, read anywhere: always under _lock.
@@ -85,7 +84,18 @@ class AsyncEngine:
         self._accepting = True
 
         transport = CoreProcess if config.parallel.engine_core_process else CoreThread
-        self.core_client: Union[CoreThread, CoreProcess] = transport(config, self._on_core_event, executor_class)
+        # NOTE: the tokenizer loads on a thread while the core starts (weights, KV cache, CUDA graphs):
+        # neither needs the other, and no event reaches the processors before this returns.
+        with ThreadPoolExecutor(1, thread_name_prefix="pagoda-tokenizer-load") as pool:
+            text_side = pool.submit(load_text_side, config)
+            self.core_client: Union[CoreThread, CoreProcess] = transport(config, self._on_core_event, executor_class)
+        try:
+            self._tokenizer, eos_token_ids = text_side.result()
+        except BaseException:
+            self.core_client.shutdown(5.0)
+            raise
+        self.input_processor = InputProcessor(config, self._tokenizer, eos_token_ids)
+        self.output_processor = OutputProcessor(self._tokenizer)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, max_queued_requests: Optional[int] = None) -> "AsyncEngine":
@@ -118,7 +128,10 @@ class AsyncEngine:
         """
         self._check_accepting()
         self._bind_loop()
-        processed = self.input_processor.process(request_id, prompt, params, priority)
+        # NOTE: a long text prompt is tokenized on the input processor's worker thread, so the event
+        # loop keeps serving meanwhile; the engine may have begun to shut down by the time it is done.
+        processed = await self.input_processor.process_async(request_id, prompt, params, priority)
+        self._check_accepting()
         request_id = processed.request_id
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")

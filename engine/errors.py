@@ -31,10 +31,10 @@ class EngineOverloadedError(RuntimeError):
 
 
 class EngineShuttingDownError(RuntimeError):
-    """The server is shutting down and takes no new requests (HTTP 503)."""
+    """The server is shutting down: it takes no new requests, or it cut this one short (HTTP 503)."""
 
-    def __init__(self) -> None:
-        super().__init__("the server is shutting down and accepts no new requests")
+    def __init__(self, message: str = "the server is shutting down and accepts no new requests") -> None:
+        super().__init__(message)
 
 
 class ModelNotFoundError(LookupError):

@@ -13,8 +13,10 @@ from .outputs import EngineStats, RequestOutput
 from .processing.input_processor import InputProcessor, ProcessedRequest, PromptType
 from .processing.output_processor import OutputProcessor
 from .sampling_params import SamplingParams
+from .utils import startup_timeline
 
 
+@startup_timeline.span("tokenizer")
 def load_text_side(config: EngineConfig) -> tuple[Any, frozenset[int]]:
     """The tokenizer (None with skip_tokenizer_init) and the model's EOS ids."""
     eos: set[int] = set()

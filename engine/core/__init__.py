@@ -7,6 +7,7 @@
     commands.py      the typed commands a client sends the loop and the events it answers with
     core_thread.py   transport: the loop on a thread of the serving process
     core_process.py  transport: the loop in a process of its own
+    idle_watch.py    what both transports add: while the loop idles, a look at the executor
 
 Token ids only: no text, no tokenizer, no Ray.
 """

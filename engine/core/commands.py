@@ -96,10 +96,11 @@ class CommandQueue:
             self._commands.append(command)
             self._cv.notify()
 
-    def take(self, block: bool) -> list[Command]:
-        """Everything queued so far; with block=True waits until there is something."""
+    def take(self, block: bool, timeout_s: Optional[float] = None) -> list[Command]:
+        """Everything queued so far; with block=True waits until there is something, or at most
+        timeout_s (then the list may be empty)."""
         with self._cv:
-            while block and not self._commands:
-                self._cv.wait()
+            if block:
+                self._cv.wait_for(lambda: self._commands, timeout_s)
             commands, self._commands = self._commands, []
         return commands

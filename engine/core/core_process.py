@@ -13,8 +13,9 @@ and pickles token ids; the server keeps all text work.
 The pipe carries the typed commands and events of `commands.py`: parent -> core a list of commands
 per message (a sender thread drains the queue, so the client never blocks on a full pipe); core ->
 parent `CoreReady` once, then the loop's events, and `CoreDied` with the traceback before it exits
-on a failed step. The parent reads in a thread of its own, so the core never blocks on a full pipe
-while the parent is writing (the one deadlock two pipes could have).
+on a failed step (or a failed look at the executor while idle: `IdleWatch`, so a TP worker that
+dies between requests is reported too). The parent reads in a thread of its own, so the core never
+blocks on a full pipe while the parent is writing (the one deadlock two pipes could have).
 
 No orphans: the core exits on EOF of its command pipe and, should it be blocked in a step, when its
 parent pid changes; `shutdown` joins it, then terminates and kills it. It is not a daemon process:
@@ -37,9 +38,11 @@ import torch.multiprocessing as mp
 
 from ..config import EngineConfig
 from ..executor.base import Executor
+from ..utils import startup_timeline
 from ..utils.child_process import exit_when_parent_dies, how_it_ended, leave, stop_children
 from .commands import Command, CommandQueue, CoreDied, Event, EventSink, Shutdown
 from .engine_core import EngineCore
+from .idle_watch import IdleWatch
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +160,7 @@ class CoreProcess:
 # -- the core process ------------------------------------------------------------------------------
 def _core_main(config: EngineConfig, executor_class: Optional[type[Executor]], conn: Connection,
                parent_pid: int) -> None:
+    startup_timeline.mark("imports")                   # spawned: from the process's start to here
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C reaches the group; the parent decides
     threading.Thread(target=exit_when_parent_dies, args=(parent_pid,), name="pagoda-parent-watch",
                      daemon=True).start()
@@ -167,13 +171,15 @@ def _core_main(config: EngineConfig, executor_class: Optional[type[Executor]], c
         leave(1)
     pipe = _Pipe(conn)
     try:
+        startup_timeline.ready()
         pipe.send(CoreReady(config.cache.num_blocks))
-        core.run_loop(pipe, pipe.send)
+        core.run_loop(IdleWatch(pipe, core.check_health), pipe.send)
         code = 0
     except _ParentGone:                  # the parent is gone (or closed the pipe): leave
         code = 0
     except BaseException:  # noqa: BLE001 - a failed step (even an OSError in it) kills the engine
-        _send_quietly(conn, CoreDied(f"engine step failed in the core process:\n{traceback.format_exc()}"))
+        _send_quietly(conn, CoreDied("the engine core failed in its process (a step, or its executor's health):\n"
+                                     + traceback.format_exc()))
         code = 1
     try:
         core.shutdown()
@@ -193,11 +199,11 @@ class _Pipe:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def take(self, block: bool) -> list[Command]:
-        """What has arrived; idle (block=True), waits for the next message."""
+    def take(self, block: bool, timeout_s: Optional[float] = None) -> list[Command]:
+        """What has arrived; idle (block=True), waits for the next message, at most timeout_s."""
         commands: list[Command] = []
         try:
-            timeout = None if block else 0.0
+            timeout = timeout_s if block else 0.0
             while self.conn.poll(timeout):
                 commands += self.conn.recv()
                 timeout = 0.0

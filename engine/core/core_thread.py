@@ -5,7 +5,8 @@
 
 The default off CUDA, and wherever a second process is not worth it. The `EngineCore` is built on
 the thread and only that thread touches it; a failure while building it is raised by the
-constructor, a failure of the loop reaches the client as CoreDied.
+constructor, a failure of the loop reaches the client as CoreDied. While the loop idles it looks at
+the executor every second (`IdleWatch`), so a TP worker that dies between requests is reported too.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..config import EngineConfig
 from ..executor.base import Executor
 from .commands import Command, CommandQueue, CoreDied, EventSink, Shutdown
 from .engine_core import EngineCore
+from .idle_watch import IdleWatch
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +63,10 @@ class CoreThread:
             return
         self._ready.set()
         try:
-            core.run_loop(self._commands, self._on_event)
+            core.run_loop(IdleWatch(self._commands, core.check_health), self._on_event)
         except BaseException:  # noqa: BLE001 - any failure of the model or executor kills the engine
-            self._on_event(CoreDied(f"engine step failed:\n{traceback.format_exc()}"))
+            self._on_event(CoreDied(f"the engine core failed (a step, or its executor's health):\n"
+                                    f"{traceback.format_exc()}"))
         finally:
             try:
                 core.shutdown()

@@ -19,6 +19,7 @@ from ..executor.base import Executor
 from ..executor.factory import executor_class_for
 from ..outputs import EngineCoreOutput, EngineStats
 from ..step import SchedulerOutput, StepHandle
+from ..utils import startup_timeline
 from ..utils.gc_freeze import freeze_startup_heap, thaw_heap
 from .commands import (AbortRequests, AddRejected, AddRequests, CheckHealth, Command, EventSink, HealthAnswer,
                        Shutdown, StepDone)
@@ -35,11 +36,13 @@ class Inbox(Protocol):
 
 class EngineCore:
     def __init__(self, config: EngineConfig, executor_class: Optional[type[Executor]] = None) -> None:
+        startup_timeline.begin()       # the phases below run on this thread, whichever it is
         self.config = config
         self.executor = (executor_class or executor_class_for(config))(config)
         num_blocks = self.executor.determine_num_blocks()
         config.finalize_capacity(num_blocks)
         self.executor.initialize_cache(num_blocks)
+        startup_timeline.mark("KV allocation")      # (TP workers' graph capture included: they log theirs)
         self.scheduler = Scheduler(config.scheduler, config.cache)
         self.num_steps = 0
         # only an executor that really returns before the step ends can overlap (and feed the
@@ -52,6 +55,7 @@ class EngineCore:
         logger.info("KV cache: %d blocks of %d tokens; max_model_len %d", num_blocks,
                     config.cache.block_size, config.model.max_model_len)
         freeze_startup_heap()          # no full GC pass over start-up objects between steps
+        startup_timeline.mark("scheduler, GC freeze")
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.scheduler.requests:

@@ -145,11 +145,27 @@ def _runs_on_ray(args: argparse.Namespace) -> bool:
 
 
 def serve_standalone(args: argparse.Namespace) -> int:
-    from ..async_engine import AsyncEngine
-    from .openai.api_server import run_server
+    from concurrent.futures import ThreadPoolExecutor
 
+    from ..async_engine import AsyncEngine
+    from ..utils import startup_timeline
+
+    startup_timeline.mark("imports")
     settings = server_settings_from(args)
-    engine = AsyncEngine.from_engine_args(engine_args_from(args), max_queued_requests=args.max_queued_requests)
+    config = engine_args_from(args).create_config()
+    startup_timeline.mark("config")
+    # NOTE: the HTTP server's modules (FastAPI, uvicorn, the OpenAI protocol) load while the engine
+    # core starts, which leaves this process waiting (or, with the core on a thread, mostly in torch)
+    with ThreadPoolExecutor(1, thread_name_prefix="pagoda-http-import") as pool:
+        http_modules = pool.submit(startup_timeline.span("HTTP imports")(importlib.import_module),
+                                   "pagoda.engine.entrypoints.openai.api_server")
+        engine = AsyncEngine(config, max_queued_requests=args.max_queued_requests)
+    startup_timeline.mark("engine core")
+    try:
+        run_server = http_modules.result().run_server
+    except BaseException:
+        engine.shutdown()
+        raise
     logger.info("serving model %r on http://%s:%d (max_model_len %d)", engine.model_names[0], settings.host,
                 settings.port, engine.max_model_len)
     try:

@@ -3,4 +3,5 @@
     model_source.py  resolves "default", a Hugging Face checkpoint directory or a .gguf file
     weights.py       iterates (name, tensor) from safetensors or GGUF, slicing per TP rank
     gguf_cache.py    on-disk cache of what a GGUF file converts into (config, tokenizer)
+    gguf_index.py    a GGUF file's tensor index, cached (GGUFReader parses the whole vocabulary first)
 """

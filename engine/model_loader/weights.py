@@ -261,10 +261,10 @@ class GGUFWeight(LazyWeight):
 
 
 def _iterate_gguf(file: Path) -> Iterator[tuple[str, LazyWeight]]:
-    import gguf
+    from .gguf_index import read_gguf_index
 
-    reader = gguf.GGUFReader(file)
-    architecture = _gguf_field(reader, "general.architecture", file)
+    index = read_gguf_index(file)       # NOTE: not gguf.GGUFReader, which parses the whole vocabulary first
+    architecture = _gguf_field(index, "general.architecture", file)
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"GGUF file {str(file)!r} has architecture {architecture!r}; "
@@ -272,11 +272,11 @@ def _iterate_gguf(file: Path) -> Iterator[tuple[str, LazyWeight]]:
         )
     num_heads = num_kv_heads = None
     if architecture in _GGUF_PERMUTED_ARCHITECTURES:
-        num_heads = _gguf_int_field(reader, f"{architecture}.attention.head_count", file)
+        num_heads = _gguf_int_field(index, f"{architecture}.attention.head_count", file)
         # llama.cpp's default when the key is absent: no grouped-query attention.
-        num_kv_heads = _gguf_int_field(reader, f"{architecture}.attention.head_count_kv", file, default=num_heads)
+        num_kv_heads = _gguf_int_field(index, f"{architecture}.attention.head_count_kv", file, default=num_heads)
 
-    for tensor in reader.tensors:
+    for tensor in index.tensors:
         if tensor.name in _GGUF_SKIPPED_NAMES:
             continue
         hf_name = gguf_to_hf_name(tensor.name)
@@ -335,17 +335,16 @@ def _can_dequantize(qtype) -> bool:
 _MISSING = object()
 
 
-def _gguf_field(reader, key: str, file: Path, default=_MISSING):
-    field = reader.fields.get(key)
-    if field is None:
+def _gguf_field(index, key: str, file: Path, default=_MISSING):
+    if key not in index.metadata:
         if default is _MISSING:
             raise ValueError(f"GGUF file {str(file)!r} lacks the metadata key {key!r}")
         return default
-    return field.contents()
+    return index.metadata[key]
 
 
-def _gguf_int_field(reader, key: str, file: Path, default=_MISSING) -> int:
-    value = _gguf_field(reader, key, file, default)
+def _gguf_int_field(index, key: str, file: Path, default=_MISSING) -> int:
+    value = _gguf_field(index, key, file, default)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"GGUF file {str(file)!r}: metadata {key!r} must be one integer, got {value!r}")
     return value

@@ -18,6 +18,8 @@ import torch
 
 from pagoda.kernels.metadata import AttentionMetadata
 
+from ..utils import startup_timeline
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,6 +61,7 @@ class DecodeGraphs:
             max_query_len=1, max_seq_len=self.max_model_len,
             num_decode_splits=num_decode_splits(batch, layer.num_kv_heads, self.max_model_len, self.device))
 
+    @startup_timeline.span("CUDA-graph capture")
     @torch.inference_mode()
     def capture(self) -> None:
         """Captures the largest bucket first so smaller graphs reuse its memory pool."""

@@ -27,6 +27,7 @@ from ..config import EngineConfig
 from ..distributed.parallel_state import get_tp_rank, get_tp_size, tp_broadcast
 from ..models.registry import get_model_class
 from ..step import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput, StepHandle
+from ..utils import startup_timeline
 from .sampler import Sampler, SamplingRow
 from .step_inputs import BlockTable, PinnedStaging, Placeholders, PromptRows, StepInputs
 from .step_profiler import StepProfiler
@@ -52,7 +53,11 @@ class ModelRunner:
         self.dtype = config.model.dtype
         self.block_size = config.cache.block_size
         self.is_driver = is_driver
+        if self.device.type == "cuda":
+            torch.empty(1, device=self.device)      # NOTE: the CUDA context, here rather than in the weights' time
+        startup_timeline.mark("device init")
         self.model = self._load_model()
+        startup_timeline.mark("weights")
         self.sampler = Sampler(self.device, config.model.seed)
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_cache: Optional[torch.Tensor] = None
@@ -138,6 +143,7 @@ class ModelRunner:
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         budget = total * self.config.cache.gpu_memory_utilization - peak - max(used_by_others, 0)
         logger.info("profiled peak %.2f GiB (excluding KV); KV budget %.2f GiB", peak / 2**30, budget / 2**30)
+        startup_timeline.mark("KV-cache profiling")
         return int(max(budget, 0) // self.kv_bytes_per_block())
 
     def allocate_kv_cache(self, num_blocks: int) -> None:

@@ -59,7 +59,8 @@ def test_back_pressure_answers_503_with_retry_after(serving_app):
     # tiny-tp2 takes 2 requests at once and queues 1 more at the router: the rest are refused.
     # NOTE: one at a time, not a burst: Serve counts a request as queued while it is being routed,
     # so two that arrive together at an idle replica can already overflow a queue of 1.
-    body = {"model": "tiny-tp2", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+    # (max_tokens: what fits the tiny model's 256-token context, so each runs for seconds)
+    body = {"model": "tiny-tp2", "prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True}
 
     def post(_: int = 0) -> httpx.Response:
         with serving_app.client() as http:

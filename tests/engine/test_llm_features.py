@@ -63,8 +63,11 @@ def test_request_larger_than_cache_is_refused_not_hung(make_llm):
     assert tight.engine.config.model.max_model_len == 64
     with pytest.raises(ValueError, match="max_model_len is 64"):
         tight.generate(as_inputs([list(range(3, 80))]), greedy(4), use_tqdm=False)
-    # a prompt that fits runs to the cache's length limit and stops with 'length'
-    out = tight.generate(as_inputs([list(range(3, 60))]), greedy(50), use_tqdm=False)[0]
+    # a prompt that fits with more max_tokens than room is refused; without max_tokens it runs to the
+    # cache's length limit and stops with 'length'
+    with pytest.raises(ValueError, match=r"maximum context length is 64 tokens.*57 in the messages, 50 in"):
+        tight.generate(as_inputs([list(range(3, 60))]), greedy(50), use_tqdm=False)
+    out = tight.generate(as_inputs([list(range(3, 60))]), greedy(None), use_tqdm=False)[0]
     assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 7
 
 

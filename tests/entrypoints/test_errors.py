@@ -3,6 +3,7 @@ stack trace or file path; a real internal error is a bare 500."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, AsyncIterator
 
 import httpx
@@ -129,6 +130,118 @@ def test_body_over_the_limit_is_413(main_server):
         yield b'"}'
 
     assert_envelope(post(main_server, "/v1/completions", content=chunks()), 413)
+
+
+# -- hostile bodies: whatever a client sends, it gets a 4xx naming the problem and the server stays up
+CHAT = "/v1/chat/completions"
+DEEP = "[" * 5000 + "]" * 5000
+
+
+def _messages(content: Any) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": content}]
+
+
+@pytest.mark.parametrize("path, content, words", [
+    ("/v1/completions", DEEP.encode(), ["deeper than 64"]),
+    ("/v1/completions", b'{"prompt": ' + DEEP.encode() + b"}", ["deeper than 64"]),
+    ("/v1/completions", b'{"prompt": "x", "ignored": ' + b'{"a": ' * 70 + b"1" + b"}" * 70 + b"}", ["deeper than 64"]),
+    (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "x": ' + DEEP.encode()
+     + b"}]}]}", ["deeper than 64"]),
+    ("/tokenize", b'{"prompt": ' + DEEP.encode() + b"}", ["deeper than 64"]),
+    ("/detokenize", b'{"tokens": ' + DEEP.encode() + b"}", ["deeper than 64"]),
+    ("/v1/completions", b'{"prompt": "\\\\ud800 is fine, \\ud800 is not"}', ["surrogate"]),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', ["surrogate"]),
+    (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}', ["surrogate"]),
+    ("/v1/completions", b'{"prompt": "x", "model": "\\ud800"}', ["surrogate"]),
+    ("/v1/completions", b'{"prompt": "x", "stop": ["\\ud800"]}', ["surrogate"]),
+    ("/tokenize", b'{"prompt": "\\ud800"}', ["surrogate"]),
+    ("/v1/completions", b'{"prompt": "caf\xe9 is Latin-1, not UTF-8"}', ["UTF-8"]),
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', ["NaN"]),
+    ("/v1/completions", b'{"prompt": "x", "top_p": Infinity}', ["Infinity"]),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", ["number"]),
+])
+def test_hostile_bodies_are_400_naming_the_problem(main_server, path, content, words):
+    error = assert_envelope(post(main_server, path, content=content, headers={"Content-Type": "application/json"}),
+                            400)
+    for word in words:
+        assert word.lower() in error["message"].lower(), error["message"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1e400}', "temperature"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": -1e999}}', "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "n": 10**30}, "n"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1.5": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"\u00b2": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {" 7": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"7": "1"}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "stop": [1]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": {"a": 1}}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [["a"]]}, "stop"),
+    ("/v1/completions", {"prompt": [[1, 2], [3, [4]]]}, "prompt"),
+    ("/v1/completions", {"prompt": [["a"]]}, "prompt"),
+    ("/v1/completions", {"prompt": [True, False]}, "prompt"),
+    ("/v1/completions", {"prompt": [1.0, 2.0]}, "prompt"),
+    ("/v1/completions", {"prompt": {"a": "b" * 100_000}}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "n": 129}, "n"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": -1}, "logprobs"),
+    (CHAT, {"messages": _messages("hi"), "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    (CHAT, {"messages": _messages("hi"), "max_completion_tokens": 0}, "max_completion_tokens"),
+    (CHAT, {"messages": _messages([{"type": "text", "text": ["nested"]}])}, "messages.0.content"),
+    ("/detokenize", {"tokens": [1.5]}, "tokens"),
+])
+def test_bad_values_are_400_naming_the_field(main_server, path, body, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    error = assert_envelope(post(main_server, path, content=content, headers={"Content-Type": "application/json"}),
+                            400)
+    assert error["param"] == param or error["param"].startswith(param + "."), error
+    assert len(error["message"]) < 400, error["message"]          # a huge value is quoted, not copied
+
+
+@pytest.mark.parametrize("path, body, words", [
+    ("/v1/completions", {"prompt": [-1]}, ["-1", "vocabulary"]),
+    ("/v1/completions", {"prompt": [10**30]}, [str(10**30), "vocabulary"]),
+    ("/v1/completions", {"prompt": [1, 512]}, ["512", "vocabulary"]),
+    ("/v1/completions", {"prompt": []}, ["empty"]),
+    ("/v1/completions", {"prompt": [[]]}, ["empty"]),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, ["empty"]),
+    ("/v1/completions", {"prompt": [""]}, ["empty"]),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [10**30]}, ["stop_token_ids"]),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999999999999999": 1}}, ["logit_bias"]),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**30}, ["maximum context length", str(10**30)]),
+    ("/detokenize", {"tokens": [-1]}, ["-1", "vocabulary"]),
+    ("/detokenize", {"tokens": [1, 10**12]}, [str(10**12), "vocabulary"]),
+    ("/detokenize", {"tokens": [5] * 9000}, ["9000", "max_model_len=8192"]),
+])
+def test_bad_token_ids_and_lengths_are_400(main_server, path, body, words):
+    error = assert_envelope(post(main_server, path, json=body), 400)
+    for word in words:
+        assert word in error["message"], error["message"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_that_is_not_json_by_content_type_is_400(main_server, content_type):
+    for path in ("/v1/completions", CHAT, "/tokenize", "/detokenize"):
+        error = assert_envelope(post(main_server, path, content=b'{"prompt": "x", "tokens": [1]}',
+                                     headers={"Content-Type": content_type}), 400)
+        assert "Content-Type" in error["message"] and content_type in error["message"]
+
+
+def test_odd_but_valid_inputs_are_served(main_server):
+    """Null bytes, a huge top_k (the sampler's tensor of k's must not overflow: that would kill the
+    engine), a JSON content type with a charset; the engine stays healthy after all of the above."""
+    json_utf8 = {"Content-Type": "application/json; charset=utf-8"}
+    for body in ({"prompt": "a\u0000b", "max_tokens": 2}, {"prompt": "x", "max_tokens": 2, "top_k": 10**30},
+                 {"prompt": "x", "max_tokens": 2, "temperature": 1, "seed": -(2**63)}):
+        content = json.dumps(body).encode()
+        response = post(main_server, "/v1/completions", content=content, headers=json_utf8)
+        assert response.status_code == 200, response.text
+    response = post(main_server, "/v1/completions", json={"prompt": "x", "model": "\u0000"})
+    assert_envelope(response, 404)
+    assert httpx.get(f"{main_server.url}/health", timeout=10).status_code == 200
+    assert "Traceback" not in main_server.log()
 
 
 class _BrokenClient:

@@ -148,6 +148,7 @@ def test_sigterm_drains_then_exits_0(server):
     assert short.finish_reason() == "length" and short.usage()["completion_tokens"] == 12
     assert short_events[-1] == "[DONE]"
     assert long.finish_reason() == "abort" and long_events[-1] == "[DONE]"
+    assert long_events[-2]["error"]["code"] == "shutting_down"      # cut short: an error, never a finish
     assert long.usage()["completion_tokens"] < 8000
     assert long_ended_at >= SHUTDOWN_TIMEOUT_S - 1.0
     assert server.process.wait(timeout=30) == 0

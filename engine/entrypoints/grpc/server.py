@@ -3,34 +3,78 @@
 Runs on the same event loop as the HTTP server and shares its `ServerLifecycle` (draining) and API
 key. Status codes: INVALID_ARGUMENT for a bad request, NOT_FOUND for an unknown model,
 UNAUTHENTICATED without the right `authorization: Bearer <key>` metadata, RESOURCE_EXHAUSTED when
-the queue is full, UNAVAILABLE while shutting down or once the engine is dead. When the client
-cancels or its deadline passes, grpc.aio cancels the handler, which closes the engine stream and so
-aborts the request.
+the queue is full, UNAVAILABLE while shutting down or once the engine is dead. A message that does
+not decode (e.g. a string field that is not UTF-8) is INVALID_ARGUMENT too, never UNKNOWN. When
+the client cancels or its deadline passes, grpc.aio cancels the handler, which closes the engine
+stream and so aborts the request.
 """
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ...engine_client import EngineClient, resolve_model_name
 from ...errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError, ModelNotFoundError
 from ...outputs import RequestOutput
 from ...sampling_params import SamplingParams
 from ..auth import authorization_ok
-from ..lifecycle import ServerLifecycle
+from ..lifecycle import ServerLifecycle, cut_short, request_cut_error
+from ..openai.protocol import MAX_LOGPROBS, MAX_N
 from ..settings import ServerSettings
 from . import pagoda_pb2, pagoda_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
+SERVICE = pagoda_pb2.DESCRIPTOR.services_by_name["Pagoda"]
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """What a handler receives in place of a request message that did not decode."""
+
+    reason: str
+
+
+def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
+    """`message_class.FromString`, but a bad message becomes an `UndecodableRequest` for the handler
+    to refuse with INVALID_ARGUMENT (a deserializer that raises makes grpc answer UNKNOWN)."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            return UndecodableRequest(f"the request is not a valid {message_class.DESCRIPTOR.full_name}: {error}")
+
+    return deserialize
+
+
+def add_servicer(servicer: "PagodaServicer", server: grpc.aio.Server) -> None:
+    """`pagoda_pb2_grpc.add_PagodaServicer_to_server`, every method with a tolerant request deserializer."""
+    handlers = {}
+    for method in SERVICE.methods:
+        assert not method.client_streaming, f"{method.name}: client streaming is not served"
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(getattr(pagoda_pb2, method.input_type.name)),
+            response_serializer=getattr(pagoda_pb2, method.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
 
 def to_sampling_params(options: pagoda_pb2.SamplingOptions) -> SamplingParams:
+    """The request's options (ValueError, INVALID_ARGUMENT, for what the HTTP API refuses too)."""
     def get(name: str, default):  # unset optional fields keep the HTTP API's defaults
         return getattr(options, name) if options.HasField(name) else default
 
+    for name, limit in (("n", MAX_N), ("logprobs", MAX_LOGPROBS)):
+        if options.HasField(name) and getattr(options, name) > limit:
+            raise ValueError(f"{name} must be at most {limit}, got {getattr(options, name)}")
     return SamplingParams(
         n=get("n", 1), max_tokens=get("max_tokens", 16), temperature=get("temperature", 1.0),
         top_p=get("top_p", 1.0), top_k=get("top_k", 0), min_p=get("min_p", 0.0), seed=get("seed", None),
@@ -55,6 +99,8 @@ class PagodaServicer(pagoda_pb2_grpc.PagodaServicer):
     async def Generate(self, request: pagoda_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pagoda_pb2.GenerateResponse]:
         await self._authorize(context)
+        if isinstance(request, UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         if self.lifecycle.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(EngineShuttingDownError()))
         with self.lifecycle.call():
@@ -67,6 +113,8 @@ class PagodaServicer(pagoda_pb2_grpc.PagodaServicer):
                                                             request.priority):
                     for message in _responses(output):
                         yield message
+                    if cut_short(output):       # e.g. the drain ran out of time: UNAVAILABLE, never OK
+                        raise request_cut_error()
             except Exception as error:  # noqa: BLE001 - mapped to a status code
                 code, message = _status_of(error)
                 await context.abort(code, message)
@@ -131,7 +179,7 @@ async def start_grpc_server(client: EngineClient, settings: ServerSettings,
     limit = settings.max_request_body_bytes
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", max(limit, 4 * 1024 * 1024))])
-    pagoda_pb2_grpc.add_PagodaServicer_to_server(PagodaServicer(client, settings, lifecycle), server)
+    add_servicer(PagodaServicer(client, settings, lifecycle), server)
     port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     if port == 0:
         raise ValueError(f"could not bind the gRPC server to {settings.host}:{settings.grpc_port}")

@@ -21,17 +21,22 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from ...engine_client import EngineClient, resolve_model_name
 from ...metrics import CONTENT_TYPE
+from ...processing.tokenizer import TokenizerThread, check_text_fits, encode_text, prompt_chars_limit
+from ...utils import startup_timeline
 from ..lifecycle import ServerLifecycle
 from ..settings import ServerSettings
-from .errors import APIError, bad_request, install_error_handlers, parse_json_object, to_api_error
+from .errors import APIError, bad_request, install_error_handlers, to_api_error
 from .middleware import GuardMiddleware
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
                        TokenizeRequest)
+from .request_body import parse_json_object
 from .serving_chat import ChatServer, chat_prompt_token_ids
 from .serving_completions import CompletionServer
+from .streaming import CLIENT_CLOSED_REQUEST
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,9 @@ def _openai_errors(route: Callable[..., Awaitable[Response]]) -> Callable[..., A
     async def wrapper(*args: Any, **kwargs: Any) -> Response:
         try:
             return await route(*args, **kwargs)
+        except ClientDisconnect:
+            # NOTE: the client left while its body was arriving: normal, not an internal error.
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception as error:  # noqa: BLE001 - mapped to a status by to_api_error
             return to_api_error(error).response()
 
@@ -57,14 +65,26 @@ def _openai_errors(route: Callable[..., Awaitable[Response]]) -> Callable[..., A
 
 
 async def _parse(raw_request: Request, model: type) -> Any:
-    return model.model_validate(parse_json_object(await raw_request.body()))
+    body = await raw_request.body()
+    return model.model_validate(parse_json_object(body, raw_request.headers.get("content-type")))
+
+
+def _decode(tokenizer: Any, token_ids: list[int]) -> str:
+    """The text of `token_ids`; ValueError names an id outside the tokenizer's vocabulary."""
+    vocab = len(tokenizer)
+    if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab):
+        bad = next(token for token in token_ids if not 0 <= token < vocab)
+        raise ValueError(f"tokens: token id {bad} is outside the vocabulary [0, {vocab})")
+    return tokenizer.decode(token_ids)
 
 
 def build_app(engine_client: EngineClient, settings: ServerSettings,
               lifecycle: Optional[ServerLifecycle] = None) -> FastAPI:
     lifecycle = lifecycle if lifecycle is not None else ServerLifecycle()
+    # chat templates, /tokenize and /detokenize of long inputs run here, off the event loop
+    tokenizer_thread = TokenizerThread("pagoda-http-tokenizer")
     completions = CompletionServer(engine_client, lifecycle)
-    chat = ChatServer(engine_client, lifecycle)
+    chat = ChatServer(engine_client, lifecycle, tokenizer_thread)
     app = FastAPI(title="pagoda", version=pagoda_version())
     app.state.engine_client = engine_client
     app.state.lifecycle = lifecycle
@@ -112,10 +132,15 @@ def build_app(engine_client: EngineClient, settings: ServerSettings,
             raise bad_request("this server has no tokenizer")
         if (request.prompt is None) == (request.messages is None):
             raise bad_request("pass exactly one of prompt or messages", param="prompt")
+        # NOTE: text that cannot fit max_model_len is refused here too: its tokens would be of no use,
+        # and tokenizing and sending back millions of them would hold up every other request.
+        max_model_len = engine_client.max_model_len
         if request.messages is not None:
-            tokens = chat_prompt_token_ids(tokenizer, request.messages)
+            tokens = await chat_prompt_token_ids(tokenizer, request.messages, tokenizer_thread, max_model_len)
         else:
-            tokens = list(tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
+            check_text_fits("prompt", len(request.prompt), prompt_chars_limit(tokenizer, max_model_len), max_model_len)
+            tokens = await tokenizer_thread.run(encode_text, tokenizer, request.prompt, request.add_special_tokens,
+                                                size=len(request.prompt))
         return JSONResponse({"count": len(tokens), "max_model_len": engine_client.max_model_len, "tokens": tokens})
 
     @app.post("/detokenize")
@@ -126,10 +151,17 @@ def build_app(engine_client: EngineClient, settings: ServerSettings,
         tokenizer = engine_client.tokenizer
         if tokenizer is None:
             raise bad_request("this server has no tokenizer")
-        for token in request.tokens:
-            if not 0 <= token < 2**31:
-                raise bad_request(f"token id {token} is not a valid token id", param="tokens")
-        return JSONResponse({"prompt": tokenizer.decode(request.tokens)})
+        # NOTE: decoding holds the GIL (unlike encoding), so even on the tokenizer thread millions of
+        # ids would stall the event loop for seconds; no sequence of this model is longer than this.
+        max_model_len = engine_client.max_model_len
+        if len(request.tokens) > max_model_len:
+            raise bad_request(f"tokens: {len(request.tokens)} token ids, more than max_model_len={max_model_len} "
+                              "(the longest sequence this model holds)", param="tokens")
+        try:
+            text = await tokenizer_thread.run(_decode, tokenizer, request.tokens, size=len(request.tokens))
+        except ValueError as error:
+            raise bad_request(str(error), param="tokens") from None
+        return JSONResponse({"prompt": text})
 
     # NOTE: added last = outermost. CORS must see preflights and decorate 401/413/503s as well.
     app.add_middleware(GuardMiddleware, lifecycle=lifecycle, api_key=settings.api_key,
@@ -160,11 +192,18 @@ class DrainingServer(uvicorn.Server):
         logger.info("%s received: draining", signal.Signals(sig).name)
         self._on_first_signal()
 
+    async def startup(self, sockets: Optional[list] = None) -> None:
+        await super().startup(sockets)
+        if self.started:           # listening, and the engine was built before: /health can answer
+            startup_timeline.mark("HTTP bind")
+            startup_timeline.ready()
+
 
 async def run_server(engine_client: EngineClient, settings: ServerSettings) -> None:
     """Serves until a signal's drain completes (or a second signal arrives)."""
     lifecycle = ServerLifecycle()
     app = build_app(engine_client, settings, lifecycle)
+    startup_timeline.mark("HTTP app")
     loop = asyncio.get_running_loop()
     grpc_server = None
     if settings.grpc_port is not None:
@@ -174,11 +213,15 @@ async def run_server(engine_client: EngineClient, settings: ServerSettings) -> N
         logger.info("gRPC server listening on %s:%d", settings.host, bound)
 
     async def drain_then_exit() -> None:
-        await lifecycle.drain(engine_client, settings.shutdown_timeout_s)
-        server.should_exit = True
+        try:
+            await lifecycle.drain(engine_client, settings.shutdown_timeout_s)
+        finally:
+            server.should_exit = True          # whatever happened to the drain, the server exits
+
+    drain_tasks: list[asyncio.Task] = []       # NOTE: the loop keeps only a weak reference to a task
 
     def on_first_signal() -> None:
-        loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_exit()))
+        loop.call_soon_threadsafe(lambda: drain_tasks.append(loop.create_task(drain_then_exit())))
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=5, lifespan="off")

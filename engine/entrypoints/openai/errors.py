@@ -1,15 +1,16 @@
 """Errors as OpenAI sends them: `{"error": {"message", "type", "param", "code"}}` with one status each.
 
     400 malformed JSON, a body that is not an object, wrong types, out-of-range values, prompts
-        that do not fit max_model_len (every client mistake: never 422, never 500)
+        that do not fit max_model_len (every client mistake: never 422, never 500; see
+        request_body.py for what a body may be)
     401 missing or wrong API key          404 unknown model or route
     413 body over the limit               503 queue full (+ Retry-After), shutting down, engine dead
     500 a real internal error: a fixed message; the traceback goes to the server log only
 """
 from __future__ import annotations
 
-import json
 import logging
+import reprlib
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -19,10 +20,22 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from ...errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError, ModelNotFoundError
+from ...processing.tokenizer import ContextLengthExceededError
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_ERROR_MESSAGE = "internal server error; the server log has the details"
+
+# Values quoted in messages: a few elements and characters, however large the value (a full repr of
+# a 15 MB prompt would cost as much as the request).
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 8
+_SHORT.maxlevel = 3
+
+
+def short_repr(value: Any) -> str:
+    return _SHORT.repr(value)
 
 
 class APIError(Exception):
@@ -66,6 +79,8 @@ def to_api_error(error: BaseException) -> APIError:
                         headers={"Retry-After": "5"})
     if isinstance(error, EngineDeadError):
         return APIError(500 if error.during_request else 503, str(error), type="server_error", code="engine_dead")
+    if isinstance(error, ContextLengthExceededError):
+        return APIError(400, str(error), code=error.code)
     if isinstance(error, ValueError):
         return bad_request(str(error))
     logger.error("internal error while serving a request", exc_info=error)
@@ -83,8 +98,7 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     elif first.get("type") != "missing" and "input" in first:
-        shown = repr(first["input"])
-        message += f", got {shown[:80] + '...' if len(shown) > 80 else shown}"
+        message += f", got {short_repr(first['input'])}"
     return bad_request(f"{param}: {message}" if param else message, param=param)
 
 
@@ -92,18 +106,6 @@ def _is_union_tag(part: Any) -> bool:
     """pydantic names the union member that failed in the location ('stop', 'list[str]'); drop it."""
     return isinstance(part, str) and (
         "[" in part or "-" in part or part in ("str", "int", "float", "bool", "list", "dict", "none"))
-
-
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 saying what is wrong with it."""
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise bad_request(f"the request body is not valid JSON: {getattr(error, 'msg', 'undecodable bytes')} "
-                          f"at position {getattr(error, 'pos', 0)}") from None
-    if not isinstance(value, dict):
-        raise bad_request(f"the request body must be a JSON object, got a JSON {type(value).__name__}")
-    return value
 
 
 def install_error_handlers(app: FastAPI) -> None:

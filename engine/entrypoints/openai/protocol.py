@@ -1,22 +1,30 @@
 """The OpenAI-compatible wire format: pydantic models of requests and responses.
 
-Requests validate strictly (a string is not an integer, `true` is not 1) and check OpenAI's ranges,
-so a wrong type or an out-of-range value is a 400 naming the field, never a silent coercion.
+Requests validate strictly (a string is not an integer, `true` is not 1, 1e400 is not a float) and
+check OpenAI's ranges, so a wrong type or an out-of-range value is a 400 naming the field, never a
+silent coercion. Values the engine checks against the model (token ids against the vocabulary,
+prompt + max_tokens against max_model_len) are left to it, so every entrypoint refuses them alike.
 Unknown fields are ignored, as OpenAI and vLLM do. vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, ...) are accepted too: the openai client sends them
 through `extra_body`.
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .errors import short_repr
+
 # OpenAI's documented limits (vLLM's where OpenAI has none).
 MAX_LOGPROBS = 20
 MAX_N = 128
+# A seed is a 64-bit integer for every sampler (and for the gRPC API).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
 
 
 def random_id(prefix: str) -> str:
@@ -24,7 +32,7 @@ def random_id(prefix: str) -> str:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -44,7 +52,7 @@ class _SamplingFields(_Request):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: Optional[float] = Field(None, gt=0.0)
     logit_bias: Optional[dict[str, float]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     stream: bool = False
@@ -60,8 +68,8 @@ class _SamplingFields(_Request):
     @classmethod
     def _check_logit_bias(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not _TOKEN_ID_KEY.fullmatch(key) or len(key) > 20:
+                raise ValueError(f"logit_bias keys must be token ids (decimal integers), got {short_repr(key)}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias[{key}] must be in [-100, 100], got {bias!r}")
         return value
@@ -80,15 +88,15 @@ class CompletionRequest(_SamplingFields):
     @classmethod
     def _check_prompt(cls, value: Any) -> Any:
         def is_ids(item: Any) -> bool:
-            return isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+            # NOTE: set(map(type, ...)) runs in C: a body may hold millions of ids (bool is not int here)
+            return isinstance(item, list) and set(map(type, item)) <= {int}
 
         ok = (isinstance(value, str) or is_ids(value)
               or (isinstance(value, list) and value and all(isinstance(p, str) for p in value))
               or (isinstance(value, list) and value and all(is_ids(p) for p in value)))
         if not ok:
-            shown = repr(value)
             raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of "
-                             f"token-id lists, got {shown[:80] + '...' if len(shown) > 80 else shown}")
+                             f"token-id lists, got {short_repr(value)}")
         return value
 
     def prompts(self) -> list[Union[str, list[int]]]:
@@ -119,7 +127,8 @@ class ChatMessage(_Request):
         pieces = []
         for part in self.content:
             if part.type != "text" or part.text is None:
-                raise ValueError(f"messages[{position}].content has a {part.type!r} part; only text parts are supported")
+                raise ValueError(f"messages[{position}].content has a {short_repr(part.type)} part; only text parts "
+                                 "are supported")
             pieces.append(part.text)
         return "".join(pieces)
 

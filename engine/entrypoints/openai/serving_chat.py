@@ -1,9 +1,12 @@
 """POST /v1/chat/completions: messages -> the model's chat template -> one engine request (n choices).
 
-The template is rendered here (on the event loop, with the client's tokenizer), so the engine only
-ever sees token ids. Streaming sends, per choice, a first chunk with the assistant role, then content
-deltas, then one chunk with the finish reason; `stream_options.include_usage` adds a last chunk with
-usage and no choices.
+The template is rendered here, with the client's tokenizer, so the engine only ever sees token ids:
+long conversations are rendered and tokenized on the app's `TokenizerThread`, off the event loop,
+and a rendering too long for max_model_len by its character count alone is refused untokenized.
+
+Streaming sends, per choice, a first chunk with the assistant role, then content deltas, then one
+chunk with the finish reason; `stream_options.include_usage` adds a last chunk with usage and no
+choices.
 """
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from ...engine_client import EngineClient, resolve_model_name
 from ...outputs import CompletionOutput, Logprob, RequestOutput
-from ...processing.tokenizer import apply_chat_template
-from ..lifecycle import ServerLifecycle
+from ...processing.tokenizer import TokenizerThread, apply_chat_template
+from ..lifecycle import ServerLifecycle, cut_short, request_cut_error
 from .errors import bad_request, to_api_error
 from .protocol import (
     ChatChoice,
@@ -35,27 +38,32 @@ from .request_to_params import to_sampling_params
 from .streaming import SSE_DONE, close_all, merge_streams, run_until_disconnected, sse, start_streams
 
 
-def chat_prompt_token_ids(tokenizer: Any, request_messages: list) -> list[int]:
-    """The conversation rendered with the model's chat template (ValueError for what cannot be)."""
+async def chat_prompt_token_ids(tokenizer: Any, request_messages: list, tokenizer_thread: TokenizerThread,
+                                max_model_len: int) -> list[int]:
+    """The conversation rendered with the model's chat template (ValueError for what cannot be); a
+    rendering too long for max_model_len tokens is refused before it is tokenized."""
     if tokenizer is None:
         raise bad_request("this server has no tokenizer, so it cannot apply a chat template", param="messages")
     messages = []
     for position, message in enumerate(request_messages):
         role = "system" if message.role == "developer" else message.role
         messages.append({"role": role, "content": message.text(position)})
-    return apply_chat_template(tokenizer, messages)
+    num_chars = sum(len(message["content"]) for message in messages)
+    return await tokenizer_thread.run(apply_chat_template, tokenizer, messages, max_model_len, size=num_chars)
 
 
 class ChatServer:
-    def __init__(self, client: EngineClient, lifecycle: ServerLifecycle) -> None:
+    def __init__(self, client: EngineClient, lifecycle: ServerLifecycle, tokenizer_thread: TokenizerThread) -> None:
         self.client = client
         self.lifecycle = lifecycle
+        self.tokenizer_thread = tokenizer_thread
 
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         model = resolve_model_name(self.client, request.model)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
-        prompt_token_ids = chat_prompt_token_ids(self.client.tokenizer, request.messages)
+        prompt_token_ids = await chat_prompt_token_ids(self.client.tokenizer, request.messages, self.tokenizer_thread,
+                                                       self.client.max_model_len)
         max_tokens = request.max_completion_tokens or request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = to_sampling_params(request, max_tokens, logprobs)
@@ -84,6 +92,8 @@ class ChatServer:
         final = firsts[0]
         async for _, output in merge_streams(iterators, firsts):
             final = output
+        if cut_short(final):              # e.g. the drain ran out of time: never a 200 with fewer tokens
+            raise request_cut_error()
         if final.error:
             raise ValueError(f"the request could not be completed: {final.error}")
         return final
@@ -103,6 +113,9 @@ class ChatServer:
                 final = output
             if final is not None and request.stream_options is not None and request.stream_options.include_usage:
                 yield sse(ChatCompletionChunk(id=chat_id, model=model, choices=[], usage=_usage(final)))
+            if final is not None and cut_short(final):
+                # the chunks said finish_reason 'abort'; this says why, before [DONE]
+                yield sse(to_api_error(request_cut_error()).body())
         except Exception as error:  # noqa: BLE001 - the status is sent already: report in the stream
             yield sse(to_api_error(error).body())
         finally:

@@ -14,7 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from ...engine_client import EngineClient, resolve_model_name
 from ...outputs import CompletionOutput, Logprob, RequestOutput
-from ..lifecycle import ServerLifecycle
+from ..lifecycle import ServerLifecycle, cut_short, request_cut_error
 from .errors import bad_request, to_api_error
 from .protocol import CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse, UsageInfo, random_id
 from .request_to_params import to_sampling_params
@@ -67,6 +67,8 @@ class CompletionServer:
         async for index, output in merge_streams(iterators, firsts):
             finals[index] = output
         for output in finals:
+            if cut_short(output):         # e.g. the drain ran out of time: never a 200 with fewer tokens
+                raise request_cut_error()
             if output.error:
                 raise ValueError(f"the request could not be completed: {output.error}")
         return finals
@@ -85,6 +87,9 @@ class CompletionServer:
             if request.stream_options is not None and request.stream_options.include_usage:
                 yield sse(CompletionResponse(id=completion_id, model=model, choices=[],
                                              usage=_usage(list(finals.values()))))
+            if any(cut_short(output) for output in finals.values()):
+                # the chunks said finish_reason 'abort'; this says why, before [DONE]
+                yield sse(to_api_error(request_cut_error()).body())
         except Exception as error:  # noqa: BLE001 - the status is sent already: report in the stream
             yield sse(to_api_error(error).body())
         finally:
