@@ -153,3 +153,17 @@ async def streams_cut_by(engine, prompts: list, params, kill) -> list:
     kill()
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
     return errors
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (from /proc), sorted."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)

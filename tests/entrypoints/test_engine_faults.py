@@ -28,7 +28,7 @@ from pagoda.engine.core.commands import CheckHealth, CommandQueue
 from pagoda.engine.core.idle_watch import IdleWatch
 from pagoda.engine.executor.base import ExecutorError
 
-from .server_helpers import MODEL_NAME, ServerProcess, metric, start_server, wait_for
+from .server_helpers import MODEL_NAME, ServerProcess, child_pids, metric, start_server, wait_for
 
 # server flags, and which process dies: the engine core process, or TP worker rank 0 / rank 1
 CASES = {
@@ -39,23 +39,10 @@ CASES = {
 NO_HANG_S = 10.0
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return sorted(found)
-
-
 def spawned_children(pid: int) -> list[int]:
     """Children started by multiprocessing's spawn (the engine core, TP workers), oldest first."""
     spawned = []
-    for child in children(pid):
+    for child in child_pids(pid):
         try:
             command = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
@@ -67,7 +54,7 @@ def spawned_children(pid: int) -> list[int]:
 
 def descendants(pid: int) -> list[int]:
     found = []
-    for child in children(pid):
+    for child in child_pids(pid):
         found += [child, *descendants(child)]
     return found
 

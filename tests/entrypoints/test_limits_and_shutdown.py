@@ -9,12 +9,11 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from .server_helpers import MODEL_NAME, metric, start_server, wait_for
+from .server_helpers import MODEL_NAME, child_pids, metric, start_server, wait_for
 
 # NOTE: the long stream (8000 tokens) must outlast the drain on a fast idle machine too: the tiny
 # model would need > 2,600 tokens/s for one sequence to finish within 3 s.
@@ -107,21 +106,8 @@ def test_queue_full_is_503_with_retry_after(server):
                     and metric(server.metrics(), "pagoda:num_requests_waiting") == 0, 10.0)
 
 
-def _children(pid: int) -> set[int]:
-    children = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.add(int(entry.name))
-    return children
-
-
 def test_sigterm_drains_then_exits_0(server):
-    children = _children(server.process.pid)
+    children = set(child_pids(server.process.pid))
 
     async def main():
         async with httpx.AsyncClient(timeout=60) as http:
