@@ -4,60 +4,18 @@ up a replacement."""
 from __future__ import annotations
 
 import json
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
+from replica_kill import MAX_TOKENS, kill_busiest_replica_under_load, replica_actor_names
 
 pytestmark = pytest.mark.timeout(300)
 
-# long enough that the replicas (reporting every 0.5 s) show them in flight even on a fast idle machine
-MAX_TOKENS = 160
-
-
-def _replica_actor_names(app_name: str, deployment: str) -> list[str]:
-    prefix = f"SERVE_REPLICA::{app_name}#{deployment}#"
-    return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-            if actor["name"].startswith(prefix)]
-
-
 def test_killing_a_replica_under_load_loses_no_request(serving_app):
     assert serving_app.running_replicas("model-tiny") == 2
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": MAX_TOKENS, "ignore_eos": True,
-            "temperature": 0}
-    started = threading.Event()
-
-    def plain(index: int) -> tuple[int, dict]:
-        with serving_app.client() as http:
-            started.set()
-            response = http.post("/v1/completions", json={**body, "prompt": f"{index} Once upon a time"})
-            return response.status_code, response.json()
-
-    def streamed(index: int) -> list:
-        with serving_app.client() as http:
-            with http.stream("POST", "/v1/completions",
-                             json={**body, "prompt": f"stream {index}", "stream": True, "logprobs": 0}) as response:
-                assert response.status_code == 200
-                return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
-
-    with ThreadPoolExecutor(16) as pool:
-        plain_futures = [pool.submit(plain, index) for index in range(12)]
-        stream_futures = [pool.submit(streamed, index) for index in range(4)]
-        started.wait(10)
-
-        def busiest() -> str | None:
-            rows = serving_app.replicas("tiny").values()
-            row = max(rows, key=lambda r: r["running"] + r["waiting"])
-            return row["replica"] if row["running"] + row["waiting"] >= 2 else None
-
-        replica_id = serving_app.wait_for(busiest, 30, "requests in flight", interval_s=0.1)
-        [victim] = [name for name in _replica_actor_names(serving_app.app_name, "model-tiny")
-                    if name.endswith("#" + replica_id)]
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        plain_results = [future.result(timeout=180) for future in plain_futures]
-        stream_results = [future.result(timeout=180) for future in stream_futures]
+    victim, plain_results, stream_results, _ = kill_busiest_replica_under_load(
+        serving_app, lambda name: ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True))
 
     for status, payload in plain_results:
         assert status == 200, payload
@@ -75,4 +33,4 @@ def test_killing_a_replica_under_load_loses_no_request(serving_app):
     while serving_app.running_replicas("model-tiny") < 2 or len(serving_app.replicas("tiny")) < 2:
         assert time.monotonic() < deadline, "no replacement replica came up"
         time.sleep(1)
-    assert victim not in _replica_actor_names(serving_app.app_name, "model-tiny")
+    assert victim not in replica_actor_names(serving_app.app_name, "model-tiny")
