@@ -7,7 +7,8 @@ write bytes; bf16 8192^3 matmul; medians of 20), then times each kernel and repo
 to the torch reference's time.
 
     python -m bench.kernels                       # everything (from the repo root)
-    python -m bench.kernels --only attention      # one family: attention, cache, norm, rotary, activation
+    python -m bench.kernels --only attention      # one family: attention, cache, norm, rotary, activation,
+                                                  # token_bitmask
     python -m bench.kernels --no-reference        # skip the (slow, memory-hungry) torch references
 
 Shapes: hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336, KV block 16, bf16.
@@ -31,7 +32,8 @@ from bench.ceilings import Ceilings, measure_ceilings  # noqa: E402
 
 HIDDEN, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, INTERMEDIATE, BLOCK_SIZE = 4096, 32, 8, 128, 14336, 16
 DTYPE = torch.bfloat16
-FAMILIES = ("attention", "cache", "norm", "rotary", "activation")
+FAMILIES = ("attention", "cache", "norm", "rotary", "activation", "token_bitmask")
+VOCAB = 128256                     # llama3's vocabulary (the grammar mask's row length)
 
 
 @dataclasses.dataclass
@@ -182,8 +184,28 @@ def activation_cases() -> Iterator[Case]:
         )
 
 
+def token_bitmask_cases() -> Iterator[Case]:
+    """The grammar mask on a step's logits: every row constrained, ~1% of tokens allowed (a JSON
+    value's next token), so nearly every logit is written (-inf)."""
+    from pagoda.kernels import token_bitmask_triton
+    from pagoda.kernels.token_bitmask import apply_token_bitmask_ref_, bitmask_width
+
+    for rows in (64, 256):
+        logits = torch.randn(rows, VOCAB, device="cuda", dtype=torch.float32)
+        bitmask = torch.zeros(rows, bitmask_width(VOCAB), device="cuda", dtype=torch.int32)
+        bitmask[:, ::100] = 1 << 7                                   # a few allowed tokens per row
+        row_ids = torch.arange(rows, device="cuda")
+        masked = 1 - bitmask.bool().sum().item() / (rows * VOCAB)
+        yield Case(
+            "token_bitmask", "apply_token_bitmask", f"{rows} x {VOCAB}",
+            lambda l=logits, b=bitmask, r=row_ids: token_bitmask_triton.apply_token_bitmask_(l, b, r),
+            lambda l=logits, b=bitmask, r=row_ids: apply_token_bitmask_ref_(l, b, r),
+            bytes_moved=bitmask.numel() * 4 + masked * logits.numel() * 4,
+        )
+
+
 BUILDERS = {"attention": attention_cases, "cache": cache_cases, "norm": norm_cases,
-            "rotary": rotary_cases, "activation": activation_cases}
+            "rotary": rotary_cases, "activation": activation_cases, "token_bitmask": token_bitmask_cases}
 
 
 # ---- timing and report ---------------------------------------------------------------------------------
@@ -198,6 +220,8 @@ def max_error(case: Case) -> str:
     """Max |triton - torch| on this case's inputs: a smoke check that the timed kernel is the right one."""
     if case.torch_fn is None or case.family == "cache":
         return "-"
+    if case.family == "token_bitmask":
+        return "-"               # in place and idempotent: checked against the reference in the tests
     try:
         got, expected = case.triton_fn(), case.torch_fn()
     except torch.OutOfMemoryError:

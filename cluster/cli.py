@@ -35,6 +35,8 @@ from typing import Any, Optional
 import yaml
 
 from .capacity import app_demands, check_capacity, read_cluster_resources
+from pagoda.engine.entrypoints.settings import CHAT_SETTINGS
+
 from .config import DEFAULT_MODEL, AppConfig, parse_app_args
 from .serve_state import (DELETING, AppOwner, Hints, ServeState, check_deploy, check_http_options, owned_by,
                           read_serve_state, serve_url)
@@ -119,6 +121,9 @@ def app_args_from_flags(args: argparse.Namespace, has_gpus: bool) -> dict[str, A
         app["route_prefix"] = args.route_prefix
     if getattr(args, "ingress_replicas", None) is not None:
         app["ingress_replicas"] = args.ingress_replicas
+    chat = {name: getattr(args, name) for name in CHAT_SETTINGS if getattr(args, name, None) not in (None, False)}
+    if chat:
+        app["chat"] = chat
     return app
 
 

@@ -37,6 +37,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pagoda.engine.entrypoints.settings import CHAT_SETTINGS, ServerSettings
+
 # num_cpus_per_worker when a worker has a GPU (it feeds the GPU) and when it has none. NOTE: half a
 # core on CPU lets two replicas and the ingress (1 CPU) fit a 2-core machine; the engine's step runs
 # its torch threads regardless of the share Ray books for it.
@@ -205,6 +207,19 @@ class AppConfig(BaseModel):
     the streams it holds, some 10-15k events/s per CPU core: add one per ~10k streamed tokens/s."""
     route_prefix: str = "/"
     """Where the OpenAI API is mounted; must equal the Serve application's route_prefix."""
+    chat: dict[str, Any] = Field(default_factory=dict)
+    """How the ingress renders and reads chat requests: the chat fields of `ServerSettings`
+    (chat_template, trust_request_chat_template, enable_auto_tool_choice, tool_call_parser,
+    reasoning_parser), as `pagoda serve`'s flags of the same names set them."""
+
+    @field_validator("chat")
+    @classmethod
+    def _chat_settings(cls, chat: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(chat) - set(CHAT_SETTINGS))
+        if unknown:
+            raise ValueError(f"chat has unknown settings {unknown}; known: {list(CHAT_SETTINGS)}")
+        ServerSettings(**chat)              # the same checks as the standalone server's (parser names, template)
+        return chat
 
     @field_validator("api_key_env")
     @classmethod

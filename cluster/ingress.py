@@ -50,7 +50,8 @@ class Ingress:
                                  "(or empty) on this node")
         routes = [ModelRoute(model, deployment_names[model.name], replicas[model.name]) for model in config.models]
         self.client = ClusterEngineClient(routes, app_name=serve.get_replica_context().app_name)
-        self.settings = ServerSettings(api_key=api_key, max_request_body_bytes=config.max_request_body_bytes)
+        self.settings = ServerSettings(api_key=api_key, max_request_body_bytes=config.max_request_body_bytes,
+                                       **config.chat)
         # Fetch each always-on model's tokenizer now, not on its first request (this also starts
         # the handle's router, so `status()` and /metrics see the replicas from the start).
         self._warm_up = [asyncio.ensure_future(self._describe(route)) for route in routes

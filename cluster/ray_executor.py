@@ -4,8 +4,10 @@
     execute_model_async(SchedulerOutput N)                    bundle 0: {GPU: g, CPU: c} rank 0 (driver)
       ── actor call Worker.step ──> every rank ── forward ── NCCL/gloo ── bundle 1: rank 1 ...
     (schedule N+1, send it)
-    handle.result(): ray.get(the call that answers N, timeout=step_timeout_s)
+    handle.result(): rank 0's reply to the call that answers N (timeout=step_timeout_s), while the
+      other ranks' calls are watched for errors only
       <── rank 0's answers: step N rides with call N+1 (async scheduling), the others answer []
+    sample_tokens(GrammarOutput N) ── actor call Worker.sample ──> rank 0 alone (a step with a grammar)
 
 Passed to the engine unchanged: `EngineCore(config, executor_class=RayExecutor)` (or
 `AsyncEngine(config, executor_class=RayExecutor)`); the engine never imports Ray.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from typing import Any, Optional
 
@@ -47,7 +50,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.distributed.parallel_state import get_open_port
 from pagoda.engine.executor.base import ExecutorError, WorkerGroupExecutor
-from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput, StepHandle
+from pagoda.engine.step import GrammarOutput, ModelRunnerOutput, SchedulerOutput, StepHandle
 from pagoda.engine.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -100,8 +103,12 @@ class RayExecutor(WorkerGroupExecutor):
         self._failure: Optional[str] = None
         self._workers: list[Any] = []
         self._own_group: Optional[PlacementGroup] = None
-        # async steps: calls sent whose replies are unread (oldest first), and answers not yet taken
-        self._calls: deque[list[Any]] = deque()
+        # async steps: rank 0's calls whose replies are unread (oldest first), and answers not yet taken
+        self._calls: deque[Any] = deque()
+        # NOTE: the other ranks' step calls, watched only for errors. A step with a grammar finishes on
+        # rank 1.. only once rank 0 has sampled it (a broadcast of the sampled ids), which needs the
+        # reply of rank 0 alone: waiting for every rank's call there would deadlock.
+        self._peer_calls: list[Any] = []
         self._results: dict[int, ModelRunnerOutput] = {}
         self._num_launched = 0
         self._num_answered = 0
@@ -144,14 +151,27 @@ class RayExecutor(WorkerGroupExecutor):
         return self._own_group
 
     # -- the Executor interface --------------------------------------------------------------------
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Optional[StepHandle]:
         """Sends the step to every rank (`Worker.step`) and returns. Rank 0 answers a step with the
         next call, once that one is launched (an empty step at once), so its device is busy while
         the reply travels and the engine schedules; the handle reads whichever call carries it."""
         if self._failure is not None:
             raise ExecutorError(self._failure)
         defer = not scheduler_output.is_empty
-        self._calls.append([w.execute.remote("step", scheduler_output, defer) for w in self._workers])
+        driver_call, *peer_calls = [w.execute.remote("step", scheduler_output, defer) for w in self._workers]
+        self._calls.append(driver_call)
+        self._peer_calls += peer_calls
+        if scheduler_output.structured_request_ids:
+            return None          # its sampling waits for the bitmask: `sample_tokens` answers for it
+        index = self._num_launched
+        self._num_launched += 1
+        return StepHandle(lambda: self._step_result(index))
+
+    def sample_tokens(self, grammar_output: GrammarOutput, defer: bool) -> StepHandle:
+        """Sends the bitmask to rank 0 alone (the only rank that samples) and returns."""
+        if self._failure is not None:
+            raise ExecutorError(self._failure)
+        self._calls.append(self._workers[0].execute.remote("sample", grammar_output, defer))
         index = self._num_launched
         self._num_launched += 1
         return StepHandle(lambda: self._step_result(index))
@@ -162,11 +182,28 @@ class RayExecutor(WorkerGroupExecutor):
         while index not in self._results:
             if not self._calls:
                 raise self._fail(f"step {index} was never answered: its reply is not in any call sent")
-            replies = self._get(self._calls.popleft(), "execute_model", self.config.parallel.step_timeout_s)
-            for output in replies[0]:
+            for output in self._driver_reply(self._calls.popleft()):
                 self._results[self._num_answered] = output
                 self._num_answered += 1
         return self._results.pop(index)
+
+    def _driver_reply(self, driver_call: Any) -> list[ModelRunnerOutput]:
+        """Rank 0's reply to one call; any other rank's call that ends meanwhile is read for errors."""
+        timeout_s = self.config.parallel.step_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            ready, _ = ray.wait([driver_call, *self._peer_calls], num_returns=1, timeout=max(remaining, 0))
+            if not ready:
+                raise self._fail(f"execute_model did not finish within {timeout_s:g} s on a TP worker: "
+                                 "a worker or a collective is stuck")
+            for ref in ready:
+                if ref == driver_call:
+                    continue
+                self._peer_calls.remove(ref)
+                self._get(ref, "execute_model", timeout_s)          # raises what a peer raised
+            if driver_call in ready:
+                return self._get(driver_call, "execute_model", timeout_s)
 
     def check_health(self) -> None:
         """Raises ExecutorError if the executor failed or a worker does not answer.

@@ -12,6 +12,7 @@ if __name__ != "pagoda.engine":
 from .config import EngineArgs
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import SamplingParams
+from .structured_output.params import StructuredOutputsParams
 
 
 def __getattr__(name: str):
@@ -23,4 +24,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from .structured_output.params import StructuredOutputsParams
+
 _SAMPLING_EPS = 1e-5
 
 
@@ -33,6 +35,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    # the output must match a JSON schema / regex / choice / grammar (None = free text)
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -86,6 +90,8 @@ class SamplingParams:
             raise bad("prompt_logprobs", self.prompt_logprobs, "an integer >= 0")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", self.seed, "an integer")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
         if self.logit_bias:
             for token, bias in self.logit_bias.items():
                 if not isinstance(token, int) or token < 0:

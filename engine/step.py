@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
+
 from .sampling_params import SamplingParams
 
 
@@ -38,10 +40,22 @@ class SchedulerOutput:
     # requests whose per-request state the workers drop (finished, aborted or preempted)
     finished_request_ids: list[str] = field(default_factory=list)
     num_scheduled_tokens: int = 0
+    # requests with a grammar that sample this step: the runner waits for their bitmask
+    # (`GrammarOutput`, sent with `sample_tokens`) before it samples; empty = sample at once
+    structured_request_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+@dataclass
+class GrammarOutput:
+    """The token bitmask of one step's constrained rows, filled by the engine core while the
+    forward pass runs; the driver rank applies it to the logits before sampling."""
+
+    request_ids: list[str]               # = SchedulerOutput.structured_request_ids
+    bitmask: np.ndarray                  # (len(request_ids), ceil(vocab / 32)) int32; bit j of word w allows 32w + j
 
 
 @dataclass

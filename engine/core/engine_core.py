@@ -18,7 +18,8 @@ from ..config import EngineConfig
 from ..executor.base import Executor
 from ..executor.factory import executor_class_for
 from ..outputs import EngineCoreOutput, EngineStats
-from ..step import SchedulerOutput, StepHandle
+from ..step import GrammarOutput, ModelRunnerOutput, SchedulerOutput, StepHandle
+from ..structured_output.manager import StructuredOutputManager
 from ..utils import startup_timeline
 from ..utils.gc_freeze import freeze_startup_heap, thaw_heap
 from .commands import (AbortRequests, AddRejected, AddRequests, CheckHealth, Command, EventSink, HealthAnswer,
@@ -44,6 +45,7 @@ class EngineCore:
         self.executor.initialize_cache(num_blocks)
         startup_timeline.mark("KV allocation")      # (TP workers' graph capture included: they log theirs)
         self.scheduler = Scheduler(config.scheduler, config.cache)
+        self.structured = StructuredOutputManager(config.model.vocab_size, self._load_tokenizer)
         self.num_steps = 0
         # only an executor that really returns before the step ends can overlap (and feed the
         # placeholders of the next step on its device); others run synchronously
@@ -57,9 +59,17 @@ class EngineCore:
         freeze_startup_heap()          # no full GC pass over start-up objects between steps
         startup_timeline.mark("scheduler, GC freeze")
 
+    def _load_tokenizer(self) -> object:
+        from ..processing.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.config.model.source)
+
     def add_request(self, request: Request) -> None:
         if request.request_id in self.scheduler.requests:
             raise ValueError(f"request_id {request.request_id!r} is already running")
+        structured = request.sampling_params.structured_outputs
+        if structured is not None and request.grammar is None:
+            request.grammar = self.structured.grammar_for(structured, request.eos_token_ids)
         self.scheduler.add_request(request)
 
     def add_requests(self, requests: list[Request]) -> None:
@@ -84,25 +94,55 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """schedule -> execute -> update. With async scheduling the update is of the previous step:
 
-            host:   schedule N+1 | launch N+1 | wait N, update N | schedule N+2 | ...
-            device:        ... step N ...     |        step N+1        |
+            host:   schedule N+1 | launch N+1 | wait N, update N | [fill N+1's masks, sample N+1] | schedule N+2
+            device:        ... step N ...     |        step N+1 (forward, then sampling)          |
+
+        A step with constrained requests (structured output) samples only once the engine has their
+        token bitmask: it is filled here, after the previous step's tokens advanced the grammars and
+        while this step's forward pass runs; other steps sample as soon as their logits are ready.
         """
         scheduler_output = self.scheduler.schedule()
         self.num_steps += 1
         if not self.async_scheduling:
-            runner_output = self.executor.execute_model(scheduler_output)
-            return self.scheduler.update_from_output(scheduler_output, runner_output)
+            return self.scheduler.update_from_output(scheduler_output, self._execute_sync(scheduler_output))
         handle = self.executor.execute_model_async(scheduler_output)
         outputs: list[EngineCoreOutput] = []
         if self._in_flight is not None:
             previous_output, previous_handle = self._in_flight
             outputs = self.scheduler.update_from_output(previous_output, previous_handle.result())
+        if scheduler_output.structured_request_ids:
+            handle = self.executor.sample_tokens(self._grammar_output(scheduler_output), defer=True)
+        assert handle is not None, "a step without constrained requests samples at once"
         if scheduler_output.is_empty:
             self._in_flight = None
             outputs += self.scheduler.update_from_output(scheduler_output, handle.result())
+            if not outputs:
+                self._wait_for_grammars()
         else:
             self._in_flight = (scheduler_output, handle)
         return outputs
+
+    def _execute_sync(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if not scheduler_output.structured_request_ids:
+            output = self.executor.execute_model(scheduler_output)
+            if scheduler_output.is_empty:
+                self._wait_for_grammars()
+            return output
+        self.executor.execute_model_async(scheduler_output)          # forward only: sampling waits for the mask
+        return self.executor.sample_tokens(self._grammar_output(scheduler_output), defer=False).result()
+
+    def _grammar_output(self, scheduler_output: SchedulerOutput) -> GrammarOutput:
+        requests = self.scheduler.requests
+        grammars = {request_id: requests[request_id].grammar if request_id in requests else None
+                    for request_id in scheduler_output.structured_request_ids}
+        return self.structured.grammar_output(scheduler_output, grammars)
+
+    def _wait_for_grammars(self) -> None:
+        """Nothing ran: if only compiling grammars hold requests back, wait a little for one
+        (rather than spin) and go back to the loop, which takes new commands meanwhile."""
+        compiling = [r.grammar for r in self.scheduler.waiting if r.grammar is not None and not r.grammar.ready]
+        if compiling:
+            self.structured.wait_for_any(compiling, timeout_s=0.005)
 
     def run_loop(self, inbox: Inbox, emit: EventSink) -> None:
         """Serves commands until Shutdown: the one step loop of every transport.
@@ -175,4 +215,5 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        self.structured.shutdown()
         thaw_heap()

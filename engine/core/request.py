@@ -9,9 +9,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ..structured_output.manager import RequestGrammar
 
 
 class RequestStatus(enum.IntEnum):
@@ -59,6 +62,7 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of full blocks, in order
     min_tokens_banned_ids: list[int] = field(default_factory=list)  # EOS/stop ids masked before min_tokens
     first_scheduled_time: Optional[float] = None
+    grammar: Optional["RequestGrammar"] = None   # set by the engine core for structured output
 
     @property
     def num_prompt_tokens(self) -> int:

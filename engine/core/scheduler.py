@@ -51,6 +51,7 @@ preempted, so none holds a reservation.
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 from typing import Optional
 
@@ -59,6 +60,8 @@ from ..outputs import EngineCoreOutput
 from ..step import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
 from .kv_cache import KVCacheManager
 from .request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
 
 # NOTE: one. A higher cap lets more requests share the cache early in their lives, at the price of
 # more recompute: in simulations of caches that hold one to three long requests, a cap of 3 took
@@ -261,14 +264,19 @@ class Scheduler:
         # 2. admit waiting requests from the head of the queue (the policy keeps it ordered)
         while (self.waiting and budget > 0 and not preempted_any
                and len(self.running) < self.config.max_num_seqs):
-            request = self.waiting[0]
+            head = self._admissible_head()
+            if head is None:
+                break          # every waiting request still waits for its grammar
+            # NOTE: a request whose grammar is still compiling is passed over, not waited for:
+            # compiling never holds up the requests behind it
+            request = self.waiting[head]
             if request.num_pending_tokens:
                 break          # preempted while its last step is in flight: resume once the token is known
             num_reserved = 0
             if request.num_preemptions >= MAX_PREEMPTIONS_PER_REQUEST:
                 num_reserved = self._blocks_to_finish(request)
                 if num_reserved > self.num_blocks:
-                    self.waiting.pop(0)
+                    self.waiting.pop(head)
                     self._fail(request, (
                         f"request needs {num_reserved} KV blocks to finish but the cache has {self.num_blocks}"))
                     continue
@@ -281,13 +289,13 @@ class Scheduler:
             if not self.kv.allocate_slots(request, num_new, hits):
                 if not self.running and not scheduled:
                     # An empty engine cannot fit it: it never will. Fail it rather than hang.
-                    self.waiting.pop(0)
+                    self.waiting.pop(head)
                     self._fail(request, (
                         f"request needs {-(-request.num_tokens // self.block_size)} KV blocks but the "
                         f"cache has {self.num_blocks}"))
                     continue
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(head)
             if num_reserved:
                 self._reservations[request.request_id] = num_reserved
                 self._num_reserved_blocks += num_reserved
@@ -303,6 +311,23 @@ class Scheduler:
             budget -= num_new
 
         return self._build_output(scheduled)
+
+    def _admissible_head(self) -> Optional[int]:
+        """Index of the first waiting request whose grammar (if any) is compiled; a grammar that
+        failed to compile fails its request here."""
+        index = 0
+        while index < len(self.waiting):
+            grammar = self.waiting[index].grammar
+            if grammar is None or grammar.matcher is not None:
+                return index
+            if not grammar.ready:
+                index += 1
+                continue
+            error = grammar.start()
+            if error is None:
+                return index
+            self._fail(self.waiting.pop(index), f"the structured output could not be compiled: {error}")
+        return None
 
     def _fail(self, request: Request, message: str) -> None:
         if request in self.running:
@@ -344,9 +369,24 @@ class Scheduler:
             request.num_computed_tokens = end       # NOTE: counted at schedule time (vLLM v1 style)
             if sample:
                 request.num_pending_tokens += 1
+                if request.grammar is not None:
+                    out.structured_request_ids.append(request.request_id)
         return out
 
     # -- after the forward pass ---------------------------------------------------------------------
+    @staticmethod
+    def _advance_grammar(request: Request, token: int) -> bool:
+        """Feeds the sampled token to the request's matcher; False once the grammar is complete
+        (it accepted a stop token), which ends the request whatever ignore_eos says."""
+        grammar = request.grammar
+        assert grammar is not None and grammar.matcher is not None
+        if not grammar.is_terminated and not grammar.accept(token):
+            # only a token outside the mask gets here (e.g. every allowed token was banned by
+            # min_tokens or logit_bias): the output can no longer match, so end it
+            logger.warning("request %s: sampled token %d does not match its grammar; stopping it",
+                           request.request_id, token)
+            return False
+        return not grammar.is_terminated
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
@@ -370,6 +410,9 @@ class Scheduler:
             self.kv.cache_known_blocks(request)
             self.num_generation_tokens += 1
             finished = request.check_stop(self.config.max_model_len)
+            if request.grammar is not None and not self._advance_grammar(request, token) and not finished:
+                request.status = RequestStatus.FINISHED_STOPPED     # the grammar is complete
+                finished = True
             logprobs = runner_output.logprobs.get(item.request_id)
             outputs.append(EngineCoreOutput(
                 request_id=request.request_id,

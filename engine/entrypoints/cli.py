@@ -23,7 +23,8 @@ import sys
 from typing import Callable, Optional
 
 from .auth import API_KEY_ENV
-from .cli_args import add_engine_flags, engine_args_from, parse_bytes, parse_origins, server_settings_from
+from .cli_args import (add_chat_flags, add_engine_flags, engine_args_from, parse_bytes, parse_origins,
+                       server_settings_from)
 
 logger = logging.getLogger("pagoda.cli")
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds SIGTERM lets in-flight requests finish before aborting them")
     serve.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_chat_flags(serve)
     add_engine_flags(serve)
     serve.set_defaults(handler=run_serve)
     cluster_cli = _cluster_cli_module()

@@ -1,5 +1,6 @@
 """Command-line flags -> typed objects: the engine flags every `pagoda` command shares, and the
-server flags of `pagoda serve`, turned into `EngineArgs` and `ServerSettings`.
+server flags of `pagoda serve` (`add_chat_flags`: chat template, tool calling, reasoning), turned
+into `EngineArgs` and `ServerSettings`.
 
 Apart from cli.py so that the Ray path (pagoda.cluster.cli), which the engine's CLI hands `serve`
 to, reads the same flags without importing the CLI that imports it.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from pathlib import Path
+from typing import Optional
 
 from ..config import EngineArgs
 from .settings import ServerSettings
@@ -40,6 +43,41 @@ def parse_origins(text: str) -> list[str]:
             raise argparse.ArgumentTypeError(f"--allowed-origins must be a list of strings, got {text!r}")
         return origins
     return [origin.strip() for origin in text.split(",") if origin.strip()]
+
+
+def read_chat_template(value: str) -> str:
+    """--chat-template: the file it names, else (when it looks like Jinja) the template text itself, as vLLM."""
+    if _is_file(value):
+        try:
+            return Path(value).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise argparse.ArgumentTypeError(f"--chat-template: cannot read {value!r}: {error}") from None
+    if not any(char in value for char in "{}\n"):
+        raise argparse.ArgumentTypeError(f"--chat-template {value!r} looks like a file path, but no such file exists")
+    return value
+
+
+def _is_file(value: str) -> bool:
+    try:
+        return Path(value).expanduser().is_file()
+    except (OSError, ValueError, RuntimeError):     # too long, a NUL byte, no home: template text
+        return False
+
+
+def add_chat_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `pagoda serve` that shape chat requests (vLLM's names)."""
+    group = parser.add_argument_group("chat")
+    group.add_argument("--chat-template", type=read_chat_template, default=None,
+                       help="a Jinja chat template, or the file holding one, used instead of the tokenizer's")
+    group.add_argument("--trust-request-chat-template", action="store_true",
+                       help="let requests bring their own chat_template (code the server runs; off by default)")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="tool_choice 'auto': parse tool calls out of the model's output")
+    group.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                       help="how the model writes tool calls: hermes, llama3_json, mistral (default: from the "
+                            "chat template)")
+    group.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                       help="split reasoning_content from content: qwen3, deepseek_r1 (default: none)")
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -88,4 +126,13 @@ def server_settings_from(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         host=args.host, port=args.port, api_key=args.api_key or None, allowed_origins=args.allowed_origins,
         max_request_body_bytes=args.max_request_body_bytes, shutdown_timeout_s=args.shutdown_timeout,
-        grpc_port=args.grpc_port, log_level=args.uvicorn_log_level)
+        grpc_port=args.grpc_port, log_level=args.uvicorn_log_level,
+        # NOTE: getattr: a parser without add_chat_flags (the cluster's, an older one) serves the defaults
+        chat_template=_optional(args, "chat_template"),
+        trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
+        enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
+        tool_call_parser=_optional(args, "tool_call_parser"), reasoning_parser=_optional(args, "reasoning_parser"))
+
+
+def _optional(args: argparse.Namespace, name: str) -> Optional[str]:
+    return getattr(args, name, None)

@@ -1,8 +1,14 @@
-"""How the servers (HTTP and gRPC) listen and guard themselves; engine settings live in `EngineArgs`."""
+"""How the servers (HTTP and gRPC) listen and guard themselves, and how chat requests are rendered and
+parsed; engine settings live in `EngineArgs`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+
+# the settings that shape chat requests (a Ray ingress takes them too)
+CHAT_SETTINGS = ("chat_template", "trust_request_chat_template", "enable_auto_tool_choice", "tool_call_parser",
+                 "reasoning_parser")
 
 
 @dataclass
@@ -17,6 +23,15 @@ class ServerSettings:
     shutdown_timeout_s: float = 30.0              # how long SIGTERM lets in-flight requests finish
     grpc_port: Optional[int] = None               # None = no gRPC server
     log_level: str = "info"
+    # chat: the template (Jinja text) used instead of the tokenizer's; None = the tokenizer's own
+    chat_template: Optional[str] = None
+    # whether a request may bring its own chat_template (it is code the server runs: off by default)
+    trust_request_chat_template: bool = False
+    # tool_choice "auto" parses tool calls out of the output (with tool_call_parser, or the parser the
+    # chat template points to)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: Optional[str] = None        # a name of the tool-parser registry (vLLM's names)
+    reasoning_parser: Optional[str] = None        # a name of the reasoning-parser registry
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -29,3 +44,29 @@ class ServerSettings:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset for no authentication)")
+        if self.chat_template is not None:
+            _check_template_syntax(self.chat_template)
+        # NOTE: the registries are imported only when a parser is named: they are not needed otherwise,
+        # and a server's start-up time is mostly imports.
+        if self.tool_call_parser is not None:
+            from .openai.tool_parsers import get_tool_parser
+
+            get_tool_parser(self.tool_call_parser)
+        if self.reasoning_parser is not None:
+            from .openai.reasoning import get_reasoning_parser
+
+            get_reasoning_parser(self.reasoning_parser)
+
+
+def _check_template_syntax(template: str) -> None:
+    """A chat template that is not valid Jinja fails the start, not every chat request."""
+    import jinja2
+
+    if not template.strip():
+        raise ValueError("chat_template must not be empty (leave it unset for the tokenizer's template)")
+    try:
+        # the loop-control extension, as transformers renders templates with it ({% break %})
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise ValueError(f"chat_template is not a valid Jinja template: {error.message} "
+                         f"(line {error.lineno})") from None

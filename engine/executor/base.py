@@ -6,10 +6,10 @@ a Ray executor (cluster) drives Ray actors. The engine core only ever calls thes
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
 from ..config import EngineConfig
-from ..step import ModelRunnerOutput, SchedulerOutput, StepHandle
+from ..step import GrammarOutput, ModelRunnerOutput, SchedulerOutput, StepHandle
 
 
 class ExecutorError(RuntimeError):
@@ -30,10 +30,20 @@ class Executor(ABC):
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
 
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Optional[StepHandle]:
         """Launches the step and returns before its sampled tokens reach the host (where the
-        executor can: the engine core then schedules the next step meanwhile). Default: run it."""
+        executor can: the engine core then schedules the next step meanwhile). Default: run it.
+
+        A step with `structured_request_ids` runs its forward pass only and returns None: its
+        sampling waits for `sample_tokens` with the bitmask."""
+        if scheduler_output.structured_request_ids:
+            raise NotImplementedError(f"{type(self).__name__} cannot sample with a grammar")
         return StepHandle.done(self.execute_model(scheduler_output))
+
+    def sample_tokens(self, grammar_output: GrammarOutput, defer: bool) -> StepHandle:
+        """Samples the step launched last (one with `structured_request_ids`) under the bitmask.
+        defer: as for a launched step, the driver may answer with the next step."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample with a grammar")
 
     def check_health(self) -> None:
         """Raises ExecutorError when a worker is gone."""

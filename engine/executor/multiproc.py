@@ -22,6 +22,8 @@ ranks only ever write an error). With async scheduling a step is *deferred*: ran
 N only after it has launched step N+1, so the device is busy with N+1 while the reply travels and
 the engine updates and schedules (the engine core always sends a step, possibly empty, before it
 waits for the previous one; an empty step is answered at once). Replies arrive in step order.
+A step with constrained requests takes a third message: the step itself gets no reply, and a
+*sample* message to rank 0 alone carries the grammar bitmask; rank 0 answers it as it would the step.
 
 No orphans: `shutdown` (also run at exit and when the executor is garbage-collected) closes the
 command pipes, joins, then terminates and kills what is left. A worker whose engine process died,
@@ -40,13 +42,13 @@ import traceback
 import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Optional
 
 import torch.multiprocessing as mp
 
 from ..config import EngineConfig
 from ..distributed.parallel_state import get_open_port
-from ..step import ModelRunnerOutput, SchedulerOutput, StepHandle
+from ..step import GrammarOutput, ModelRunnerOutput, SchedulerOutput, StepHandle
 from ..utils.child_process import exit_when_parent_dies, how_it_ended, leave, stop_children
 from ..worker.worker import Worker
 from .base import ExecutorError, WorkerGroupExecutor
@@ -100,14 +102,30 @@ class MultiprocExecutor(WorkerGroupExecutor):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._send_step(scheduler_output, defer=False).result()
 
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Optional[StepHandle]:
         """Sends the step and returns; `result()` reads rank 0's reply, which comes once the next
-        step has been sent and launched (or at once for an empty step)."""
+        step has been sent and launched (or at once for an empty step). A step with a grammar
+        gets no reply of its own: `sample_tokens` answers for it."""
         return self._send_step(scheduler_output, defer=not scheduler_output.is_empty)
 
-    def _send_step(self, scheduler_output: SchedulerOutput, defer: bool) -> StepHandle:
+    def sample_tokens(self, grammar_output: GrammarOutput, defer: bool) -> StepHandle:
+        """Sends the bitmask to rank 0 alone (the other ranks do not sample) and returns."""
+        message = pickle.dumps(("sample", (grammar_output, defer)), protocol=pickle.HIGHEST_PROTOCOL)
+        driver = self._workers[0]
+        if self._failure is not None:
+            raise ExecutorError(self._failure)
+        try:
+            driver.conn.send_bytes(message)
+        except OSError:
+            raise self._fail(self._exit_message(driver, "sample_tokens"))
+        self._steps_in_flight += 1
+        return StepHandle(self._read_step_reply)
+
+    def _send_step(self, scheduler_output: SchedulerOutput, defer: bool) -> Optional[StepHandle]:
         self._send(pickle.dumps(("step", (scheduler_output, defer)), protocol=pickle.HIGHEST_PROTOCOL),
                    "execute_model")
+        if scheduler_output.structured_request_ids:
+            return None
         self._steps_in_flight += 1
         return StepHandle(self._read_step_reply)
 
@@ -268,6 +286,9 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connec
             if kind == "step":
                 scheduler_output, defer = payload
                 replies = worker.step(scheduler_output, defer)
+            elif kind == "sample":
+                grammar_output, defer = payload
+                replies = worker.sample(grammar_output, defer)
             else:
                 method, args = payload
                 replies = [getattr(worker, method)(*args)]

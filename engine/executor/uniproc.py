@@ -1,8 +1,11 @@
 """One process, one model runner."""
 from __future__ import annotations
 
+from typing import Optional
+
 from ..config import EngineConfig
-from ..step import ModelRunnerOutput, SchedulerOutput, StepHandle
+
+from ..step import GrammarOutput, ModelRunnerOutput, SchedulerOutput, StepHandle
 from ..worker.model_runner import ModelRunner
 from .base import Executor
 
@@ -24,7 +27,8 @@ class UniprocExecutor(Executor):
         assert output is not None
         return output
 
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
-        handle = self.runner.execute_model_async(scheduler_output)
-        assert handle is not None
-        return handle
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Optional[StepHandle]:
+        return self.runner.execute_model_async(scheduler_output)
+
+    def sample_tokens(self, grammar_output: GrammarOutput, defer: bool) -> StepHandle:
+        return self.runner.sample_tokens(grammar_output)

@@ -84,6 +84,11 @@ class InputProcessor:
             value = getattr(params, name)
             if value is not None and value > vocab:
                 raise ValueError(f"{name} must be at most the vocabulary size {vocab}, got {value}")
+        if params.structured_outputs is not None:
+            # a schema, regex or grammar that cannot compile is refused here, before anything is queued
+            from ..structured_output.backend import validate
+
+            validate(params.structured_outputs.spec())
         if params.top_k >= vocab:
             # NOTE: the sampler builds a tensor of the k's: an int64 overflow there would fail the
             # step, and with it the engine. k >= vocab keeps every token, as 0 does.

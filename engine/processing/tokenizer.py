@@ -13,18 +13,21 @@ Text work on a request must never hold up a server's event loop (tokenizing 15 M
     TokenizerThread      runs encode / chat template / decode inline when small, else on one worker
                          thread (the Rust tokenizer releases the GIL, so the loop keeps answering)
     encode_text, apply_chat_template
-                         a failure on the client's text is a ValueError (a 400), never a 500
+                         a failure on the client's text (or chat template, or template variables)
+                         is a ValueError (a 400), never a 500
 """
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
+import jinja2
 import transformers
 
 from pagoda.engine.model_loader.model_source import ModelSource
@@ -79,28 +82,68 @@ def check_text_fits(what: str, num_chars: int, max_chars: Optional[int], max_mod
             f"{max_chars} characters with this tokenizer. Please reduce the length of the {what}.")
 
 
+def _renderer_arguments() -> frozenset[str]:
+    """The names transformers' `apply_chat_template` takes itself (plus `messages`, the variable the
+    templates read): template variables of these names would change how it renders, not what."""
+    parameters = inspect.signature(transformers.PreTrainedTokenizerBase.apply_chat_template).parameters
+    return frozenset(name for name, parameter in parameters.items()
+                     if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD) | {"messages"}
+
+
+# Names that extra template variables (a request's chat_template_kwargs) may not take.
+RESERVED_TEMPLATE_KWARGS = _renderer_arguments()
+
+
 def apply_chat_template(tokenizer: transformers.PreTrainedTokenizerBase, messages: list[dict],
-                        max_model_len: Optional[int] = None) -> list[int]:
-    """Token ids of `messages` rendered with the tokenizer's chat template, ending with the assistant prompt.
+                        max_model_len: Optional[int] = None, *, tools: Optional[list[dict]] = None,
+                        chat_template: Optional[str] = None, template_kwargs: Optional[dict[str, Any]] = None,
+                        add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+    """Token ids of `messages` rendered with the chat template, by default ending with the assistant prompt.
+
+    tools: the {"type": "function", "function": {...}} dicts the template may list; chat_template:
+    a Jinja template (or the name of one of the tokenizer's templates) instead of the tokenizer's;
+    template_kwargs: extra template variables (e.g. {"enable_thinking": False});
+    continue_final_message: leave the last (assistant) message open for the model to continue,
+    instead of adding a generation prompt (the two exclude each other).
 
     The template already writes any special tokens it wants (e.g. `<|im_start|>`), so the rendered text
     is encoded without adding more (no second BOS). With max_model_len, a rendering that cannot fit
     is refused before it is tokenized (the rendering, not the messages: a template may drop some).
+    A template or variables that fail to render are a ValueError naming them.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template; use a plain prompt instead of messages"
         )
+    if add_generation_prompt and continue_final_message:
+        raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
     _check_messages(messages)
+    reserved = sorted(set(template_kwargs or {}) & RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise ValueError(f"chat template variables may not be named {reserved}: those are renderer arguments")
     try:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer.apply_chat_template(
+            messages, tools=tools or None, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tokenize=False, **(template_kwargs or {}))
     except Exception as error:  # noqa: BLE001 - jinja's TemplateError, or the template's raise_exception()
         # NOTE: templates refuse what they cannot render (e.g. roles that do not alternate): the
-        # client's messages are at fault, not the server.
-        raise ValueError(f"the model's chat template cannot render these messages: {error}") from None
+        # client's messages, template or variables are at fault, not the server.
+        raise ValueError(_render_error(error, chat_template, template_kwargs)) from None
     if max_model_len is not None:
         check_text_fits("messages", len(prompt), prompt_chars_limit(tokenizer, max_model_len), max_model_len)
     return encode_text(tokenizer, prompt, add_special_tokens=False, what="messages")
+
+
+def _render_error(error: Exception, chat_template: Optional[str], template_kwargs: Optional[dict[str, Any]]) -> str:
+    reason = f"{type(error).__name__}: {error}" if isinstance(error, jinja2.TemplateError) else str(error)
+    line = getattr(error, "lineno", None)
+    where = f" (template line {line})" if isinstance(error, jinja2.TemplateSyntaxError) and line else ""
+    if chat_template is not None:
+        return f"the chat_template given cannot render these messages: {reason}{where}"
+    if template_kwargs:
+        return (f"the model's chat template cannot render these messages with the template variables "
+                f"{sorted(template_kwargs)} (chat_template_kwargs): {reason}")
+    return f"the model's chat template cannot render these messages: {reason}"
 
 
 def encode_text(tokenizer: transformers.PreTrainedTokenizerBase, text: str, add_special_tokens: bool = True,

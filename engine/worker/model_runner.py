@@ -26,9 +26,10 @@ from pagoda.kernels.metadata import AttentionMetadata
 from ..config import EngineConfig
 from ..distributed.parallel_state import get_tp_rank, get_tp_size, tp_broadcast
 from ..models.registry import get_model_class
-from ..step import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput, StepHandle
+from ..step import (GrammarOutput, ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput,
+                    StepHandle)
 from ..utils import startup_timeline
-from .sampler import Sampler, SamplingRow
+from .sampler import Sampler, SamplingRow, TokenMask
 from .step_inputs import BlockTable, PinnedStaging, Placeholders, PromptRows, StepInputs
 from .step_profiler import StepProfiler
 
@@ -42,7 +43,7 @@ class CachedRequestState:
     data: NewRequestData
     row: int                                   # its row in the runner's BlockTable
     output_token_ids: list[int] = field(default_factory=list)
-    # sampling is a plain argmax: greedy, no logprobs, penalties, biases or min_tokens
+    # sampling is a plain argmax: greedy, no logprobs, penalties, biases, min_tokens or grammar
     plain_greedy: bool = False
 
 
@@ -69,6 +70,8 @@ class ModelRunner:
         self.prev_sampled: Optional[torch.Tensor] = None
         self.prev_rows: dict[str, int] = {}
         self._unresolved: Optional[StepHandle] = None
+        # a launched step whose sampling waits for its grammar bitmask: (step, logits, prompt rows)
+        self._awaiting_mask: Optional[tuple[SchedulerOutput, torch.Tensor, dict[str, PromptRows]]] = None
         # async scheduling under TP: every rank needs the sampled ids of the step before
         self._shares_sampled_ids = config.scheduler.async_scheduling and get_tp_size() > 1
         self._host_slot = 0
@@ -183,7 +186,8 @@ class ModelRunner:
             self.requests[data.request_id] = CachedRequestState(
                 data, row=self.block_table.add_row(), output_token_ids=list(data.output_token_ids),
                 plain_greedy=(params.is_greedy and params.logprobs is None and not params.needs_penalties
-                              and not params.logit_bias and params.min_tokens == 0))
+                              and not params.logit_bias and params.min_tokens == 0
+                              and params.structured_outputs is None))
         for item in scheduler_output.scheduled:
             self.block_table.append(self.requests[item.request_id].row, item.new_block_ids)
 
@@ -275,7 +279,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> Optional[StepHandle]:
         """Launches the forward pass and sampling; the returned handle's `result()` waits for the
-        sampled tokens (None on non-driver TP ranks, which do not sample)."""
+        sampled tokens (None on non-driver TP ranks, which do not sample). A step with
+        `structured_request_ids` launches the forward pass only and returns None: `sample_tokens`
+        samples it once the engine sends the bitmask."""
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return StepHandle.done(ModelRunnerOutput()) if self.is_driver else None
@@ -318,14 +324,30 @@ class ModelRunner:
                     self.prev_rows = {r: i for i, r in enumerate(row_ids)}
             return None
         logits = self.model.compute_logits(hidden[logits_indices])           # (rows, vocab)
+        if scheduler_output.structured_request_ids:
+            self._awaiting_mask = (scheduler_output, logits, prompt_rows)
+            return None
         handle = self._launch_sampling(scheduler_output, logits, prompt_rows)
+        self._unresolved = handle
+        return handle
+
+    @torch.inference_mode()
+    def sample_tokens(self, grammar_output: GrammarOutput) -> StepHandle:
+        """Samples the step launched last, whose constrained rows get `grammar_output`'s bitmask."""
+        assert self._awaiting_mask is not None, "sample_tokens without a step waiting for its mask"
+        scheduler_output, logits, prompt_rows = self._awaiting_mask
+        self._awaiting_mask = None
+        assert grammar_output.request_ids == scheduler_output.structured_request_ids, "mask of another step"
+        handle = self._launch_sampling(scheduler_output, logits, prompt_rows, grammar_output=grammar_output)
         self._unresolved = handle
         return handle
 
     def _launch_sampling(self, scheduler_output: SchedulerOutput, logits: Optional[torch.Tensor],
                          prompt_rows: dict[str, PromptRows],
-                         greedy_sampled: Optional[torch.Tensor] = None) -> StepHandle:
-        """greedy_sampled: the rows' argmax ids, already taken on every TP rank (then logits is None)."""
+                         greedy_sampled: Optional[torch.Tensor] = None,
+                         grammar_output: Optional[GrammarOutput] = None) -> StepHandle:
+        """greedy_sampled: the rows' argmax ids, already taken on every TP rank (then logits is None);
+        grammar_output: the bitmask of the constrained rows."""
         row_index: list[int] = []          # row of `logits` for each sampling request
         row_ids: list[str] = []
         rows: Optional[list[SamplingRow]] = None
@@ -350,7 +372,8 @@ class ModelRunner:
                 else:
                     items = {item.request_id: item for item in scheduler_output.scheduled}
                     rows = [self._sampling_row(state, items[r]) for r, state in zip(row_ids, states)]
-                    sampled, raw_logprobs = self.sampler.sample(sample_logits, rows)
+                    mask = self._token_mask(grammar_output, row_ids) if grammar_output is not None else None
+                    sampled, raw_logprobs = self.sampler.sample(sample_logits, rows, mask)
             if self._shares_sampled_ids and greedy_sampled is None:
                 # NOTE: async scheduling under TP: the next step's input ids come from this step's
                 # samples on every rank, so rank 0 broadcasts them (on the device, no host sync)
@@ -385,6 +408,15 @@ class ModelRunner:
             return out
 
         return StepHandle(resolve)
+
+    def _token_mask(self, grammar_output: GrammarOutput, row_ids: list[str]) -> TokenMask:
+        """The bitmask on the device, and the sampling row each of its rows constrains."""
+        row_of = {request_id: i for i, request_id in enumerate(row_ids)}
+        rows = torch.tensor([row_of[r] for r in grammar_output.request_ids], dtype=torch.int64)
+        bitmask = torch.from_numpy(grammar_output.bitmask)                  # (R, W) int32
+        if self.device.type == "cuda":
+            rows, bitmask = rows.pin_memory(), bitmask.pin_memory()
+        return TokenMask(bitmask.to(self.device, non_blocking=True), rows.to(self.device, non_blocking=True))
 
     @staticmethod
     def _sampling_row(state: CachedRequestState, item: ScheduledRequest) -> SamplingRow:

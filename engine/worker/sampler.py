@@ -1,7 +1,7 @@
 """Turns the logits of the sampling rows into next tokens (and logprobs), all on the logits' device.
 
 Order of operations (as in vLLM): raw logprobs for reporting -> logit_bias, min_tokens ban,
-penalties -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample.
+penalties -> grammar mask -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample.
 
 Sampling uses the "exponential race" `argmax(p / q), q ~ Exp(1)`, equivalent to drawing from p.
 A row with its own seed draws q from a generator seeded by (seed, output position), so its tokens
@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from pagoda.kernels.token_bitmask import apply_token_bitmask_
 
 
 @dataclass
@@ -33,6 +35,14 @@ class SamplingRow:
     logit_bias: Optional[dict[int, float]] = None
     banned_token_ids: list[int] = field(default_factory=list)   # min_tokens not reached yet
     num_logprobs: Optional[int] = None
+
+
+@dataclass
+class TokenMask:
+    """Grammar bitmasks for some rows: tokens outside them are never sampled."""
+
+    bitmask: torch.Tensor          # (R, ceil(V / 32)) int32 on the logits' device
+    rows: torch.Tensor             # (R,) int64: the sampling row each bitmask row constrains
 
 
 @dataclass
@@ -57,12 +67,17 @@ class Sampler:
         sampled, raw_logprobs = self.sample(logits, rows)
         return self.to_output(sampled, raw_logprobs, rows)
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow],
+               mask: Optional[TokenMask] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Device work only (no host sync): (sampled token ids (S,), raw logprobs (S, V) or None)."""
         # logits: (S, V) float32
         want_logprobs = any(r.num_logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        logits = self._apply_biases_and_penalties(logits, rows)
+        adjusted = self._apply_biases_and_penalties(logits, rows)
+        if mask is not None:
+            adjusted = adjusted.clone() if adjusted is logits else adjusted     # the caller's logits stay raw
+            apply_token_bitmask_(adjusted, mask.bitmask, mask.rows)
+        logits = adjusted
         greedy_mask = [r.temperature < 1e-5 for r in rows]
         if all(greedy_mask):
             return logits.argmax(dim=-1), raw_logprobs

@@ -7,7 +7,8 @@ multiproc executor calls these methods from a spawned process, and a Ray executo
 class as an actor (`ray.remote(Worker)`) and call them remotely.
 
 Call order: `init_device` -> `load_model` -> `determine_num_blocks` -> `initialize_cache(min over
-ranks)` -> `execute_model` (or `step`, with deferred replies) per step -> `shutdown`. Every rank
+ranks)` -> `execute_model` (or `step`, with deferred replies, and `sample` on rank 0 for a step with a grammar)
+per step -> `shutdown`. Every rank
 must receive every step, in the same order: the model's collectives pair up across ranks call by call.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from ..config import EngineConfig
 from ..distributed.parallel_state import destroy_tensor_parallel, enable_fast_all_reduce, init_tensor_parallel
-from ..step import ModelRunnerOutput, SchedulerOutput, StepHandle
+from ..step import GrammarOutput, ModelRunnerOutput, SchedulerOutput, StepHandle
 from ..utils.gc_freeze import freeze_startup_heap, thaw_heap
 from .model_runner import ModelRunner
 
@@ -93,6 +94,16 @@ class Worker:
             else:
                 replies.append(handle.result())
         return replies
+
+    def sample(self, grammar_output: GrammarOutput, defer: bool) -> list[ModelRunnerOutput]:
+        """Rank 0 only: samples the step launched last (its sampling waited for this bitmask) and
+        answers it now or, deferred, with the next step."""
+        assert self.runner is not None and self.rank == 0, "only the driver rank samples"
+        handle = self.runner.sample_tokens(grammar_output)
+        if defer:
+            self._deferred.append(handle)
+            return []
+        return [handle.result()]
 
     def shutdown(self) -> None:
         self.runner = None

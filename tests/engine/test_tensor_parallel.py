@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 
 import copy
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 
 from model_factory import TinyModelSpec
-from pagoda.engine import LLM, EngineArgs, SamplingParams
+from pagoda.engine import LLM, EngineArgs, SamplingParams, StructuredOutputsParams
 from pagoda.engine.config import ParallelConfig
 from pagoda.engine.executor.base import ExecutorError
 from pagoda.engine.llm_engine import LLMEngine
@@ -264,12 +266,17 @@ def test_no_orphans_when_the_engine_process_is_killed(tiny_checkpoint):
 
 def test_tp2_async_sampling_equals_sync(tiny_checkpoint):
     """Seeded sampling, penalties (which make rank 0 wait for the previous step on the host), n > 1,
-    logprobs and stop tokens: the async TP engine gives exactly what the synchronous one gives."""
+    logprobs, stop tokens and grammars (rank 0 alone gets the bitmask, after the forward pass): the
+    async TP engine gives exactly what the synchronous one gives, and the constrained outputs match."""
     path = str(tiny_checkpoint(LLAMA_KV2))
     params = [SamplingParams(temperature=0.9, seed=i, max_tokens=12, ignore_eos=True, logprobs=2) for i in range(3)]
     params += [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, frequency_penalty=1.5),
                SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=9, ignore_eos=True),
-               SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[5, 6, 7])]
+               SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[5, 6, 7]),
+               SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=40,
+                              structured_outputs=StructuredOutputsParams(regex=r"[a-e]{2,5}=[0-9]{1,2}")),
+               SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=StructuredOutputsParams(
+                   json={"type": "object", "properties": {"k": {"enum": ["x", "y"]}}, "required": ["k"]}))]
     prompts = (PROMPTS * 2)[:len(params)]
     results = []
     for async_scheduling in (False, True):
@@ -283,3 +290,5 @@ def test_tp2_async_sampling_equals_sync(tiny_checkpoint):
                           c.logprobs and [{t: round(l.logprob, 4) for t, l in e.items()} for e in c.logprobs])
                          for c in o.outputs] for o in outputs])
     assert results[1] == results[0]
+    assert all(re.fullmatch(r"[a-e]{2,5}=[0-9]{1,2}", c.text) for c in outputs[-2].outputs)
+    assert json.loads(outputs[-1].outputs[0].text)["k"] in ("x", "y")

@@ -39,6 +39,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def inprocess_engine(tiny_model_dir):
+    """An AsyncEngine on the tiny model in this process (apps are built around it with `build_app`)."""
+    from pagoda.engine import EngineArgs
+    from pagoda.engine.async_engine import AsyncEngine
+
+    from .server_helpers import MODEL_NAME
+
+    config = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20,
+                        served_model_name=MODEL_NAME).create_config()
+    engine = AsyncEngine(config)
+    yield engine
+    engine.shutdown()
+
+
 @pytest.fixture(scope="session")
 def main_server(tiny_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     """The shared server: API key, gRPC, a 1 MiB body limit, room for 128 concurrent sequences."""

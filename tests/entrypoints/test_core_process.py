@@ -5,6 +5,7 @@ surface in the constructor, and shutdown leaves no process behind."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pagoda.engine import EngineArgs, SamplingParams
+from pagoda.engine import EngineArgs, SamplingParams, StructuredOutputsParams
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.core.core_process import CoreProcessError
 from pagoda.engine.errors import EngineDeadError
@@ -79,6 +80,22 @@ def test_same_greedy_outputs_as_the_in_thread_core(engine, tiny_model_dir):
         assert [list(entry) for entry in got_lp] == [list(entry) for entry in want_lp]
         assert [lp.logprob for e in got_lp for lp in e.values()] == \
             pytest.approx([lp.logprob for e in want_lp for lp in e.values()], abs=1e-5)
+
+
+def test_structured_output_in_the_core_process(engine):
+    """The core process compiles the grammar (its own tokenizer, loaded on first use) and masks
+    every step; an invalid one is refused before it crosses the pipe."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    params = SamplingParams(max_tokens=60, temperature=1.0, seed=4, n=2,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    final = asyncio.run(collect(engine, PROMPTS[1], params))[-1]
+    for completion in final.outputs:
+        assert completion.finish_reason == "stop"
+        assert 0 <= json.loads(completion.text)["n"] <= 9
+    bad = SamplingParams(structured_outputs=StructuredOutputsParams(regex="(unclosed"))
+    with pytest.raises(ValueError, match="structured_outputs.regex is not valid"):
+        asyncio.run(collect(engine, PROMPTS[1], bad))
 
 
 def test_stats_and_health_come_through_the_pipe(engine):

@@ -31,8 +31,8 @@ from ..lifecycle import ServerLifecycle
 from ..settings import ServerSettings
 from .errors import APIError, bad_request, install_error_handlers, to_api_error
 from .middleware import GuardMiddleware
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
-                       TokenizeRequest)
+from .chat_messages import ChatCompletionRequest, TokenizeRequest
+from .protocol import CompletionRequest, DetokenizeRequest, ModelCard, ModelList
 from .request_body import parse_json_object
 from .serving_chat import ChatServer, chat_prompt_token_ids
 from .serving_completions import CompletionServer
@@ -84,7 +84,7 @@ def build_app(engine_client: EngineClient, settings: ServerSettings,
     # chat templates, /tokenize and /detokenize of long inputs run here, off the event loop
     tokenizer_thread = TokenizerThread("pagoda-http-tokenizer")
     completions = CompletionServer(engine_client, lifecycle)
-    chat = ChatServer(engine_client, lifecycle, tokenizer_thread)
+    chat = ChatServer(engine_client, lifecycle, tokenizer_thread, settings)
     app = FastAPI(title="pagoda", version=pagoda_version())
     app.state.engine_client = engine_client
     app.state.lifecycle = lifecycle
@@ -99,13 +99,28 @@ def build_app(engine_client: EngineClient, settings: ServerSettings,
     @app.post("/v1/chat/completions")
     @_openai_errors
     async def create_chat_completion(raw_request: Request) -> Response:
-        return await chat.create(await _parse(raw_request, ChatCompletionRequest), raw_request)
+        request: ChatCompletionRequest = await _parse(raw_request, ChatCompletionRequest)
+        if request.chat_template is not None and not settings.trust_request_chat_template:
+            # NOTE: a template is code the server runs (sandboxed Jinja, yet unbounded in time and
+            # output), so a request may bring its own only where the operator allows it, as in vLLM.
+            raise bad_request("chat_template in a request is refused by this server (it was started without "
+                              "--trust-request-chat-template)", param="chat_template")
+        return await chat.create(request, raw_request)
 
     @app.get("/v1/models")
     @_openai_errors
     async def list_models() -> Response:
         cards = [ModelCard(id=name, max_model_len=engine_client.max_model_len) for name in engine_client.model_names]
         return JSONResponse(ModelList(data=cards).model_dump())
+
+    # NOTE: `:path`, as served names may hold slashes ("org/model"), which the SDK puts in the path as is.
+    @app.get("/v1/models/{model:path}")
+    @_openai_errors
+    async def retrieve_model(model: str) -> Response:
+        if model not in engine_client.model_names:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {engine_client.model_names}",
+                           param="model", code="model_not_found")
+        return JSONResponse(ModelCard(id=model, max_model_len=engine_client.max_model_len).model_dump())
 
     @app.get("/health")
     @_openai_errors

@@ -4,9 +4,34 @@ Requests validate strictly (a string is not an integer, `true` is not 1, 1e400 i
 check OpenAI's ranges, so a wrong type or an out-of-range value is a 400 naming the field, never a
 silent coercion. Values the engine checks against the model (token ids against the vocabulary,
 prompt + max_tokens against max_model_len) are left to it, so every entrypoint refuses them alike.
-Unknown fields are ignored, as OpenAI and vLLM do. vLLM's extra sampling fields (top_k, min_p,
-repetition_penalty, ignore_eos, min_tokens, ...) are accepted too: the openai client sends them
-through `extra_body`.
+vLLM's extra sampling fields (top_k, min_p, repetition_penalty, ignore_eos, min_tokens, ...) are
+accepted too: the openai client sends them through `extra_body`. The chat request and its messages
+live in chat_messages.py.
+
+No field of OpenAI's chat-completions or completions body is dropped silently. Each one is
+
+    honoured   model, messages, prompt, n, temperature, top_p, presence_penalty, frequency_penalty,
+               logit_bias, seed, stop, stream, stream_options.include_usage, max_tokens,
+               max_completion_tokens, logprobs, top_logprobs, echo (with max_tokens=0: the prompt
+               and its logprobs only), best_of (equal to n), response_format, tools, tool_choice,
+               parallel_tool_calls, modalities (["text"]), reasoning_effort (passed to the chat
+               template as the variable `reasoning_effort`, as vLLM does; a template that does not
+               read it renders as without it)
+    refused    (400 naming the field) audio, modalities other than ["text"], prediction,
+               web_search_options, verbosity, functions and function_call (deprecated; declare them
+               as `tools` instead), suffix, best_of other than n, max_tokens=0 without echo,
+               stream_options without stream, content parts other than text (image_url,
+               input_audio, file, refusal), tool_choice other than "none" without tools, a
+               request's chat_template where the server does not trust request templates
+    advisory   accepted and ignored, as OpenAI itself treats them as hints or bookkeeping: user,
+               metadata, store, service_tier, prompt_cache_key, prompt_cache_retention,
+               safety_identifier, stream_options.include_obfuscation
+
+Structured output: `response_format` ({"type": "text" | "json_object" | "json_schema"}), vLLM's
+`structured_outputs` object (json, json_object, regex, choice, grammar) and its older `guided_json`,
+`guided_regex`, `guided_choice`, `guided_grammar` (`guided_decoding_backend` is accepted and ignored:
+the server has one grammar backend). A request sets at most one of them; two are a 400 naming both.
+Fields outside OpenAI's and vLLM's lists are ignored, as vLLM does.
 """
 from __future__ import annotations
 
@@ -15,8 +40,9 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ...structured_output.params import StructuredOutputsParams
 from .errors import short_repr
 
 # OpenAI's documented limits (vLLM's where OpenAI has none).
@@ -37,6 +63,86 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    # include_obfuscation (OpenAI pads streamed chunks against side channels) is advisory: ignored
+
+
+# -- structured output --------------------------------------------------------------------------------
+class JsonSchemaFormat(_Request):
+    """response_format.json_schema: the output is one JSON value valid against `schema`."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    name: str
+    # NOTE: named schema_ because `schema` is a (deprecated) BaseModel method; the wire name is `schema`
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: Optional[bool] = None          # constrained decoding always follows the schema exactly
+    description: Optional[str] = None      # a hint for the model in OpenAI's API; nothing to do here
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format, discriminated by `type`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_goes_with_its_type(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object with a name and a schema")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema is only read with type 'json_schema', got type {self.type!r}")
+        return self
+
+    @property
+    def constrains(self) -> bool:
+        return self.type != "text"
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's `structured_outputs` request object: exactly one constraint."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    # NOTE: named json_ because `json` is a (deprecated) BaseModel method; the wire name is `json`
+    json_: Optional[Union[str, dict[str, Any]]] = Field(None, alias="json")
+    json_object: Optional[bool] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    disable_any_whitespace: bool = False
+    structural_tag: Optional[Any] = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "StructuredOutputsRequest":
+        if self.structural_tag is not None:
+            raise ValueError("structural_tag is not supported; use json, json_object, regex, choice or grammar")
+        self.to_params()
+        return self
+
+    def to_params(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(json=self.json_, json_object=self.json_object, regex=self.regex,
+                                       choice=self.choice, grammar=self.grammar,
+                                       disable_any_whitespace=self.disable_any_whitespace)
+
+
+# vLLM's older per-constraint fields -> the StructuredOutputsParams field each one sets
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+# Every field that can constrain the output, in declaration order (at most one per request).
+CONSTRAINT_FIELDS = ("response_format", "structured_outputs", *GUIDED_FIELDS)
+
+
+def _constrains(value: Any) -> bool:
+    if value is None:
+        return False
+    return value.constrains if isinstance(value, ResponseFormat) else True
+
+
+def guided_params(field: str, value: Any) -> StructuredOutputsParams:
+    """The constraint of one guided_* field; its ValueError speaks of that field."""
+    kind = GUIDED_FIELDS[field]
+    try:
+        return StructuredOutputsParams(**{kind: value})
+    except ValueError as error:
+        raise ValueError(str(error).replace(f"structured_outputs.{kind}", field)) from None
 
 
 class _SamplingFields(_Request):
@@ -57,12 +163,20 @@ class _SamplingFields(_Request):
     stop_token_ids: Optional[list[int]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    user: Optional[str] = None             # advisory: OpenAI's end-user id for abuse monitoring
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    # structured output (see the module docstring); NOTE: CONSTRAINT_FIELDS relies on this order
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsRequest] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None      # accepted and ignored: the server has one backend
 
     @field_validator("logit_bias")
     @classmethod
@@ -74,11 +188,35 @@ class _SamplingFields(_Request):
                 raise ValueError(f"logit_bias[{key}] must be in [-100, 100], got {bias!r}")
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: Optional[StreamOptions], info: ValidationInfo) -> Optional[StreamOptions]:
+        if value is not None and not info.data.get("stream", False):
+            raise ValueError("stream_options is only allowed with stream=true")
+        return value
+
+    @field_validator("structured_outputs", *GUIDED_FIELDS)
+    @classmethod
+    def _one_constraint(cls, value: Any, info: ValidationInfo) -> Any:
+        # NOTE: fields validate in declaration order, so info.data holds the constraints declared
+        # before this one: a second constraint is refused here, naming both.
+        field = info.field_name
+        if value is None:
+            return value
+        if field in GUIDED_FIELDS:
+            guided_params(field, value)
+        earlier = [name for name in CONSTRAINT_FIELDS[:CONSTRAINT_FIELDS.index(field)]
+                   if _constrains(info.data.get(name))]
+        if earlier:
+            raise ValueError(f"{earlier[0]} and {field} both constrain the output; pass one of them")
+        return value
+
 
 class CompletionRequest(_SamplingFields):
     # str | list[str] | list[int] | list[list[int]]: checked by hand for a clear message
     prompt: Any
-    max_tokens: Optional[int] = Field(16, ge=1)
+    # 0 only with echo: the prompt and its logprobs, nothing generated (scoring harnesses ask for it)
+    max_tokens: Optional[int] = Field(16, ge=0)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: Optional[str] = None
@@ -106,46 +244,6 @@ class CompletionRequest(_SamplingFields):
         if self.prompt and isinstance(self.prompt[0], (str, list)):
             return list(self.prompt)
         return [self.prompt]
-
-
-class ContentPart(_Request):
-    model_config = ConfigDict(strict=True, extra="allow")
-    type: str
-    text: Optional[str] = None
-
-
-class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Optional[Union[str, list[ContentPart]]] = None
-    name: Optional[str] = None
-
-    def text(self, position: int) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        pieces = []
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise ValueError(f"messages[{position}].content has a {short_repr(part.type)} part; only text parts "
-                                 "are supported")
-            pieces.append(part.text)
-        return "".join(pieces)
-
-
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-class TokenizeRequest(_Request):
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None
-    add_special_tokens: bool = True
 
 
 class DetokenizeRequest(_Request):
@@ -196,64 +294,6 @@ class CompletionResponse(_Response):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[UsageInfo] = None
-
-
-class ChatLogProbEntry(_Response):
-    token: str
-    logprob: float
-    bytes: Optional[list[int]] = None
-
-
-class ChatLogProbContent(ChatLogProbEntry):
-    top_logprobs: list[ChatLogProbEntry] = Field(default_factory=list)
-
-
-class ChatLogProbs(_Response):
-    content: Optional[list[ChatLogProbContent]] = None
-
-
-class ChatResponseMessage(_Response):
-    role: Literal["assistant"] = "assistant"
-    content: Optional[str] = None
-
-
-class ChatChoice(_Response):
-    index: int
-    message: ChatResponseMessage
-    logprobs: Optional[ChatLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
-
-
-class ChatCompletionResponse(_Response):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-
-
-class ChatDelta(_Response):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
-
-
-class ChatStreamChoice(_Response):
-    index: int
-    delta: ChatDelta
-    logprobs: Optional[ChatLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
-
-
-class ChatCompletionChunk(_Response):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatStreamChoice]
     usage: Optional[UsageInfo] = None
 
 

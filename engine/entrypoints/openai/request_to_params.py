@@ -1,14 +1,56 @@
 """OpenAI request fields -> `SamplingParams`.
 
 OpenAI's defaults where a field is absent (temperature 1, top_p 1); `SamplingParams` validates the
-combination and its `ValueError` (naming the parameter and value) becomes a 400.
+combination and its `ValueError` (naming the parameter and value) becomes a 400. The output
+constraint comes from whichever of response_format / structured_outputs / guided_* the request set
+(the request models allow at most one).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 from ...sampling_params import SamplingParams
-from .protocol import _SamplingFields
+from ...structured_output.backend import validate
+from ...structured_output.params import StructuredOutputsParams
+from .errors import bad_request
+from .protocol import GUIDED_FIELDS, _SamplingFields, guided_params
+
+
+def structured_outputs_from(request: _SamplingFields) -> Optional[StructuredOutputsParams]:
+    """The constraint the request asks its output to match, or None (also for response_format text).
+
+    A constraint that does not compile is a 400 naming the field the request used (and its `param`)."""
+    field, params = _constraint_of(request)
+    if params is not None:
+        check_compiles(params, field)
+    return params
+
+
+def check_compiles(params: StructuredOutputsParams, field: str) -> None:
+    """Raises the 400 of a schema / regex / grammar the grammar engine refuses, naming `field`."""
+    spec = params.spec()
+    try:
+        validate(spec)
+    except ValueError as error:
+        own = f"structured_outputs.{spec.kind}"
+        message = str(error) if field == "structured_outputs" else str(error).replace(own, field, 1)
+        raise bad_request(message, param=field) from None
+
+
+def _constraint_of(request: _SamplingFields) -> tuple[str, Optional[StructuredOutputsParams]]:
+    response_format = request.response_format
+    if response_format is not None and response_format.type == "json_schema":
+        assert response_format.json_schema is not None        # the request model checked it
+        return "response_format", StructuredOutputsParams(json=response_format.json_schema.schema_)
+    if response_format is not None and response_format.type == "json_object":
+        return "response_format", StructuredOutputsParams(json_object=True)
+    if request.structured_outputs is not None:
+        return "structured_outputs", request.structured_outputs.to_params()
+    for field in GUIDED_FIELDS:
+        value = getattr(request, field)
+        if value is not None:
+            return field, guided_params(field, value)
+    return "", None
 
 
 def to_sampling_params(request: _SamplingFields, max_tokens: Optional[int], logprobs: Optional[int],
@@ -35,4 +77,5 @@ def to_sampling_params(request: _SamplingFields, max_tokens: Optional[int], logp
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
+        structured_outputs=structured_outputs_from(request),
     )
