@@ -75,7 +75,6 @@ class StructuredOutputManager:
         self._load_tokenizer = load_tokenizer
         self._compiler: Optional[backend.GrammarCompiler] = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="pagoda-grammar")
-        self._filler: Optional[backend.BatchFiller] = None
 
     def grammar_for(self, params: StructuredOutputsParams, stop_token_ids: frozenset[int]) -> RequestGrammar:
         return RequestGrammar(self._thread.submit(self._compile, params.spec()), stop_token_ids,
@@ -110,10 +109,7 @@ class StructuredOutputManager:
             if grammar is not None and grammar.matcher is not None and grammar.active and not grammar.is_terminated:
                 matchers.append(grammar.matcher)
                 indices.append(index)
-        if matchers:
-            if self._filler is None:
-                self._filler = backend.BatchFiller()
-            self._filler.fill(matchers, bitmask, indices)
+        backend.fill_bitmask(matchers, bitmask, indices)
         return GrammarOutput(request_ids=list(request_ids), bitmask=bitmask.numpy())
 
     def shutdown(self) -> None:
