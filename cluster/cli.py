@@ -34,9 +34,9 @@ from typing import Any, Optional
 
 import yaml
 
-from .capacity import app_demands, check_capacity, read_cluster_resources
 from pagoda.engine.entrypoints.settings import CHAT_SETTINGS
 
+from .capacity import app_demands, check_capacity, read_cluster_resources
 from .config import DEFAULT_MODEL, AppConfig, parse_app_args
 from .serve_state import (DELETING, AppOwner, Hints, ServeState, check_deploy, check_http_options, owned_by,
                           read_serve_state, serve_url)

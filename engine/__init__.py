@@ -9,19 +9,21 @@ if __name__ != "pagoda.engine":
     raise ImportError(f"{__name__!r} is not a package: this folder installs as pagoda.engine "
                       "(pip install -e . in the repository root)")
 
-from .config import EngineArgs
-from .outputs import CompletionOutput, Logprob, RequestOutput
-from .sampling_params import SamplingParams
-from .structured_output.params import StructuredOutputsParams
+import importlib
+from typing import Any
+
+# NOTE: loaded on first use (PEP 562): `import pagoda.engine` (and so the `pagoda` command's first
+# import) stays free of torch and transformers, which lets `pagoda serve` start its engine core
+# process before this process spends seconds importing them.
+_EXPORTS = {"LLM": ".llm", "EngineArgs": ".config", "SamplingParams": ".sampling_params",
+            "StructuredOutputsParams": ".structured_output.params", "RequestOutput": ".outputs",
+            "CompletionOutput": ".outputs", "Logprob": ".outputs"}
 
 
-def __getattr__(name: str):
-    # LLM pulls in torch models and transformers: load it on first use, keeping `import pagoda.engine` light
-    if name == "LLM":
-        from .llm import LLM
-
-        return LLM
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob"]

@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator, Optional, Union
 from .config import EngineArgs, EngineConfig
 from .core.commands import (AbortRequests, AddRejected, AddRequests, CheckHealth, Command, CoreDied, Event,
                             HealthAnswer, StepDone)
+from .core.core_prestart import PrestartedCore
 from .core.core_process import CoreProcess
 from .core.core_thread import CoreThread
 from .errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError
@@ -60,10 +61,13 @@ class AsyncEngine:
     max_queued_requests: refuse new requests (EngineOverloadedError) while this many already wait
         for a seat in the batch; None = unbounded.
     executor_class: passed to `EngineCore` (tests inject a failing executor).
+    prestarted_core: a core process spawned ahead (core_prestart.py) that the core takes when it runs
+        in a process of its own; closed otherwise.
     """
 
     def __init__(self, config: EngineConfig, max_queued_requests: Optional[int] = None,
-                 executor_class: Optional[type[Executor]] = None) -> None:
+                 executor_class: Optional[type[Executor]] = None,
+                 prestarted_core: Optional[PrestartedCore] = None) -> None:
         if max_queued_requests is not None and (not isinstance(max_queued_requests, int) or max_queued_requests < 0):
             raise ValueError(f"max_queued_requests must be an integer >= 0 or None, got {max_queued_requests!r}")
         self.config = config
@@ -83,12 +87,16 @@ class AsyncEngine:
         self._probe_ids = itertools.count()
         self._accepting = True
 
-        transport = CoreProcess if config.parallel.engine_core_process else CoreThread
+        if prestarted_core is not None and not config.parallel.engine_core_process:
+            prestarted_core.close()            # started on a guess that the core would get a process
+            prestarted_core = None
         # NOTE: the tokenizer loads on a thread while the core starts (weights, KV cache, CUDA graphs):
         # neither needs the other, and no event reaches the processors before this returns.
         with ThreadPoolExecutor(1, thread_name_prefix="pagoda-tokenizer-load") as pool:
             text_side = pool.submit(load_text_side, config)
-            self.core_client: Union[CoreThread, CoreProcess] = transport(config, self._on_core_event, executor_class)
+            self.core_client: Union[CoreThread, CoreProcess] = (
+                CoreProcess(config, self._on_core_event, executor_class, prestarted_core)
+                if config.parallel.engine_core_process else CoreThread(config, self._on_core_event, executor_class))
         try:
             self._tokenizer, eos_token_ids = text_side.result()
         except BaseException:

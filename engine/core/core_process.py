@@ -32,7 +32,7 @@ import traceback
 import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Optional
+from typing import Any, Optional, Protocol
 
 import torch.multiprocessing as mp
 
@@ -47,6 +47,14 @@ from .idle_watch import IdleWatch
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 1800.0        # weights, profiling and graph capture of a large model
+
+
+class Prestarted(Protocol):
+    """A core process spawned ahead of its config (core_prestart.PrestartedCore, which imports this
+    module in the child: hence a protocol here, not an import)."""
+
+    def take(self, config: EngineConfig, executor_class: Optional[type[Executor]]) -> tuple[Any, Connection, Any]:
+        """Hands over the config; returns (process, conn, finalizer) for the caller to own."""
 
 
 class CoreProcessError(RuntimeError):
@@ -70,14 +78,20 @@ class CoreProcess:
     the reader thread, and `shutdown` stops it all."""
 
     def __init__(self, config: EngineConfig, on_event: EventSink,
-                 executor_class: Optional[type[Executor]] = None) -> None:
-        context = mp.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_core_main, name="pagoda-engine-core",
-                                        args=(config, executor_class, child_conn, os.getpid()))
-        self._process.start()
-        child_conn.close()            # the core holds the only other end: EOF when it dies
-        self._finalizer = weakref.finalize(self, stop_children, [(self._process, self._conn)], 0.0, 5.0)
+                 executor_class: Optional[type[Executor]] = None,
+                 prestarted: Optional[Prestarted] = None) -> None:
+        """prestarted: a core process spawned earlier (core_prestart.py), handed the config instead
+        of spawning one now."""
+        if prestarted is not None:
+            self._process, self._conn, self._finalizer = prestarted.take(config, executor_class)
+        else:
+            context = mp.get_context("spawn")
+            self._conn, child_conn = context.Pipe()
+            self._process = context.Process(target=_core_main, name="pagoda-engine-core",
+                                            args=(config, executor_class, child_conn, os.getpid()))
+            self._process.start()
+            child_conn.close()            # the core holds the only other end: EOF when it dies
+            self._finalizer = weakref.finalize(self, stop_children, [(self._process, self._conn)], 0.0, 5.0)
         try:
             ready = self._wait_until_built()
         except BaseException:
@@ -159,8 +173,9 @@ class CoreProcess:
 
 # -- the core process ------------------------------------------------------------------------------
 def _core_main(config: EngineConfig, executor_class: Optional[type[Executor]], conn: Connection,
-               parent_pid: int) -> None:
-    startup_timeline.mark("imports")                   # spawned: from the process's start to here
+               parent_pid: int, prestarted: bool = False) -> None:
+    if not prestarted:
+        startup_timeline.mark("imports")               # spawned: from the process's start to here
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C reaches the group; the parent decides
     threading.Thread(target=exit_when_parent_dies, args=(parent_pid,), name="pagoda-parent-watch",
                      daemon=True).start()

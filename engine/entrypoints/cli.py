@@ -20,7 +20,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .auth import API_KEY_ENV
 from .cli_args import (add_chat_flags, add_engine_flags, engine_args_from, parse_bytes, parse_origins,
@@ -146,7 +146,29 @@ def _runs_on_ray(args: argparse.Namespace) -> bool:
     return args.command == "status" or (args.command == "serve" and not args.standalone)
 
 
+def _core_gets_a_process(args: argparse.Namespace) -> bool:
+    """Whether the engine core will run in a process of its own, guessed before torch is imported:
+    asked for, or left to the default (on with CUDA) on a host with an NVIDIA driver. A wrong guess
+    costs a process that is stopped once the config says otherwise."""
+    if args.engine_core_process is not None:
+        return args.engine_core_process
+    return args.device != "cpu" and os.path.exists("/dev/nvidiactl")
+
+
 def serve_standalone(args: argparse.Namespace) -> int:
+    from ..core.core_prestart import PrestartedCore
+
+    # NOTE: first, before this process imports torch and transformers: the core imports them too,
+    # meanwhile (most of a cold start is imports)
+    prestarted = PrestartedCore() if _core_gets_a_process(args) else None
+    try:
+        return _serve_standalone(args, prestarted)
+    finally:
+        if prestarted is not None:
+            prestarted.close()                 # (nothing to do once the engine took it)
+
+
+def _serve_standalone(args: argparse.Namespace, prestarted: Optional[Any]) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from ..async_engine import AsyncEngine
@@ -161,7 +183,7 @@ def serve_standalone(args: argparse.Namespace) -> int:
     with ThreadPoolExecutor(1, thread_name_prefix="pagoda-http-import") as pool:
         http_modules = pool.submit(startup_timeline.span("HTTP imports")(importlib.import_module),
                                    "pagoda.engine.entrypoints.openai.api_server")
-        engine = AsyncEngine(config, max_queued_requests=args.max_queued_requests)
+        engine = AsyncEngine(config, max_queued_requests=args.max_queued_requests, prestarted_core=prestarted)
     startup_timeline.mark("engine core")
     try:
         run_server = http_modules.result().run_server

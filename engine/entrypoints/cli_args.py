@@ -13,8 +13,12 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ..config import EngineArgs
+from typing import TYPE_CHECKING
+
 from .settings import ServerSettings
+
+if TYPE_CHECKING:
+    from ..config import EngineArgs
 
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
@@ -109,7 +113,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                             "the HTTP server (default: on with CUDA)")
 
 
-def engine_args_from(args: argparse.Namespace) -> EngineArgs:
+def engine_args_from(args: argparse.Namespace) -> "EngineArgs":
+    from ..config import EngineArgs        # NOTE: torch and transformers: only once a command runs
+
     return EngineArgs(
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -153,3 +153,23 @@ def test_bench_serving_smoke(main_server, tmp_path):
         assert run["failed"] == 0 and run["output_tokens"] > 0 and run["goodput"] > 0
         assert run["ttft"]["p50_ms"] > 0 and run["e2el"]["p99_ms"] >= run["e2el"]["p50_ms"]
     assert "TTFT" in result.stdout and "goodput" in result.stdout
+
+
+def test_the_command_line_starts_without_torch():
+    """The `pagoda` command parses its flags without importing torch or transformers, so that `serve`
+    can spawn its engine core process first (that process imports them meanwhile)."""
+    code = ("import sys; from pagoda.engine.entrypoints import cli; cli.build_parser().parse_args(['serve']); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=subprocess_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("flags,driver,expected", [
+    (["--engine-core-process"], False, True), (["--no-engine-core-process"], True, False),
+    ([], True, True), ([], False, False), (["--device", "cpu"], True, False)])
+def test_serve_guesses_whether_to_prestart_the_core(monkeypatch, flags, driver, expected):
+    monkeypatch.setattr(cli.os.path, "exists", lambda path: driver and path == "/dev/nvidiactl")
+    args = cli.build_parser().parse_args(["serve", "--standalone", *flags])
+    assert cli._core_gets_a_process(args) is expected

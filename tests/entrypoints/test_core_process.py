@@ -218,3 +218,36 @@ def test_an_os_error_in_a_step_is_a_failed_step_with_its_traceback(tiny_model_di
         assert "No space left on device (simulated)" in caplog.text     # the core's traceback, not "exited"
     finally:
         engine.shutdown()
+
+
+def test_a_prestarted_core_takes_its_config_later(tiny_model_dir):
+    """`pagoda serve` spawns the core before it imports torch; the engine hands it the config."""
+    from pagoda.engine.core.core_prestart import PrestartedCore
+
+    prestarted = PrestartedCore()
+    config = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20,
+                        engine_core_process=True).create_config()
+    engine = AsyncEngine(config, prestarted_core=prestarted)
+    try:
+        assert engine.core_client.pid == prestarted.process.pid
+        final = asyncio.run(collect(engine, PROMPTS[0], greedy(6)))[-1]
+        assert final.finished and len(final.outputs[0].token_ids) == 6
+    finally:
+        engine.shutdown()
+    prestarted.close()                        # after the engine took it: nothing left to do
+    assert not prestarted.process.is_alive()
+
+
+def test_a_prestarted_core_not_needed_is_stopped(tiny_model_dir):
+    from pagoda.engine.core.core_prestart import PrestartedCore
+
+    prestarted = PrestartedCore()
+    config = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20,
+                        engine_core_process=False).create_config()
+    engine = AsyncEngine(config, prestarted_core=prestarted)
+    try:
+        prestarted.process.join(10)
+        assert not prestarted.process.is_alive(), "the unused core process outlived the engine's start"
+        assert engine.core_client.pid is None or engine.core_client.pid == os.getpid()
+    finally:
+        engine.shutdown()
