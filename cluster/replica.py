@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Optional
 
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.config import EngineArgs
+from pagoda.engine.core.core_prestart import PrestartedCore
 from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.outputs import EngineStats
 from pagoda.engine.utils import startup_timeline
@@ -133,6 +134,17 @@ class LLMReplica:
         startup_timeline.mark("replica process to constructor")     # Ray's worker start, imports
         self.deployment = ModelDeployment.model_validate(deployment)
         args = engine_args_for(self.deployment)
+        # NOTE: the core process starts first and imports the engine while this one reads the config
+        core_process = args.engine_core_process if args.engine_core_process is not None else args.device == "cuda"
+        prestarted = PrestartedCore() if core_process else None
+        try:
+            self._build(args, prestarted, stall_timeout_s)
+        except BaseException:
+            if prestarted is not None:
+                prestarted.close()
+            raise
+
+    def _build(self, args: EngineArgs, prestarted: Optional[PrestartedCore], stall_timeout_s: float) -> None:
         config = args.create_config()
         startup_timeline.mark("config")
         executor_class: Any = None
@@ -142,7 +154,8 @@ class LLMReplica:
             executor_class = RayExecutorInCore.here() if config.parallel.engine_core_process else RayExecutor
         # NOTE: admission control is Serve's (max_ongoing_requests per replica, max_queued_requests
         # at the router); the engine queues whatever Serve lets through.
-        self.engine = AsyncEngine(config, max_queued_requests=None, executor_class=executor_class)
+        self.engine = AsyncEngine(config, max_queued_requests=None, executor_class=executor_class,
+                                  prestarted_core=prestarted)
         startup_timeline.mark("engine core")
         self.watchdog = StepWatchdog(stall_timeout_s)
         self.replica_id = _replica_id()
