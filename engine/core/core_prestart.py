@@ -36,12 +36,16 @@ class PrestartedCore:
         self._finalizer = weakref.finalize(self, stop_children, [(self.process, self.conn)], 0.0, 5.0)
         self._taken = False
 
-    def take(self, config: Any, executor_class: Any) -> tuple[Any, Connection, Any]:
-        """Hands the core its config; returns (process, conn, finalizer), now the caller's to stop."""
+    def take(self, config: Any, executor_class: Any) -> tuple[Any, Connection]:
+        """Hands the core its config; returns (process, conn), from now on the caller's to stop.
+
+        NOTE: the finalizer is detached, not handed over: it is tied to this handle's lifetime, and the
+        handle may be collected while the core serves on (e.g. a local of a replica's constructor)."""
         assert not self._taken, "a prestarted core serves one engine"
         self._taken = True
+        self._finalizer.detach()
         self.conn.send((config, executor_class))
-        return self.process, self.conn, self._finalizer
+        return self.process, self.conn
 
     def close(self) -> None:
         """Stops a prestarted core that will not be used (nothing once `take` handed it over)."""

@@ -53,8 +53,8 @@ class Prestarted(Protocol):
     """A core process spawned ahead of its config (core_prestart.PrestartedCore, which imports this
     module in the child: hence a protocol here, not an import)."""
 
-    def take(self, config: EngineConfig, executor_class: Optional[type[Executor]]) -> tuple[Any, Connection, Any]:
-        """Hands over the config; returns (process, conn, finalizer) for the caller to own."""
+    def take(self, config: EngineConfig, executor_class: Optional[type[Executor]]) -> tuple[Any, Connection]:
+        """Hands over the config; returns (process, conn) for the caller to own."""
 
 
 class CoreProcessError(RuntimeError):
@@ -83,7 +83,7 @@ class CoreProcess:
         """prestarted: a core process spawned earlier (core_prestart.py), handed the config instead
         of spawning one now."""
         if prestarted is not None:
-            self._process, self._conn, self._finalizer = prestarted.take(config, executor_class)
+            self._process, self._conn = prestarted.take(config, executor_class)
         else:
             context = mp.get_context("spawn")
             self._conn, child_conn = context.Pipe()
@@ -91,7 +91,7 @@ class CoreProcess:
                                             args=(config, executor_class, child_conn, os.getpid()))
             self._process.start()
             child_conn.close()            # the core holds the only other end: EOF when it dies
-            self._finalizer = weakref.finalize(self, stop_children, [(self._process, self._conn)], 0.0, 5.0)
+        self._finalizer = weakref.finalize(self, stop_children, [(self._process, self._conn)], 0.0, 5.0)
         try:
             ready = self._wait_until_built()
         except BaseException:

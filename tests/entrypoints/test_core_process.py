@@ -5,6 +5,7 @@ surface in the constructor, and shutdown leaves no process behind."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -228,14 +229,17 @@ def test_a_prestarted_core_takes_its_config_later(tiny_model_dir):
     config = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20,
                         engine_core_process=True).create_config()
     engine = AsyncEngine(config, prestarted_core=prestarted)
+    process = prestarted.process
     try:
-        assert engine.core_client.pid == prestarted.process.pid
+        assert engine.core_client.pid == process.pid
+        prestarted.close()                    # after the engine took it: nothing to do
+        del prestarted                        # nor when the handle is collected (a replica drops it)
+        gc.collect()
         final = asyncio.run(collect(engine, PROMPTS[0], greedy(6)))[-1]
         assert final.finished and len(final.outputs[0].token_ids) == 6
     finally:
         engine.shutdown()
-    prestarted.close()                        # after the engine took it: nothing left to do
-    assert not prestarted.process.is_alive()
+    assert not process.is_alive()
 
 
 def test_a_prestarted_core_not_needed_is_stopped(tiny_model_dir):
