@@ -40,7 +40,7 @@ import httpx
 if __package__ in (None, ""):          # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.models import resolve_bench_model  # noqa: E402
+from bench.models import resolve_bench_model, server_engine_args  # noqa: E402
 from bench.serving import format_result, run_rate  # noqa: E402
 from bench.workloads import WORKLOADS, BenchRequest, make_w256, make_workload  # noqa: E402
 
@@ -258,14 +258,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         config = json.loads((Path(bench_model.model) / "config.json").read_text())
         add_word_tokenizer(Path(bench_model.model), int(config["vocab_size"]))
     requests = make_workload(args.workload, args.vocab_size, args.num_prompts)
-    engine_args: dict[str, Any] = {"dtype": args.dtype if args.device != "cpu" else "float32",
-                                   "load_format": bench_model.load_format, "device": args.device}
-    for item in args.engine_arg:
-        name, _, value = item.partition("=")
-        try:
-            engine_args[name] = json.loads(value)
-        except json.JSONDecodeError:
-            engine_args[name] = value
+    engine_args = server_engine_args(bench_model, args.device, args.dtype, args.engine_arg)
     print(f"{args.workload}: {len(requests)} requests -> layouts {args.layouts} (model {args.model})")
 
     import ray

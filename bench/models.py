@@ -177,3 +177,17 @@ def resolve_bench_model(name: str, dtype: str = "bfloat16") -> BenchModel:
         write_shape_config(shape, directory, dtype)
         return BenchModel(model=str(directory), load_format="dummy", name=name)
     return BenchModel(model=name, load_format="auto", name=name)
+
+
+def server_engine_args(bench_model: BenchModel, device: str, dtype: str, overrides: list[str]) -> dict[str, Any]:
+    """The engine options a benchmarked server gets: the device, the dtype (float32 on CPU), the
+    model's load format, then each `--engine-arg NAME=VALUE` (VALUE read as JSON where it parses)."""
+    engine_args: dict[str, Any] = {"device": device, "dtype": dtype if device != "cpu" else "float32",
+                                   "load_format": bench_model.load_format}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        try:
+            engine_args[name] = json.loads(value)
+        except json.JSONDecodeError:
+            engine_args[name] = value
+    return engine_args

@@ -44,7 +44,7 @@ import httpx
 if __package__ in (None, ""):          # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.models import resolve_bench_model  # noqa: E402
+from bench.models import resolve_bench_model, server_engine_args  # noqa: E402
 
 SERVED_NAME = "bench"
 APP_NAME = "pagoda-startup"
@@ -318,14 +318,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         config = json.loads((Path(bench_model.model) / "config.json").read_text())
         add_word_tokenizer(Path(bench_model.model), int(config["vocab_size"]))
-    engine_args: dict[str, Any] = {"device": args.device, "dtype": args.dtype if args.device != "cpu" else "float32",
-                                   "load_format": bench_model.load_format}
-    for item in args.engine_arg:
-        name, _, value = item.partition("=")
-        try:
-            engine_args[name] = json.loads(value)
-        except json.JSONDecodeError:
-            engine_args[name] = value
+    engine_args = server_engine_args(bench_model, args.device, args.dtype, args.engine_arg)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="pagoda-startup-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     runs = []

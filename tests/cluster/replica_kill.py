@@ -2,9 +2,10 @@
 replica-failure tests, which differ only in what they kill (the replica's actor, or its engine core)."""
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Optional
 
 import ray
 
@@ -57,3 +58,20 @@ def kill_busiest_replica_under_load(serving_app, kill: Callable[[str], None], nu
         stream_results = [future.result(timeout=180) for future in stream_futures]
         after = [future.result(timeout=180) for future in [pool.submit(plain, 100 + i) for i in range(num_after)]]
     return victim, plain_results, stream_results, after
+
+
+def assert_nothing_lost(plain_results: list, stream_results: list, finish_reason: Optional[str] = None) -> None:
+    """Every plain request completed in full; every stream ended with [DONE] after either the whole
+    completion (with `finish_reason`, when given) or an explicit error as its last event: never a
+    silent cut."""
+    for status, payload in plain_results:
+        assert status == 200, payload
+        assert payload["usage"]["completion_tokens"] == MAX_TOKENS
+    for events in stream_results:
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(event) for event in events[:-1]]
+        finished = [c for c in chunks if c.get("choices") and c["choices"][0]["finish_reason"]]
+        errors = [c for c in chunks if "error" in c]
+        complete = bool(finished) and not errors and (
+            finish_reason is None or finished[-1]["choices"][0]["finish_reason"] == finish_reason)
+        assert complete or (errors and chunks[-1] is errors[0] and not finished), chunks
