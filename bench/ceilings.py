@@ -232,7 +232,7 @@ def ideal_floor(
     weight_bytes = shape.weight_bytes / tp
     kv_heads_per_rank = max(shape.num_kv_heads / tp, 1.0)
     kv_bytes_per_token = shape.kv_bytes_per_token * kv_heads_per_rank / shape.num_kv_heads
-    bandwidth, matmul_rate = ceilings.copy_bandwidth_Bps, ceilings.matmul_flops
+    bandwidth, matmul_rate = ceilings.copy_bandwidth_Bps, ceilings.matmul_flops * shape.matmul_rate_factor
 
     def allreduce_seconds(num_tokens: float) -> float:
         if tp == 1:

@@ -8,12 +8,13 @@ to the torch reference's time.
 
     python -m bench.kernels                       # everything (from the repo root)
     python -m bench.kernels --only attention      # one family: attention, cache, norm, rotary, activation,
-                                                  # token_bitmask
+                                                  # token_bitmask, weight_only, fp8
     python -m bench.kernels --no-reference        # skip the (slow, memory-hungry) torch references
 
 Shapes: hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336, KV block 16, bf16.
 Decode: batch 1 / 32 / 256 x context 512 / 2k / 8k. Prefill: 8 x 512 fresh prompts (and 1 x 4096).
-Norm / rotary / silu / cache write: 256 and 8192 tokens. Times are medians of triton.testing.do_bench,
+Norm / rotary / silu / cache write: 256 and 8192 tokens. Weight-only (W4A16 g128 vs bf16): qkv, o,
+gate_up and down at M = 1 / 16 / 64 / 256; FP8 W8A8 vs bf16 likewise. Times are medians of triton.testing.do_bench,
 which flushes L2 between runs, so memory-bound numbers are DRAM numbers.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from bench.ceilings import Ceilings, measure_ceilings  # noqa: E402
 
 HIDDEN, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, INTERMEDIATE, BLOCK_SIZE = 4096, 32, 8, 128, 14336, 16
 DTYPE = torch.bfloat16
-FAMILIES = ("attention", "cache", "norm", "rotary", "activation", "token_bitmask")
+FAMILIES = ("attention", "cache", "norm", "rotary", "activation", "token_bitmask", "weight_only", "fp8")
 VOCAB = 128256                     # llama3's vocabulary (the grammar mask's row length)
 
 
@@ -204,8 +205,77 @@ def token_bitmask_cases() -> Iterator[Case]:
         )
 
 
+def weight_only_cases() -> Iterator[Case]:
+    """W4A16 (GPTQ-style: int4, group 128, fp16 scales, symmetric) against bf16 F.linear on the same
+    (dequantized) weights, at llama3-8b's linear shapes. Both rows report their own GB/s (weight +
+    activations + output); the W4A16 row's speedup is bf16 time / W4A16 time."""
+    import torch.nn.functional as F
+
+    from pagoda.kernels import weight_only_triton
+    from pagoda.kernels.weight_only import GroupQuantWeight, dequantize
+
+    shapes = {"qkv_proj": (6144, HIDDEN), "o_proj": (HIDDEN, HIDDEN), "gate_up_proj": (2 * INTERMEDIATE, HIDDEN),
+              "down_proj": (HIDDEN, INTERMEDIATE)}
+    for layer, (n, k) in shapes.items():
+        qweight = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+        scales = (torch.rand(n, k // 128, device="cuda") * 2e-3 + 1e-3).half()
+        weight = GroupQuantWeight(qweight, bits=4, group_size=128, scales=scales, zero=8)
+        dense = dequantize(weight).to(DTYPE)
+        for m in (1, 16, 64, 256):
+            x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+            io_bytes = (m * k + m * n) * DTYPE.itemsize
+            config = weight_only_triton.pick_config(m, n, k, weight, x.device)
+            yield Case(
+                "weight_only", f"w4a16 g128 {layer}", f"M={m} {n}x{k} (split {config.split_k})",
+                lambda x=x, w=weight: weight_only_triton.weight_only_linear(x, w),
+                lambda x=x, d=dense: F.linear(x, d),
+                bytes_moved=weight.nbytes() + io_bytes,
+            )
+            yield Case(
+                "weight_only", f"bf16 F.linear {layer}", f"M={m} {n}x{k}",
+                lambda x=x, d=dense: F.linear(x, d), None,
+                bytes_moved=dense.numel() * DTYPE.itemsize + io_bytes,
+            )
+        del dense
+
+
+def fp8_cases() -> Iterator[Case]:
+    """FP8 W8A8 (e4m3 weights with per-channel scales, activations quantized per token) against bf16
+    F.linear on the same (dequantized) weights, at llama3-8b's linear shapes. The FP8 row times the
+    whole layer (quantization kernel + GEMM: ours up to 16 tokens, cuBLAS's row-wise-scaled FP8 GEMM
+    above); GB/s count the FP8 weight and scales + activations in + output. Its speedup is bf16 time /
+    FP8 time; its max err is the activation quantization's (the weights are the same)."""
+    import torch.nn.functional as F
+
+    from pagoda.kernels import fp8_triton
+    from pagoda.kernels.fp8 import quantize_weight_per_channel
+
+    shapes = {"qkv_proj": (HIDDEN + 2 * NUM_KV_HEADS * HEAD_DIM, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
+              "gate_up_proj": (2 * INTERMEDIATE, HIDDEN), "down_proj": (HIDDEN, INTERMEDIATE)}
+    for layer, (n, k) in shapes.items():
+        w_q, w_scale = quantize_weight_per_channel(torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02)
+        dense = (w_q.float() * w_scale[:, None]).to(DTYPE)
+        for m in (1, 16, 64, 256):
+            x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+            io_bytes = (m * k + m * n) * DTYPE.itemsize
+            path = "triton" if m <= fp8_triton.SMALL_M else "_scaled_mm"
+            yield Case(
+                "fp8", f"fp8 w8a8 {layer}", f"M={m} {n}x{k} ({path})",
+                lambda x=x, w=w_q, s=w_scale: fp8_triton.fp8_linear(x, w, s),
+                lambda x=x, d=dense: F.linear(x, d),
+                bytes_moved=w_q.numel() + w_scale.numel() * 4 + io_bytes,
+            )
+            yield Case(
+                "fp8", f"bf16 F.linear {layer}", f"M={m} {n}x{k}",
+                lambda x=x, d=dense: F.linear(x, d), None,
+                bytes_moved=dense.numel() * DTYPE.itemsize + io_bytes,
+            )
+        del dense
+
+
 BUILDERS = {"attention": attention_cases, "cache": cache_cases, "norm": norm_cases,
-            "rotary": rotary_cases, "activation": activation_cases, "token_bitmask": token_bitmask_cases}
+            "rotary": rotary_cases, "activation": activation_cases, "token_bitmask": token_bitmask_cases,
+            "weight_only": weight_only_cases, "fp8": fp8_cases}
 
 
 # ---- timing and report ---------------------------------------------------------------------------------

@@ -54,6 +54,12 @@ class ModelShape:
     vocab_size: int
     tie_word_embeddings: bool = False
     dtype_bytes: int = 2
+    # quantized formats: bytes per weight of the decoder's linear layers, scales included (None = dtype_bytes;
+    # the embedding and LM head stay in the model dtype), bytes per KV element (None = dtype_bytes), and the
+    # matmul rate relative to the measured bf16 one (2 for FP8 W8A8; 1 for weight-only formats, whose math is bf16)
+    linear_weight_bytes: float | None = None
+    kv_element_bytes: int | None = None
+    matmul_rate_factor: float = 1.0
 
     @classmethod
     def from_hf_config(cls, config: Any, dtype_bytes: int = 2) -> "ModelShape":
@@ -89,12 +95,35 @@ class ModelShape:
         return self.embedding_params + self.num_layers * self.params_per_layer + self.hidden_size + lm_head
 
     @property
+    def linear_params(self) -> int:
+        return self.num_layers * (self.params_per_layer - 2 * self.hidden_size)
+
+    @property
     def weight_bytes(self) -> int:
-        return self.num_params * self.dtype_bytes
+        if self.linear_weight_bytes is None:
+            return self.num_params * self.dtype_bytes
+        rest = self.num_params - self.linear_params
+        return int(self.linear_params * self.linear_weight_bytes + rest * self.dtype_bytes)
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        element = self.dtype_bytes if self.kv_element_bytes is None else self.kv_element_bytes
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * element
+
+    def quantized(self, quantization: str | None, kv_cache_dtype: str = "auto") -> "ModelShape":
+        """This shape served with `--quantization` / `--kv-cache-dtype` (the floor model's view of them)."""
+        import dataclasses
+
+        changes: dict[str, Any] = {}
+        if quantization == "fp8":                      # 1-byte weights + a float32 scale per output row
+            changes.update(linear_weight_bytes=1.0, matmul_rate_factor=2.0)
+        elif quantization in ("gptq", "awq"):          # BENCH_QUANTIZATION_CONFIGS: 4 bits + fp16 scales per 128
+            changes.update(linear_weight_bytes=0.5 + 2 / 128)
+        elif quantization is not None:
+            raise ValueError(f"no floor model for quantization={quantization!r}")
+        if kv_cache_dtype.startswith("fp8"):
+            changes.update(kv_element_bytes=1)
+        return dataclasses.replace(self, **changes)
 
     @property
     def attention_flops_per_pair(self) -> int:
@@ -127,11 +156,23 @@ def shape_config(name: str, dtype: str = "bfloat16") -> dict[str, Any]:
     }
 
 
-def write_shape_config(name: str, directory: Path, dtype: str = "bfloat16") -> Path:
-    """Writes `directory/config.json` for the shape `name`; returns `directory`."""
+# What a random-weight shape's config.json says for a pre-quantized format (`--quantization gptq`/`awq`
+# with `--model <shape>-random`): 4-bit weights in groups of 128, as most published INT4 checkpoints.
+BENCH_QUANTIZATION_CONFIGS: dict[str, dict[str, Any]] = {
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+}
+
+
+def write_shape_config(name: str, directory: Path, dtype: str = "bfloat16", quantization: str | None = None) -> Path:
+    """Writes `directory/config.json` for the shape `name` (with the quantization_config of a
+    pre-quantized `quantization`, see BENCH_QUANTIZATION_CONFIGS); returns `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(shape_config(name, dtype), indent=2) + "\n")
+    config = shape_config(name, dtype)
+    if quantization in BENCH_QUANTIZATION_CONFIGS:
+        config["quantization_config"] = BENCH_QUANTIZATION_CONFIGS[quantization]
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -164,9 +205,10 @@ def _remove_temp_dirs() -> None:
 atexit.register(_remove_temp_dirs)
 
 
-def resolve_bench_model(name: str, dtype: str = "bfloat16") -> BenchModel:
+def resolve_bench_model(name: str, dtype: str = "bfloat16", quantization: str | None = None) -> BenchModel:
     """"default" or a path pass through; "<shape>-random" (llama3-8b-random, llama3-70b-random,
-    tiny-random) writes that shape's config.json into a temporary directory (removed at exit)."""
+    tiny-random) writes that shape's config.json into a temporary directory (removed at exit), with
+    the quantization_config of a pre-quantized `quantization` (gptq, awq) when given."""
     if name.endswith(RANDOM_SUFFIX):
         shape = name[: -len(RANDOM_SUFFIX)]
         if shape not in SHAPES:
@@ -174,7 +216,7 @@ def resolve_bench_model(name: str, dtype: str = "bfloat16") -> BenchModel:
             raise ValueError(f"--model {name!r} is not a known random-weight shape; choose one of {choices}")
         directory = Path(tempfile.mkdtemp(prefix=f"pagoda-bench-{shape}-"))
         _temp_dirs.append(directory)
-        write_shape_config(shape, directory, dtype)
+        write_shape_config(shape, directory, dtype, quantization)
         return BenchModel(model=str(directory), load_format="dummy", name=name)
     return BenchModel(model=name, load_format="auto", name=name)
 

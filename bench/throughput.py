@@ -133,6 +133,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--warmup-requests", type=int, default=8, help="small untimed requests before the run")
+    p.add_argument("--quantization", default=None, choices=("fp8", "gptq", "awq"),
+                   help="fp8: FP8 W8A8 quantized at load; gptq/awq: a random-weight shape's config.json says 4-bit "
+                        "weights in groups of 128 (a real checkpoint path carries its own quantization_config)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    p.add_argument("--compare-unquantized", action="store_true",
+                   help="with --quantization / --kv-cache-dtype: first run the same workload unquantized (the "
+                        "baseline, its own engine), then quantized, and report the ratio")
     p.add_argument("--ceilings", default="auto", choices=("auto", "on", "off"),
                    help="measure copy bandwidth and matmul rate first: auto = on CUDA only; 'on' on CPU uses "
                         "small sizes (indicative only)")
@@ -158,6 +165,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--hf-subset must be >= 1, got {args.hf_subset}")
     if args.compare_prefix_caching and args.no_prefix_caching:
         p.error("--compare-prefix-caching runs both; drop --no-prefix-caching")
+    if args.compare_unquantized and args.quantization is None and args.kv_cache_dtype == "auto":
+        p.error("--compare-unquantized needs --quantization or --kv-cache-dtype fp8")
+    if args.compare_unquantized and args.compare_prefix_caching:
+        p.error("--compare-unquantized and --compare-prefix-caching each run two engines; pick one")
     if args.baseline == "hf" and args.tp > 1:
         p.error("--baseline hf runs on one GPU; it cannot be combined with --tp > 1")
     return args
@@ -228,12 +239,16 @@ def _hf_config(bench_model: BenchModel) -> Any:
 
 
 def run_pagoda(args: argparse.Namespace, bench_model: BenchModel, requests: Sequence[BenchRequest],
-               vocab_size: int, enable_prefix_caching: bool, label: str) -> RunResult:
-    """Starts an engine, warms it up, times one `generate` of all `requests`, shuts the engine down."""
+               vocab_size: int, enable_prefix_caching: bool, label: str, quantized: bool = True) -> RunResult:
+    """Starts an engine, warms it up, times one `generate` of all `requests`, shuts the engine down.
+    `quantized=False`: without --quantization / --kv-cache-dtype (the --compare-unquantized baseline)."""
     from pagoda.engine import LLM, SamplingParams
 
+    quantization = {"quantization": args.quantization if args.quantization == "fp8" else None,
+                    "kv_cache_dtype": args.kv_cache_dtype} if quantized else {}
     start = time.perf_counter()
     llm = LLM(
+        **quantization,
         model=bench_model.model, dtype=_dtype_name(args), device=args.device, tensor_parallel_size=args.tp,
         distributed_executor_backend=args.executor_backend,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -355,17 +370,14 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(results: list[RunResult], floor: Optional[FloorResult], roofline: Optional[float],
-                workload: str) -> None:
+def print_table(results: list[RunResult], floors: dict[str, float], workload: str) -> None:
+    """floors: label -> that run's ideal floor in output tok/s (batch1: its weight-bandwidth roofline)."""
     reference = next((r for r in results if r.label.startswith("pagoda")), None)
     header = ["run", "wall s", "req/s", "out tok/s", "total tok/s", "mean TTFT ms", "% floor", "pagoda x"]
     rows = []
     for r in results:
         achieved = r.decode_tok_per_s if workload == "batch1" and r.decode_tok_per_s else r.output_tok_per_s
-        if workload == "batch1":
-            pct = percent_of(achieved, roofline) if roofline else None
-        else:
-            pct = percent_of(r.output_tok_per_s, floor.output_tok_per_s) if floor else None
+        pct = percent_of(achieved, floors[r.label]) if r.label in floors else None
         ratio = reference.output_tok_per_s / r.output_tok_per_s if reference and r is not reference else None
         mean_ttft = r.mean_ttft_s
         rows.append([r.label, _fmt(r.wall_s, ".2f"), _fmt(r.requests_per_s, ".2f"), _fmt(achieved, ",.1f"),
@@ -386,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = _device(args.device)
     dtype = _torch_dtype(args.dtype, device)
-    bench_model = resolve_bench_model(args.model, dtype=str(dtype).removeprefix("torch."))
+    bench_model = resolve_bench_model(args.model, dtype=str(dtype).removeprefix("torch."), quantization=args.quantization)
     hf_config = _hf_config(bench_model)
     vocab_size = int(hf_config.vocab_size)
     requests = make_workload(args.workload, vocab_size, args.num_prompts)
@@ -412,34 +424,61 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
               + (f", all-reduce bus {ceilings.allreduce_bus_bandwidth_Bps / 1e9:,.0f} GB/s"
                  if ceilings.allreduce_bus_bandwidth_Bps else ""))
 
+    served_shape = shape.quantized(args.quantization, args.kv_cache_dtype)
+    label = "pagoda" + (f" {args.quantization}" if args.quantization else "") + \
+        (" kv-fp8" if args.kv_cache_dtype == "fp8" else "")
+    baseline_label = "pagoda unquantized"
+    floors: dict[str, float] = {}
     floor = roofline = None
     if ceilings is not None:
-        if args.workload == "batch1":
-            roofline = batch1_roofline(shape, ceilings, args.tp)
-            print(f"batch-1 roofline (bandwidth / weight bytes): {roofline:,.1f} tok/s")
-        else:
-            prefix = SHARED_PREFIX_LEN if args.workload == "shared-prefix" else 0
-            floor = ideal_floor(requests, shape, ceilings, tp=args.tp, shared_prefix_len=prefix)
-            print(f"ideal floor: {floor.seconds:.2f} s = {floor.output_tok_per_s:,.0f} output tok/s "
-                  f"(prefill {floor.prefill_seconds:.2f} s, {floor.num_decode_steps} decode steps "
-                  f"{floor.decode_seconds:.2f} s, {floor.memory_bound_steps} memory-bound)")
+        runs = [(label, served_shape)] + ([(baseline_label, shape)] if args.compare_unquantized else [])
+        for run_label, run_shape in runs:
+            if args.workload == "batch1":
+                roofline = floors[run_label] = batch1_roofline(run_shape, ceilings, args.tp)
+                print(f"[{run_label}] batch-1 roofline (bandwidth / {run_shape.weight_bytes / 1e9:.2f} GB of "
+                      f"weights): {roofline:,.1f} tok/s")
+            else:
+                prefix = SHARED_PREFIX_LEN if args.workload == "shared-prefix" else 0
+                run_floor = ideal_floor(requests, run_shape, ceilings, tp=args.tp, shared_prefix_len=prefix)
+                floors[run_label] = run_floor.output_tok_per_s
+                floor = floor or run_floor
+                print(f"[{run_label}] ideal floor: {run_floor.seconds:.2f} s = {run_floor.output_tok_per_s:,.0f} "
+                      f"output tok/s (prefill {run_floor.prefill_seconds:.2f} s, {run_floor.num_decode_steps} decode "
+                      f"steps {run_floor.decode_seconds:.2f} s, {run_floor.memory_bound_steps} memory-bound; weights "
+                      f"{run_shape.weight_bytes / 1e9:.2f} GB, KV {run_shape.kv_bytes_per_token:,} B/token)")
+        if args.compare_prefix_caching and floor is not None:
+            floors["pagoda cache on"] = floors["pagoda cache off"] = floor.output_tok_per_s
 
     results: list[RunResult] = []
+    comparisons: dict[str, float] = {}
     if not args.skip_pagoda:
         if args.compare_prefix_caching:
             results.append(run_pagoda(args, bench_model, requests, vocab_size, True, "pagoda cache on"))
             results.append(run_pagoda(args, bench_model, requests, vocab_size, False, "pagoda cache off"))
         else:
             caching = not args.no_prefix_caching
+            if args.compare_unquantized:
+                # a pre-quantized random shape carries its quantization_config: the baseline needs a plain one
+                plain = resolve_bench_model(args.model, dtype=str(dtype).removeprefix("torch.")) \
+                    if args.quantization in ("gptq", "awq") else bench_model
+                results.append(run_pagoda(args, plain, requests, vocab_size, caching, baseline_label, quantized=False))
             results.append(run_pagoda(args, bench_model, requests, vocab_size, caching,
-                                      "pagoda" if caching else "pagoda cache off"))
+                                      label if caching else f"{label} cache off"))
+            if args.compare_unquantized:
+                base, served = results[0], results[1]
+                key = "decode" if args.workload == "batch1" else "output"
+                base_rate = base.decode_tok_per_s if key == "decode" else base.output_tok_per_s
+                served_rate = served.decode_tok_per_s if key == "decode" else served.output_tok_per_s
+                if base_rate and served_rate:
+                    comparisons["quantized_over_unquantized"] = served_rate / base_rate
+                    print(f"{label} vs unquantized: {served_rate:,.1f} vs {base_rate:,.1f} {key} tok/s = "
+                          f"{served_rate / base_rate:.2f}x")
         for r in results:
             print(f"[{r.label}] {r.wall_s:.2f} s, {r.output_tok_per_s:,.1f} output tok/s, "
                   f"mean TTFT {_fmt(r.mean_ttft_s and r.mean_ttft_s * 1e3, ',.0f')} ms, stats {r.stats}")
     if args.baseline == "hf":
         results.extend(run_hf(args, bench_model, requests, device, dtype))
 
-    comparisons: dict[str, float] = {}
     if args.compare_prefix_caching and len(results) >= 2:
         on, off = results[0], results[1]
         if on.mean_ttft_s and off.mean_ttft_s:
@@ -448,14 +487,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(f"prefix caching: mean TTFT {_fmt(off.mean_ttft_s, '.3f')} s off -> {_fmt(on.mean_ttft_s, '.3f')} s on "
               f"({comparisons.get('mean_ttft_off_over_on', float('nan')):.2f}x lower); output throughput "
               f"{comparisons['throughput_on_over_off']:.2f}x (on / off)")
-    print_table(results, floor, roofline, args.workload)
+    print_table(results, floors, args.workload)
 
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": commit,
         "command": "python -m bench.throughput " + " ".join(sys.argv[1:]),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device": ceilings.device_name if ceilings else str(device), "dtype": str(dtype),
-        "model_shape": asdict(shape), "ceilings": asdict(ceilings) if ceilings else None,
+        "model_shape": asdict(served_shape), "ceilings": asdict(ceilings) if ceilings else None,
         "floor": asdict(floor) if floor else None, "batch1_roofline_tok_per_s": roofline,
         "results": [r.summary() for r in results], "comparisons": comparisons,
     }

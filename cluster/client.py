@@ -129,6 +129,11 @@ class ClusterEngineClient:
             return route.info.max_model_len
         return int(route.deployment.engine_args.get("max_model_len") or 0)
 
+    @property
+    def model_format(self) -> dict[str, Optional[str]]:
+        info = self._route(_SCOPE.get().model).info
+        return dict(info.model_format) if info is not None else {}
+
     async def open_channel(self) -> None:
         """Starts the token channel's mailbox now (Ray starts a process for it, seconds), so that
         the first requests need not wait for it."""

@@ -240,7 +240,8 @@ class LLMReplica:
         config = self.engine.config
         return ModelInfo(served_model_name=self.engine.model_names[0], max_model_len=self.engine.max_model_len,
                          block_size=config.cache.block_size,
-                         enable_prefix_caching=config.cache.enable_prefix_caching, tokenizer=self.engine.tokenizer)
+                         enable_prefix_caching=config.cache.enable_prefix_caching, tokenizer=self.engine.tokenizer,
+                         model_format=config.serving_format())
 
     async def report(self) -> ReplicaReport:
         stats = await self.engine.get_stats()

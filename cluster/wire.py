@@ -69,6 +69,7 @@ class ModelInfo:
     block_size: int
     enable_prefix_caching: bool
     tokenizer: Any                      # the Hugging Face tokenizer (pickled once), or None
+    model_format: dict[str, Optional[str]] = field(default_factory=dict)   # EngineConfig.serving_format
 
 
 @dataclass

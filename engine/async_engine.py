@@ -123,6 +123,10 @@ class AsyncEngine:
         return self.config.model.max_model_len
 
     @property
+    def model_format(self) -> dict[str, Optional[str]]:
+        return self.config.serving_format()
+
+    @property
     def errored(self) -> bool:
         with self._lock:
             return self._dead

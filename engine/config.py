@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional
 import torch
 
 from .model_loader.model_source import ModelSource, load_hf_config, resolve_model
+from .quantization.base import QuantizationConfig
+from .quantization.registry import resolve_quantization
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -29,6 +31,8 @@ class ModelConfig:
     max_model_len: int                  # prompt + output tokens of one sequence
     served_model_name: str
     load_format: Literal["auto", "dummy"] = "auto"   # dummy = random weights of the real shape
+    # the weights' quantization scheme (engine/quantization); None = the checkpoint's dtype as is
+    quantization: Optional[QuantizationConfig] = None
     skip_tokenizer_init: bool = False
     seed: int = 0
 
@@ -49,6 +53,10 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: Optional[int] = None      # explicit budget; on CPU the default is 1 GiB
     num_blocks: Optional[int] = None                  # set by the executor once the cache is sized
+    # the cache's element type: the model dtype ('auto') or torch.float8_e4m3fn ('fp8'), which stores
+    # K and V divided by per-layer scales (from the checkpoint, 1.0, or calibrated when asked)
+    kv_cache_dtype: Optional[torch.dtype] = None
+    calculate_kv_scales: bool = False
 
 
 @dataclass
@@ -84,6 +92,15 @@ class EngineConfig:
     device: torch.device
     enforce_eager: bool = False
     max_model_len_explicit: bool = False
+
+    def serving_format(self) -> dict[str, Optional[str]]:
+        """What the start-up log and /v1/models say of the weights and the KV cache: the quantization
+        scheme's name (None = unquantized), its one-line description, and the cache's element type."""
+        quantization = self.model.quantization
+        kv_dtype = self.cache.kv_cache_dtype or self.model.dtype
+        return {"quantization": quantization.name if quantization is not None else None,
+                "weights": quantization.describe() if quantization is not None else str(self.model.dtype).removeprefix("torch."),
+                "kv_cache_dtype": str(kv_dtype).removeprefix("torch.")}
 
     def finalize_capacity(self, num_blocks: int) -> None:
         """Records the sized KV cache and makes sure one sequence of max_model_len fits in it.
@@ -133,6 +150,9 @@ class EngineArgs:
     # None = on on CUDA with the uniproc and multiproc executors, else off. With 'ray' the engine
     # needs an executor that connects the core process to Ray (pagoda.cluster's replicas pass one).
     engine_core_process: Optional[bool] = None
+    quantization: Optional[str] = None          # see engine/quantization/registry.py
+    kv_cache_dtype: str = "auto"                # "auto" (the model dtype) or "fp8" / "fp8_e4m3"
+    calculate_kv_scales: bool = False
 
     def create_config(self) -> EngineConfig:
         def bad(name: str, value: object, rule: str) -> ValueError:
@@ -150,6 +170,11 @@ class EngineArgs:
             raise bad("kv_cache_memory_bytes", self.kv_cache_memory_bytes, "a positive number of bytes")
         if self.load_format not in ("auto", "dummy"):
             raise bad("load_format", self.load_format, "'auto' or 'dummy'")
+        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+            raise bad("kv_cache_dtype", self.kv_cache_dtype, "'auto', 'fp8' or 'fp8_e4m3'")
+        if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
+            raise ValueError("calculate_kv_scales=True needs kv_cache_dtype='fp8' (the scales are the FP8 "
+                             "cache's); got kv_cache_dtype='auto'")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise bad("scheduling_policy", self.scheduling_policy, "'fcfs' or 'priority'")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
@@ -163,6 +188,7 @@ class EngineArgs:
         source = resolve_model(self.model)
         hf_config = load_hf_config(source)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
+        quantization = resolve_quantization(self.quantization, hf_config, source, device)
 
         derived_len = _derived_max_model_len(hf_config)
         if self.max_model_len is not None and self.max_model_len > derived_len:
@@ -189,6 +215,7 @@ class EngineArgs:
             max_model_len=max_model_len,
             served_model_name=self.served_model_name or source.name,
             load_format=self.load_format,  # type: ignore[arg-type]
+            quantization=quantization,
             skip_tokenizer_init=self.skip_tokenizer_init,
             seed=self.seed,
         )
@@ -204,6 +231,8 @@ class EngineArgs:
                 enable_prefix_caching=self.enable_prefix_caching,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn,
+                calculate_kv_scales=self.calculate_kv_scales,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,

@@ -32,6 +32,11 @@ class EngineClient(Protocol):
     def max_model_len(self) -> int:
         """Prompt + output tokens one sequence may hold."""
 
+    @property
+    def model_format(self) -> dict[str, Optional[str]]:
+        """The weights' quantization and the KV cache's element type (EngineConfig.serving_format);
+        empty when not known (a cluster model none of whose replicas answered yet)."""
+
     def generate(self, prompt: PromptType, params: SamplingParams, request_id: str,
                  priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs, the last with `finished=True`.

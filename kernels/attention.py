@@ -8,6 +8,10 @@ Shapes: query (num_tokens, num_heads, head_dim); key_cache / value_cache
 (num_blocks, block_size, num_kv_heads, head_dim); output like query. GQA: query head h reads KV head
 h // (num_heads // num_kv_heads).
 
+FP8 caches (torch.float8_e4m3fn) hold K / k_scale and V / v_scale (`kv_quant.py`); every path
+reads them back as stored * scale, the scales being one-element float32 tensors (a CUDA graph
+captures their storage, so a value changed in place is seen by every replay).
+
     attention.py         paged_attention, the dispatch: the module callers import
     attention_ref.py     paged_attention_ref: the torch reference, the oracle of the other two
     attention_cpu.py     the grouped CPU path: the reference's contract with less padding
@@ -36,16 +40,19 @@ def paged_attention(
     scale: float,
     key: Optional[torch.Tensor] = None,
     value: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Dispatch: Triton on CUDA, the grouped CPU path on the CPU, the torch reference elsewhere.
 
     key, value: optionally this step's new K/V (T, Hkv, D), already in the cache; the CPU path reads
     a fresh prompt's context from them instead of gathering it back out of the cache.
+    k_scale, v_scale: (1,) float32, required for (and read only with) an FP8 cache.
     """
     if use_triton(query):
         from . import attention_triton
 
-        return attention_triton.paged_attention(query, key_cache, value_cache, metadata, scale)
+        return attention_triton.paged_attention(query, key_cache, value_cache, metadata, scale, k_scale, v_scale)
     if query.device.type == "cpu":
-        return paged_attention_cpu(query, key_cache, value_cache, metadata, scale, key, value)
-    return paged_attention_ref(query, key_cache, value_cache, metadata, scale)
+        return paged_attention_cpu(query, key_cache, value_cache, metadata, scale, key, value, k_scale, v_scale)
+    return paged_attention_ref(query, key_cache, value_cache, metadata, scale, k_scale, v_scale)

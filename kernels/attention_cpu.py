@@ -12,7 +12,8 @@ it depends only on the metadata) and then, per layer:
     prefill sequences (>1 new token) one SDPA each over its own context; `is_causal` when the
                                      whole context is new (no mask), else an explicit offset mask
 
-Shapes as in `attention.py`: query (T, H, D); caches (num_blocks, block_size, Hkv, D).
+Shapes as in `attention.py`: query (T, H, D); caches (num_blocks, block_size, Hkv, D). An FP8
+cache's context is dequantized after the gather, as in the reference (`attention_ref.context_as`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .attention_ref import gather_context
+from .attention_ref import context_as, gather_context
+from .kv_quant import check_scales, is_fp8
 from .metadata import AttentionMetadata
 
 # One more SDPA call costs about as much as this many (sequence x context token) cells of padded
@@ -145,13 +147,23 @@ def paged_attention_cpu(
     scale: float,
     key: Optional[torch.Tensor] = None,
     value: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """key, value: optionally the step's new K/V (T, Hkv, D), the values just written to the cache;
-    a prefill whose whole context is new then reads them instead of gathering from the cache."""
+    a prefill whose whole context is new then reads them instead of gathering from the cache.
+    k_scale / v_scale: (1,) float32, required for (and read only with) an FP8 cache."""
+    check_scales(key_cache, k_scale, v_scale)
     if query.dtype != torch.float32:
         # NOTE: the CPU SDPA kernel is several times slower in bf16 than in fp32 (measured 11.7 vs
         # 2.6 ms per decode layer call): attend in fp32, the inputs' values are unchanged.
-        return paged_attention_cpu(query.float(), key_cache, value_cache, metadata, scale, key, value).to(query.dtype)
+        return paged_attention_cpu(query.float(), key_cache, value_cache, metadata, scale, key, value,
+                                   k_scale, v_scale).to(query.dtype)
+    if is_fp8(key_cache):
+        # NOTE: the new K/V are not what the FP8 cache holds (it rounded them): a fresh prompt reads
+        # the cache like every other sequence, so that a prompt attends to the same values whether
+        # it is computed fresh, from a prefix-cache hit or recomputed after a preemption.
+        key = value = None
     num_heads, head_dim = query.shape[1], query.shape[2]
     _, block_size, num_kv_heads, _ = key_cache.shape
     gqa = num_heads != num_kv_heads
@@ -160,8 +172,9 @@ def paged_attention_cpu(
 
     for group in plan.decode:
         n = group.rows.shape[0]
-        keys = gather_context(key_cache, group.tables, group.max_len).to(query.dtype)  # (n, Hkv, L, D)
-        values = gather_context(value_cache, group.tables, group.max_len).to(query.dtype)
+        keys = context_as(gather_context(key_cache, group.tables, group.max_len), query.dtype,
+                          k_scale)                                                   # (n, Hkv, L, D)
+        values = context_as(gather_context(value_cache, group.tables, group.max_len), query.dtype, v_scale)
         q = query.index_select(0, group.rows)[:, :, None, :]                 # (n, H, 1, D)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=group.valid, scale=scale,
                                                   enable_gqa=gqa)            # (n, H, 1, D)
@@ -173,8 +186,9 @@ def paged_attention_cpu(
             keys = key[rows].to(query.dtype).transpose(0, 1)[None]             # (1, Hkv, S, D)
             values = value[rows].to(query.dtype).transpose(0, 1)[None]
         else:
-            keys = gather_context(key_cache, seq.blocks[None], seq.seq_len).to(query.dtype)  # (1, Hkv, S, D)
-            values = gather_context(value_cache, seq.blocks[None], seq.seq_len).to(query.dtype)
+            keys = context_as(gather_context(key_cache, seq.blocks[None], seq.seq_len), query.dtype,
+                              k_scale)                                               # (1, Hkv, S, D)
+            values = context_as(gather_context(value_cache, seq.blocks[None], seq.seq_len), query.dtype, v_scale)
         q = query[seq.start:seq.start + seq.q_len].transpose(0, 1)[None]         # (1, H, q, D)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=seq.mask,
                                                   is_causal=seq.mask is None, scale=scale, enable_gqa=gqa)

@@ -31,21 +31,31 @@ rows never produce inf - inf = NaN. Positions at or beyond `seq_lens[i]` are nev
 or NaN cache slots cannot leak in, and `block_tables` may have any number of spare columns.
 Under the Triton interpreter (CPU tests) bf16 MMA operands are upcast to fp32, because the
 interpreter stores bf16 as raw uint16 and cannot do arithmetic on it (`UPCAST`).
+
+FP8 caches (`FP8_KV`, a constexpr: 16/32-bit caches compile the same code as before, plus two unread
+pointer arguments):
+K/V tiles are loaded as e4m3 (half the bytes), converted exactly to the query dtype for the MMAs,
+and the per-layer scales are applied outside the loop, never per element: k_scale multiplies the
+softmax scale (q . (k * s) = s * (q . k)) and v_scale the accumulated output (a split's partial
+output, which the reduce merges linearly). Both are loaded from (1,) tensors in the kernel.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .kv_quant import check_scales, is_fp8
 from .metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CACHE_DTYPES = _DTYPES + (torch.float8_e4m3fn,)
 # Decode splitting: aim for about two waves of programs, never a split shorter than this.
 _MIN_SPLIT_TOKENS = 128
 _MAX_SPLITS = 32
@@ -139,6 +149,8 @@ def _prefill_kernel(
     block_tables_ptr,       # (num_seqs, max_blocks_per_seq) int32
     seq_lens_ptr,           # (num_seqs,) int32
     query_start_loc_ptr,    # (num_seqs + 1,) int32
+    k_scale_ptr,            # (1,) fp32, read only when FP8_KV: real K = stored K * k_scale
+    v_scale_ptr,            # (1,) fp32, read only when FP8_KV
     scale_log2,             # softmax scale * log2(e)
     num_seqs,
     stride_q_tok, stride_q_head,
@@ -151,6 +163,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,        # rows per program: BLOCK_Q tokens x GROUP heads (+ padding)
     BLOCK_N: tl.constexpr,
+    FP8_KV: tl.constexpr,         # the caches are float8_e4m3fn, scaled by k_scale / v_scale
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -178,6 +191,8 @@ def _prefill_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     q_pos = context_len + tok                                        # (BLOCK_M,)
+    if FP8_KV:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -199,6 +214,8 @@ def _prefill_kernel(
         HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, True, UPCAST, DOT_PRECISION)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)                             # padding rows: avoid 0 / 0
+    if FP8_KV:
+        acc = acc * tl.load(v_scale_ptr)
     out = acc / l_i[:, None]
     o_offs = (q_start + tok)[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :]
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -216,6 +233,8 @@ def _decode_kernel(
     block_tables_ptr,       # (num_seqs, max_blocks_per_seq) int32
     seq_lens_ptr,           # (num_seqs,) int32
     query_start_loc_ptr,    # (num_seqs + 1,) int32
+    k_scale_ptr,            # (1,) fp32, read only when FP8_KV
+    v_scale_ptr,            # (1,) fp32, read only when FP8_KV
     scale_log2,
     num_heads,
     stride_q_tok, stride_q_head,
@@ -229,6 +248,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    FP8_KV: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -252,6 +272,8 @@ def _decode_kernel(
     q = tl.load(query_ptr + q_offs, mask=io_mask, other=0.0)        # (BLOCK_H, HEAD_DIM_PAD)
     if UPCAST:
         q = q.to(tl.float32)
+    if FP8_KV:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -261,6 +283,8 @@ def _decode_kernel(
         block_tables_ptr + seq.to(tl.int64) * stride_bt_seq,
         kv_head, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
         HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, False, UPCAST, DOT_PRECISION)
+    if FP8_KV:
+        acc = acc * tl.load(v_scale_ptr)                             # a split's partial output too
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -315,19 +339,23 @@ def paged_attention(
     value_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens against their paged context; returns (num_tokens, num_heads, head_dim).
 
     Output rows not covered by `metadata.query_start_loc` (graph padding) are left unwritten.
+    k_scale / v_scale: (1,) float32, required for (and read only with) FP8 caches.
     """
     _check_inputs(query, key_cache, value_cache, metadata, scale)
+    check_scales(key_cache, k_scale, v_scale)
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if query.shape[0] == 0 or metadata.num_seqs == 0:
         return out
     if metadata.max_query_len == 1:
-        decode_attention(query, key_cache, value_cache, metadata, scale, out=out)
+        decode_attention(query, key_cache, value_cache, metadata, scale, out=out, k_scale=k_scale, v_scale=v_scale)
     else:
-        prefill_attention(query, key_cache, value_cache, metadata, scale, out=out)
+        prefill_attention(query, key_cache, value_cache, metadata, scale, out=out, k_scale=k_scale, v_scale=v_scale)
     return out
 
 
@@ -338,6 +366,8 @@ def prefill_attention(
     metadata: AttentionMetadata,
     scale: float,
     out: torch.Tensor,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Flash-attention path; correct for any batch (decode tokens included). Inputs pre-checked."""
     num_tokens, num_heads, head_dim = query.shape
@@ -347,15 +377,17 @@ def prefill_attention(
     block_m, block_n, num_warps = _prefill_config(group, metadata.max_query_len, head_dim_pad, query.dtype)
     block_q = block_m // group
     grid = (num_tokens // block_q + metadata.num_seqs, num_kv_heads)
+    fp8 = is_fp8(key_cache)
     _prefill_kernel[grid](
         out, query, key_cache, value_cache,
         metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
+        k_scale if fp8 else out, v_scale if fp8 else out,                    # unread unless FP8
         scale * _LOG2E, metadata.num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         metadata.block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_M=block_m, BLOCK_N=block_n, FP8_KV=fp8,
         UPCAST=_needs_upcast(query), DOT_PRECISION=_dot_precision(query),
         num_warps=num_warps, num_stages=2,
     )
@@ -369,6 +401,8 @@ def decode_attention(
     scale: float,
     out: torch.Tensor,
     num_splits: int | None = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Flash-decoding path for batches with at most one new token per sequence. Inputs pre-checked.
 
@@ -393,17 +427,19 @@ def decode_attention(
         partial_sum = torch.empty_like(partial_max)
     else:  # the kernel writes `out` directly; the partial pointers are never touched
         partial_out = partial_max = partial_sum = out
+    fp8 = is_fp8(key_cache)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, partial_out, partial_max, partial_sum,
         query, key_cache, value_cache,
         metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
+        k_scale if fp8 else out, v_scale if fp8 else out,                    # unread unless FP8
         scale * _LOG2E, num_heads,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         metadata.block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
-        BLOCK_N=_decode_block_n(head_dim_pad, query.dtype), NUM_SPLITS=num_splits,
+        BLOCK_N=_decode_block_n(head_dim_pad, query.dtype), NUM_SPLITS=num_splits, FP8_KV=fp8,
         UPCAST=_needs_upcast(query), DOT_PRECISION=_dot_precision(query),
         # NOTE: 3 stages measured 8% faster than 2 at batch 256 x 1k context on an H200 (bench/sweep_decode.py)
         num_warps=4 if query.element_size() <= 2 else 8, num_stages=3,
@@ -487,6 +523,8 @@ def _check_inputs(
     if key_cache.dim() != 4:
         raise ValueError("key_cache must be (num_blocks, block_size, num_kv_heads, head_dim), "
                          f"got shape {tuple(key_cache.shape)}")
+    if value_cache.dtype != key_cache.dtype:
+        raise ValueError(f"value_cache dtype {value_cache.dtype} != key_cache dtype {key_cache.dtype}")
     if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
         raise ValueError(f"value_cache shape/strides {tuple(value_cache.shape)}/{value_cache.stride()} must match "
                          f"key_cache {tuple(key_cache.shape)}/{key_cache.stride()}")
@@ -497,8 +535,9 @@ def _check_inputs(
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     for name, tensor in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
-        if tensor.dtype not in _DTYPES:
-            raise ValueError(f"{name} dtype must be one of {_DTYPES}, got {tensor.dtype}")
+        allowed = _DTYPES if name == "query" else _CACHE_DTYPES
+        if tensor.dtype not in allowed:
+            raise ValueError(f"{name} dtype must be one of {allowed}, got {tensor.dtype}")
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in head_dim, got strides {tensor.stride()}")
         if tensor.device != query.device:

@@ -103,16 +103,14 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def tp_linear_partial(x: torch.Tensor, weight: torch.Tensor, slot: int) -> torch.Tensor:
-    """x @ weight.T, this rank's unreduced share of a bias-free row-parallel layer, to be summed by
-    `tp_all_reduce_add_rms_norm(..., slot)`. Where the fused kernel runs, the GEMM writes into the
-    symmetric-memory `slot` (0 or 1; the two row-parallel layers of a decoder layer alternate)."""
+def tp_partial_output(x: torch.Tensor, out_features: int, slot: int) -> Optional[torch.Tensor]:
+    """Where a bias-free row-parallel layer should write its unreduced (T, out_features) share, to be
+    summed by `tp_all_reduce_add_rms_norm(..., slot)`: the fused kernel's symmetric-memory `slot` (0 or
+    1; the two row-parallel layers of a decoder layer alternate) where that kernel runs, else None."""
     fused = _FAST_ALL_REDUCE.norm if _FAST_ALL_REDUCE is not None else None
     if fused is not None and x.dim() == 2 and x.dtype == fused.dtype:
-        out = fused.slot_view(slot, x.shape[0], weight.shape[0])
-        if out is not None:
-            return torch.mm(x, weight.t(), out=out)
-    return torch.nn.functional.linear(x, weight)
+        return fused.slot_view(slot, x.shape[0], out_features)
+    return None
 
 
 def tp_all_reduce_add_rms_norm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -107,6 +107,17 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--served-model-name", default=None, help="the name clients use (default: MODEL)")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    group.add_argument("--quantization", "-q", default=None,
+                       choices=["fp8", "compressed-tensors", "gptq", "awq", "gguf"],
+                       help="weight quantization: 'fp8' quantizes a bf16/fp16 checkpoint at load (FP8 W8A8); "
+                            "a quantized checkpoint (config.json quantization_config, or a GGUF file) is "
+                            "detected without it. 'gguf' keeps a GGUF file's blocks quantized on CPU too")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                       help="KV-cache element type: 'auto' = the model dtype; 'fp8' (e4m3) halves the cache's "
+                            "bytes per token, with per-layer scales from the checkpoint or 1.0")
+    group.add_argument("--calculate-kv-scales", action="store_true",
+                       help="with --kv-cache-dtype fp8: calibrate each layer's K and V scales on the first "
+                            "prompts instead of using the checkpoint's (or 1.0)")
     group.add_argument("--enforce-eager", action="store_true")
     group.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=None,
                        help="run the engine core (scheduler + model) in a process of its own, apart from "
@@ -125,7 +136,9 @@ def engine_args_from(args: argparse.Namespace) -> "EngineArgs":
         distributed_executor_backend=getattr(args, "distributed_executor_backend", None),
         engine_core_process=getattr(args, "engine_core_process", None),
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
-        served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager)
+        served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager,
+        quantization=getattr(args, "quantization", None), kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+        calculate_kv_scales=bool(getattr(args, "calculate_kv_scales", False)))
 
 
 def server_settings_from(args: argparse.Namespace) -> ServerSettings:

@@ -9,6 +9,9 @@ GGUF tensors come back exactly as transformers' GGUF loader builds them (`modeli
 the path transformers 5.x still uses for llama/qwen2/qwen3): dequantized to float32 with
 `gguf.quants.dequantize`, renamed from llama.cpp names (`blk.N.attn_q.weight`) to HF names, and, for
 `general.architecture == "llama"`, with the q/k row permutation of llama.cpp's converter undone.
+`GGUFWeight.load_blocks` instead hands out the raw quantization blocks (rows and/or a block range along
+the input dim, the same row permutation applied) for a scheme that keeps them quantized
+(`engine/quantization/gguf.py`).
 """
 from __future__ import annotations
 
@@ -195,7 +198,7 @@ _GGUF_BLOCK_NAMES = {
 _GGUF_BLOCK_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # NOTE: llama3-style GGUFs carry `rope_freqs.weight`, the rope-scaling factors llama.cpp precomputes. HF
 # derives them from the config's rope parameters and transformers' GGUF loader drops this tensor too.
-_GGUF_SKIPPED_NAMES = ("rope_freqs.weight",)
+GGUF_SKIPPED_NAMES = ("rope_freqs.weight",)
 
 
 def gguf_to_hf_name(gguf_name: str) -> str | None:
@@ -210,7 +213,7 @@ def gguf_to_hf_name(gguf_name: str) -> str | None:
 
 
 class GGUFWeight(LazyWeight):
-    """A GGUF tensor, dequantized to float32 on load.
+    """A GGUF tensor, dequantized to float32 on load, or read as raw blocks (`load_blocks`).
 
     row_order: for llama q/k tensors, `hf_rows = gguf_rows[row_order]`, which undoes llama.cpp's permutation.
     """
@@ -248,6 +251,48 @@ class GGUFWeight(LazyWeight):
             tensor = tensor.narrow(dim, start, length).clone(memory_format=torch.contiguous_format)
         return tensor
 
+    @property
+    def tensor_type(self) -> str:
+        """The block type's name: "Q4_1", "Q8_0", "F32", ..."""
+        return self._tensor.tensor_type.name
+
+    def load_blocks(
+        self,
+        row_start: int = 0,
+        row_count: int | None = None,
+        block_start: int = 0,
+        block_count: int | None = None,
+    ) -> torch.Tensor:
+        """The raw bytes of a 2-D tensor, nothing dequantized: uint8 `(rows, blocks * type_size)`.
+
+        Rows `[row_start, row_start + row_count)` in Hugging Face order (the q/k permutation undone: it
+        moves whole rows, and a block never crosses a row), and of each row the quantization blocks
+        `[block_start, block_start + block_count)` along the input dim. F32/F16/BF16 count as blocks of
+        one value. Only these bytes are read from the memory map; the result owns its memory.
+        """
+        import gguf
+
+        if len(self.shape) != 2:
+            raise ValueError(f"GGUF tensor {self.gguf_name!r} has shape {self.shape}; raw blocks are read from "
+                             f"2-D weights only")
+        block_size, type_size = gguf.GGML_QUANT_SIZES[self._tensor.tensor_type]
+        num_rows, num_blocks = self.shape[0], self.shape[1] // block_size
+        row_count = num_rows - row_start if row_count is None else row_count
+        block_count = num_blocks - block_start if block_count is None else block_count
+        for what, start, count, size in (("rows", row_start, row_count, num_rows),
+                                         ("blocks", block_start, block_count, num_blocks)):
+            if not 0 <= start < size or count < 1 or start + count > size:
+                raise ValueError(f"GGUF tensor {self.gguf_name!r} ({self.name!r}): {what} start={start}, "
+                                 f"count={count} is outside [0, {size})")
+        raw = self._tensor.data
+        if self._row_order is None:
+            raw = raw[row_start : row_start + row_count]
+        else:
+            raw = raw[self._row_order[row_start : row_start + row_count]]
+        raw = raw.view(np.uint8)                  # F32/F16: values -> their bytes, row by row
+        raw = raw[:, block_start * type_size : (block_start + block_count) * type_size]
+        return torch.from_numpy(np.require(raw, requirements=["C", "W", "O"]))
+
     def _dequantize(self, raw: np.ndarray) -> np.ndarray:
         import gguf
 
@@ -277,7 +322,7 @@ def _iterate_gguf(file: Path) -> Iterator[tuple[str, LazyWeight]]:
         num_kv_heads = _gguf_int_field(index, f"{architecture}.attention.head_count_kv", file, default=num_heads)
 
     for tensor in index.tensors:
-        if tensor.name in _GGUF_SKIPPED_NAMES:
+        if tensor.name in GGUF_SKIPPED_NAMES:
             continue
         hf_name = gguf_to_hf_name(tensor.name)
         if hf_name is None:

@@ -19,10 +19,11 @@ from pagoda.kernels.metadata import AttentionMetadata
 
 from ..layers.activation import SiluAndMul
 from ..layers.attention import PagedAttention
-from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding, embedding_method_for
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, rope_parameters
+from ..quantization.base import QuantizationConfig, layout_of, linear_method_for, process_weights_after_loading
 
 # The symmetric-memory slots of the two row-parallel outputs of a decoder layer: the fused
 # all-reduce + add + norm calls then alternate slots (o_proj, down_proj, o_proj, ...), as
@@ -31,18 +32,21 @@ ATTN_SLOT, MLP_SLOT = 0, 1
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
+                 quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         hidden = config.hidden_size
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // num_heads
-        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, bias=qkv_bias, dtype=dtype)
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, bias=qkv_bias, dtype=dtype,
+                                          quant_method=linear_method_for(quant_config, f"{prefix}.qkv_proj"))
         self.num_heads = self.qkv_proj.num_heads          # per rank
         self.num_kv_heads = self.qkv_proj.num_kv_heads    # per rank
         # unreduced: the post-attention norm sums it over ranks (fused with the residual add)
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden, bias=False, dtype=dtype,
-                                        reduce_results=False, partial_slot=ATTN_SLOT)
+                                        reduce_results=False, partial_slot=ATTN_SLOT,
+                                        quant_method=linear_method_for(quant_config, f"{prefix}.o_proj"))
         theta, scaling = rope_parameters(config)
         self.rotary = RotaryEmbedding(self.head_dim, max_position, theta, scaling)
         self.qk_norm = qk_norm
@@ -67,27 +71,32 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
         inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], dtype=dtype)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [inter, inter], dtype=dtype,
+            quant_method=linear_method_for(quant_config, f"{prefix}.gate_up_proj"))
         self.act = SiluAndMul()
         # unreduced: the next layer's input norm (or the final norm) sums it over ranks
         self.down_proj = RowParallelLinear(inter, config.hidden_size, dtype=dtype,
-                                           reduce_results=False, partial_slot=MLP_SLOT)
+                                           reduce_results=False, partial_slot=MLP_SLOT,
+                                           quant_method=linear_method_for(quant_config, f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
+                 quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, max_position, dtype, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(config, dtype)
+        self.self_attn = LlamaAttention(config, max_position, dtype, qkv_bias, qk_norm, quant_config,
+                                        f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, dtype, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -106,12 +115,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
+                 quant_config: Optional[QuantizationConfig]) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
+                                                   embedding_method_for(quant_config, "model.embed_tokens"))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, max_position, dtype, qkv_bias, qk_norm)
-            for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, max_position, dtype, qkv_bias, qk_norm, quant_config, f"model.layers.{i}")
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -138,14 +149,19 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: Any, max_position: int, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, max_position: int, dtype: torch.dtype,
+                 quant_config: Optional[QuantizationConfig] = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_position, dtype, self.qkv_bias, self.qk_norm)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype)
+        self.quant_config = quant_config
+        self.model = LlamaModel(config, max_position, dtype, self.qkv_bias, self.qk_norm, quant_config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.tie_word_embeddings:        # the embedding's weight, quantized or not
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype,
+                                          tied_to=self.model.embed_tokens)
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype,
+                                          embedding_method_for(quant_config, "lm_head"))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, metadata)
@@ -163,9 +179,23 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Loads Hugging Face-named checkpoint tensors; every parameter must be filled exactly once."""
         params = dict(self.named_parameters(remove_duplicate=False))
+        modules = dict(self.named_modules())
         loaded: set[str] = set()
         for name, weight in weights:
             if "rotary_emb.inv_freq" in name:
+                continue
+            # KV-cache scales (optional; before the q/k/v routing, which `k_proj.output_scale` would match)
+            kv_scale = PagedAttention.checkpoint_kv_scale(name)
+            if kv_scale is not None:
+                attention, which = kv_scale
+                if which is not None:
+                    attn = modules.get(f"{attention}.attn")
+                    if not isinstance(attn, PagedAttention):
+                        raise ValueError(f"checkpoint tensor {name!r} has no matching attention layer in "
+                                         f"{type(self).__name__}")
+                    attn.load_kv_scale(which, weight.load(dtype=torch.float32), name)
+                continue
+            if self.quant_config is not None and self.quant_config.checkpoint_ignored(name):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
@@ -187,6 +217,8 @@ class LlamaForCausalLM(nn.Module):
         for name, param in params.items():
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
+            if not layout_of(param).from_checkpoint or layout_of(param).optional:
+                continue
             if ".qkv_proj." in name:
                 expected |= {f"{name}:{s}" for s in ("q", "k", "v")}
             elif ".gate_up_proj." in name:
@@ -196,6 +228,7 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+        process_weights_after_loading(self)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

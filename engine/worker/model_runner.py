@@ -26,6 +26,7 @@ from pagoda.kernels.metadata import AttentionMetadata
 from ..config import EngineConfig
 from ..distributed.parallel_state import get_tp_rank, get_tp_size, tp_broadcast
 from ..models.registry import get_model_class
+from ..quantization.base import init_dummy_weights
 from ..step import (GrammarOutput, ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput,
                     StepHandle)
 from ..utils import startup_timeline
@@ -56,9 +57,15 @@ class ModelRunner:
         self.is_driver = is_driver
         if self.device.type == "cuda":
             torch.empty(1, device=self.device)      # NOTE: the CUDA context, here rather than in the weights' time
+        self._check_kv_cache_dtype()
         startup_timeline.mark("device init")
         self.model = self._load_model()
         startup_timeline.mark("weights")
+        if get_tp_rank() == 0:
+            weight_bytes = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+            served = config.serving_format()
+            logger.info("weights: %s (%.1f MB on rank 0); KV cache: %s", served["weights"], weight_bytes / 1e6,
+                        served["kv_cache_dtype"])
         self.sampler = Sampler(self.device, config.model.seed)
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_cache: Optional[torch.Tensor] = None
@@ -78,6 +85,9 @@ class ModelRunner:
         self._host_tokens = [torch.empty(config.scheduler.max_num_seqs, dtype=torch.int64,
                                          pin_memory=self.device.type == "cuda") for _ in range(2)]
         self.profiler = StepProfiler.from_env(get_tp_rank(), self.device)     # None unless asked for
+        # --calculate-kv-scales: the first step with real tokens sets the FP8 cache's scales
+        self._kv_scales_pending = config.cache.calculate_kv_scales and self.kv_cache_dtype == torch.float8_e4m3fn
+        self._log_kv_cache_scales()
 
     # -- start-up ---------------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
@@ -85,12 +95,11 @@ class ModelRunner:
         model_class = get_model_class(mc.architecture)
         max_position = max(mc.max_model_len, 1)
         with torch.device(self.device):
-            model = model_class(mc.hf_config, max_position, self.dtype)
+            model = model_class(mc.hf_config, max_position, self.dtype, mc.quantization)
         if mc.load_format == "dummy":
             generator = torch.Generator(device=self.device)
             generator.manual_seed(mc.seed)
-            for param in model.parameters():
-                param.data.uniform_(-1e-3, 1e-3, generator=generator)
+            init_dummy_weights(model, generator)
         else:
             from ..model_loader.weights import iterate_weights
 
@@ -98,9 +107,14 @@ class ModelRunner:
         model.eval()
         return model
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The cache's element type: the model dtype, or float8_e4m3fn (`--kv-cache-dtype fp8`)."""
+        return self.config.cache.kv_cache_dtype or self.dtype
+
     def kv_bytes_per_block(self) -> int:
         layer = self.model.attention_layers()[0]
-        element = torch.tensor([], dtype=self.dtype).element_size()
+        element = self.kv_cache_dtype.itemsize           # 1 for FP8: twice the blocks of bf16 per byte
         return (len(self.model.attention_layers()) * 2 * self.block_size * layer.num_kv_heads
                 * layer.head_dim * element)
 
@@ -154,9 +168,50 @@ class ModelRunner:
         first = layers[0]
         # (layers, K/V, blocks, block_size, kv_heads, head_dim): one allocation, a view per layer
         self.kv_cache = torch.zeros(len(layers), 2, num_blocks, self.block_size, first.num_kv_heads,
-                                    first.head_dim, dtype=self.dtype, device=self.device)
+                                    first.head_dim, dtype=self.kv_cache_dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
+
+    def _check_kv_cache_dtype(self) -> None:
+        if self.kv_cache_dtype != torch.float8_e4m3fn or self.device.type != "cuda":
+            return
+        capability = torch.cuda.get_device_capability(self.device)
+        if capability < (8, 9):
+            # NOTE: the Triton kernels convert e4m3 in hardware, which Ada (8.9) and Hopper (9.0) have
+            raise ValueError(f"kv_cache_dtype='fp8' needs a GPU of compute capability 8.9 or newer (Ada, "
+                             f"Hopper); this one is {capability[0]}.{capability[1]}: use kv_cache_dtype='auto'")
+
+    def _log_kv_cache_scales(self) -> None:
+        layers = self.model.attention_layers()
+        from_checkpoint = any(layer.kv_scales_from_checkpoint for layer in layers)
+        if self.kv_cache_dtype != torch.float8_e4m3fn:
+            if from_checkpoint:
+                logger.info("the checkpoint's KV-cache scales are unused: the KV cache is %s", self.kv_cache_dtype)
+            return
+        if self._kv_scales_pending:
+            source = "calibrated on the first step (--calculate-kv-scales)"
+        elif from_checkpoint:
+            source = "from the checkpoint"
+        else:
+            source = "1.0 (none in the checkpoint; --calculate-kv-scales calibrates them)"
+            scheme = getattr(self.config.model.quantization, "kv_cache_scheme", None)
+            if scheme is not None:
+                logger.warning("the checkpoint declares a kv_cache_scheme but carries no k_scale / v_scale tensors")
+        logger.info("FP8 KV cache (float8_e4m3fn); per-layer scales %s", source)
+
+    def _forward_setting_kv_scales(self, inputs: StepInputs) -> torch.Tensor:
+        """The first step with real tokens, eager (never a graph replay, whose kernels would skip the
+        layers' Python): each layer sets its scales from this step's K / V before writing them to
+        the cache. The scales are fixed from then on (in place: captured graphs read them)."""
+        layers = self.model.attention_layers()
+        for layer in layers:
+            layer.calculate_kv_scales = True
+        try:
+            return self.model(inputs.input_ids, inputs.positions, inputs.metadata)
+        finally:
+            for layer in layers:
+                layer.calculate_kv_scales = False
+            self._kv_scales_pending = False
 
     def capture_cuda_graphs(self) -> None:
         """Decode graphs for padded batch sizes up to min(max_num_seqs, 512) (CUDA, not enforce_eager)."""
@@ -294,7 +349,9 @@ class ModelRunner:
         inputs = self._prepare_inputs(scheduler_output)
         if inputs.placeholders is not None:
             inputs.input_ids[inputs.placeholders.dst] = self.prev_sampled[inputs.placeholders.src]
-        if self.graphs is not None and self.graphs.can_run(inputs.metadata):
+        if self._kv_scales_pending:
+            hidden = self._forward_setting_kv_scales(inputs)                                 # (T, hidden)
+        elif self.graphs is not None and self.graphs.can_run(inputs.metadata):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)   # (T, hidden)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)         # (T, hidden)

@@ -179,6 +179,24 @@ def test_floor_matches_the_documented_anchors():
     assert batch1_roofline(shape, H200) == pytest.approx(268, rel=0.01)
 
 
+def test_quantized_floors_match_the_documented_anchors():
+    """FP8 W8A8 (+ FP8 KV) and INT4 W4A16 on an H100: 1-byte / half-byte linear weights (the embedding and
+    LM head stay bf16), 1-byte KV, and for FP8 twice the bf16 matmul rate."""
+    shape, w256 = llama3_8b(), make_w256()
+    fp8 = shape.quantized("fp8")
+    assert fp8.weight_bytes == pytest.approx(9.1e9, rel=0.01)
+    assert batch1_roofline(fp8, H100) == pytest.approx(334, rel=0.02)
+    fp8_kv = shape.quantized("fp8", "fp8")
+    assert fp8_kv.kv_bytes_per_token == 65_536
+    assert ideal_floor(w256, fp8_kv, H100).output_tok_per_s == pytest.approx(19_000, rel=0.05)
+    assert ideal_floor(w256, fp8, H100).output_tok_per_s == pytest.approx(13_800, rel=0.05)
+    int4 = shape.quantized("gptq")
+    assert batch1_roofline(int4, H100) == pytest.approx(545, rel=0.05)      # 5.6 GB: g128 fp16 scales included
+    assert shape.quantized(None) == shape
+    with pytest.raises(ValueError, match="'int3'"):
+        shape.quantized("int3")
+
+
 def test_measure_ceilings_runs_on_cpu():
     ceilings = measure_ceilings("cpu", copy_bytes=1 << 20, matmul_size=64, dtype=torch.float32, repeats=3)
     assert ceilings.copy_bandwidth_Bps > 0 and ceilings.matmul_flops > 0

@@ -9,10 +9,14 @@ Tolerances (max abs / rel error vs the fp32 reference; outputs are O(1)):
   fp32 1e-4 (3xTF32 dots on GPU), fp16 4e-3, bf16 2.5e-2 (P is rounded to the input dtype before the
   P @ V MMA, and the CPU interpreter truncates instead of rounding to nearest).
 CPU runs use the Triton interpreter, so sizes there are tiny; the `gpu` tests use llama3-8b shapes.
+
+FP8 caches (`to_fp8`): the oracle is the fp32 reference over the dequantized caches (stored * scale);
+the kernels read the very same e4m3 values, so the tolerances above hold unchanged.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ from pagoda.kernels import attention_triton
 from pagoda.kernels.attention import paged_attention
 from pagoda.kernels.attention_ref import paged_attention_ref
 from pagoda.kernels.backend import use_backend
+from pagoda.kernels.kv_quant import dequantize, quantize
 from pagoda.kernels.metadata import AttentionMetadata
 
 ON_CUDA = torch.cuda.is_available()
@@ -47,6 +52,8 @@ class PagedBatch:
     poisoned_value_cache: torch.Tensor
     metadata: AttentionMetadata
     scale: float
+    k_scale: Optional[torch.Tensor] = None      # (1,) fp32 when the caches are FP8
+    v_scale: Optional[torch.Tensor] = None
 
 
 def make_batch(
@@ -99,9 +106,23 @@ def make_batch(
                       metadata, head_dim ** -0.5)
 
 
+def to_fp8(batch: PagedBatch, k_scale: float, v_scale: float) -> PagedBatch:
+    """The same batch with FP8 caches holding K / k_scale and V / v_scale (NaN slots stay NaN)."""
+    device = batch.query.device
+    ks, vs = torch.tensor([k_scale], device=device), torch.tensor([v_scale], device=device)
+    return dataclasses.replace(
+        batch, key_cache=quantize(batch.key_cache, ks), value_cache=quantize(batch.value_cache, vs),
+        poisoned_key_cache=quantize(batch.poisoned_key_cache, ks),
+        poisoned_value_cache=quantize(batch.poisoned_value_cache, vs), k_scale=ks, v_scale=vs)
+
+
 def reference(batch: PagedBatch) -> torch.Tensor:
-    return paged_attention_ref(batch.query.float(), batch.key_cache.float(), batch.value_cache.float(),
-                               batch.metadata, batch.scale)
+    if batch.k_scale is not None:           # FP8: the real values the cache stands for, in fp32
+        key_cache = dequantize(batch.key_cache, batch.k_scale, torch.float32)
+        value_cache = dequantize(batch.value_cache, batch.v_scale, torch.float32)
+    else:
+        key_cache, value_cache = batch.key_cache.float(), batch.value_cache.float()
+    return paged_attention_ref(batch.query.float(), key_cache, value_cache, batch.metadata, batch.scale)
 
 
 def assert_matches_reference(out: torch.Tensor, batch: PagedBatch) -> None:
@@ -112,7 +133,7 @@ def assert_matches_reference(out: torch.Tensor, batch: PagedBatch) -> None:
 
 def run_triton(batch: PagedBatch) -> torch.Tensor:
     return attention_triton.paged_attention(batch.query, batch.poisoned_key_cache, batch.poisoned_value_cache,
-                                            batch.metadata, batch.scale)
+                                            batch.metadata, batch.scale, batch.k_scale, batch.v_scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -226,6 +247,67 @@ def test_rejects_bad_inputs(device):
         attention_triton.paged_attention(batch.query, batch.key_cache, batch.value_cache, batch.metadata, -1.0)
 
 
+# ---- FP8 caches ---------------------------------------------------------------------------------------------
+
+FP8_SCALES = [(1.0, 1.0), (0.05, 0.3), (4.0, 0.5)]          # (k_scale, v_scale)
+
+
+@pytest.mark.parametrize("k_scale,v_scale", FP8_SCALES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seqs", [MIXED, PREFIX_HIT, DECODE], ids=["mixed", "prefix_hit", "decode"])
+def test_fp8_cache(seqs, dtype, k_scale, v_scale, device):
+    batch = to_fp8(make_batch(seqs, 8, 2, 64, 16, dtype, device), k_scale, v_scale)
+    assert_matches_reference(run_triton(batch), batch)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_decode_splits(num_splits, device):
+    """v_scale is applied to each split's partial output before the merge."""
+    batch = to_fp8(make_batch(DECODE, 8, 2, 64, 16, torch.bfloat16, device), 0.2, 2.5)
+    out = torch.empty_like(batch.query)
+    attention_triton.decode_attention(batch.query, batch.poisoned_key_cache, batch.poisoned_value_cache,
+                                      batch.metadata, batch.scale, out=out, num_splits=num_splits,
+                                      k_scale=batch.k_scale, v_scale=batch.v_scale)
+    assert_matches_reference(out, batch)
+
+
+@pytest.mark.parametrize("seqs", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_fp8_scales_are_read(seqs, device):
+    """The same FP8 bytes under other scales give another (correct) answer: the kernel reads them."""
+    batch = to_fp8(make_batch(seqs, 4, 2, 64, 16, torch.float32, device), 0.5, 0.5)
+    first = run_triton(batch)
+    rescaled = dataclasses.replace(batch, k_scale=batch.k_scale * 3, v_scale=batch.v_scale * 2)
+    second = run_triton(rescaled)
+    assert_matches_reference(second, rescaled)
+    assert (second - first).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("seqs", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_fp8_reference_dequantizes(seqs, device):
+    """The reference's own FP8 path equals attention over the explicitly dequantized caches."""
+    batch = to_fp8(make_batch(seqs, 8, 2, 64, 16, torch.float32, device), 0.1, 0.7)
+    out = paged_attention_ref(batch.query, batch.key_cache, batch.value_cache, batch.metadata, batch.scale,
+                              batch.k_scale, batch.v_scale)
+    torch.testing.assert_close(out, reference(batch), atol=1e-5, rtol=1e-5)
+    with use_backend("triton"):
+        dispatched = paged_attention(batch.query, batch.poisoned_key_cache, batch.poisoned_value_cache,
+                                     batch.metadata, batch.scale, k_scale=batch.k_scale, v_scale=batch.v_scale)
+    assert_matches_reference(dispatched, batch)
+
+
+def test_fp8_rejects_missing_scales(device):
+    batch = to_fp8(make_batch(MIXED, 4, 2, 64, 16, torch.float32, device), 1.0, 1.0)
+    with pytest.raises(ValueError, match="k_scale"):
+        attention_triton.paged_attention(batch.query, batch.key_cache, batch.value_cache, batch.metadata,
+                                         batch.scale)
+    with pytest.raises(ValueError, match="v_scale"):
+        paged_attention_ref(batch.query, batch.key_cache, batch.value_cache, batch.metadata, batch.scale,
+                            batch.k_scale, batch.v_scale.double())
+    with pytest.raises(ValueError, match="value_cache dtype"):
+        attention_triton.paged_attention(batch.query, batch.key_cache, batch.value_cache.float(), batch.metadata,
+                                         batch.scale, batch.k_scale, batch.v_scale)
+
+
 # ---- real sizes (CUDA only): llama3-8b attention shapes --------------------------------------------------
 
 @gpu
@@ -281,4 +363,32 @@ def test_no_host_sync(seqs, device):
         out = run_triton(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert_matches_reference(out, batch)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqs", [
+    [(1, 4096), (1, 1), (1, 3000), (1, 17)] * 4,
+    [(1, 4000), (512, 2048), (1000, 1000), (64, 4096), (1, 33)],
+], ids=["decode", "mixed"])
+def test_fp8_llama3_8b_shapes(seqs, device):
+    batch = to_fp8(make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, device), 0.02, 0.015)
+    assert_matches_reference(run_triton(batch), batch)
+
+
+@gpu
+@pytest.mark.gpu
+def test_fp8_cuda_graph_reads_current_scales(device):
+    """Scales changed in place after capture (calibration) are what a replay uses."""
+    batch = to_fp8(make_batch([(1, 1000), (1, 20), (1, 2048)], 32, 8, 128, 16, torch.bfloat16, device), 1.0, 1.0)
+    batch.metadata.num_decode_splits = 8
+    out = run_triton(batch)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run_triton(batch)
+    batch.k_scale.fill_(0.5)
+    batch.v_scale.fill_(3.0)
+    graph.replay()
+    torch.cuda.synchronize()
     assert_matches_reference(out, batch)

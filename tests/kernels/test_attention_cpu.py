@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from test_attention import DECODE, MIXED, PREFILL, PREFIX_HIT, TOLERANCES, make_batch, reference
+from test_attention import DECODE, MIXED, PREFILL, PREFIX_HIT, TOLERANCES, make_batch, reference, to_fp8
 
 from pagoda.kernels.attention import paged_attention
 from pagoda.kernels.attention_cpu import GROUP_CALL_COST_CELLS, _cut_points, paged_attention_cpu, plan_for
@@ -31,6 +31,19 @@ def garbage(poisoned: torch.Tensor) -> torch.Tensor:
 def run_cpu(batch):
     return paged_attention_cpu(batch.query, garbage(batch.poisoned_key_cache), garbage(batch.poisoned_value_cache),
                                batch.metadata, batch.scale)
+
+
+def fp8_batch(seqs, num_heads, num_kv_heads, dtype, k_scale, v_scale):
+    """An FP8 batch whose unowned slots hold saturated garbage (the CPU path may read them, masked)."""
+    batch = make_batch(seqs, num_heads, num_kv_heads, 64, 16, dtype, CPU)
+    batch.poisoned_key_cache = garbage(batch.poisoned_key_cache)
+    batch.poisoned_value_cache = garbage(batch.poisoned_value_cache)
+    return to_fp8(batch, k_scale, v_scale)
+
+
+def run_cpu_fp8(batch, key=None, value=None):
+    return paged_attention_cpu(batch.query, batch.poisoned_key_cache, batch.poisoned_value_cache,
+                               batch.metadata, batch.scale, key, value, batch.k_scale, batch.v_scale)
 
 
 def check(batch) -> None:
@@ -123,3 +136,33 @@ def test_fresh_prompts_read_the_new_kv(seqs):
         torch.testing.assert_close(out[rows], expected[rows], atol=1e-5, rtol=1e-5)
     if not fresh:
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (0.05, 0.3), (4.0, 0.5)])
+@pytest.mark.parametrize("seqs", [MIXED, PREFILL, PREFIX_HIT, DECODE], ids=["mixed", "prefill", "prefix_hit", "decode"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fp8_matches_reference(dtype, seqs, k_scale, v_scale):
+    batch = fp8_batch(seqs, 8, 2, dtype, k_scale, v_scale)
+    out = run_cpu_fp8(batch)
+    tol = 1e-5 if dtype == torch.float32 else TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), reference(batch), atol=tol, rtol=tol)
+
+
+def test_fp8_fresh_prompts_read_the_cache():
+    """With an FP8 cache the step's new K/V are not what later steps see (the cache rounded them):
+    a fresh prompt reads the cache too, so it attends to the same values as after a prefix hit."""
+    batch = fp8_batch(PREFILL, 8, 2, torch.float32, 0.5, 0.25)
+    key, value = new_kv(make_batch(PREFILL, 8, 2, 64, 16, torch.float32, CPU))   # unrounded, other values
+    out = run_cpu_fp8(batch, key, value)
+    torch.testing.assert_close(out, reference(batch), atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_scales_are_read():
+    batch = fp8_batch(MIXED, 4, 2, torch.float32, 1.0, 1.0)
+    first = run_cpu_fp8(batch)
+    batch.k_scale, batch.v_scale = batch.k_scale * 2, batch.v_scale * 0.5
+    second = run_cpu_fp8(batch)
+    torch.testing.assert_close(second, reference(batch), atol=1e-5, rtol=1e-5)
+    assert (second - first).abs().max() > 0.1
+    with pytest.raises(ValueError, match="k_scale"):
+        paged_attention(batch.query, batch.key_cache, batch.value_cache, batch.metadata, batch.scale)

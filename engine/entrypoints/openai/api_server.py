@@ -110,7 +110,8 @@ def build_app(engine_client: EngineClient, settings: ServerSettings,
     @app.get("/v1/models")
     @_openai_errors
     async def list_models() -> Response:
-        cards = [ModelCard(id=name, max_model_len=engine_client.max_model_len) for name in engine_client.model_names]
+        cards = [ModelCard(id=name, max_model_len=engine_client.max_model_len, **_model_format(engine_client))
+                 for name in engine_client.model_names]
         return JSONResponse(ModelList(data=cards).model_dump())
 
     # NOTE: `:path`, as served names may hold slashes ("org/model"), which the SDK puts in the path as is.
@@ -120,7 +121,8 @@ def build_app(engine_client: EngineClient, settings: ServerSettings,
         if model not in engine_client.model_names:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {engine_client.model_names}",
                            param="model", code="model_not_found")
-        return JSONResponse(ModelCard(id=model, max_model_len=engine_client.max_model_len).model_dump())
+        return JSONResponse(ModelCard(id=model, max_model_len=engine_client.max_model_len,
+                                      **_model_format(engine_client)).model_dump())
 
     @app.get("/health")
     @_openai_errors
@@ -246,3 +248,9 @@ async def run_server(engine_client: EngineClient, settings: ServerSettings) -> N
     finally:
         if grpc_server is not None:
             await grpc_server.stop(grace=0.5)
+
+
+def _model_format(engine_client: EngineClient) -> dict[str, Optional[str]]:
+    """The card's quantization / weights / kv_cache_dtype; NOTE: an engine client written before
+    `model_format` existed has none, and its cards simply leave them out."""
+    return dict(getattr(engine_client, "model_format", None) or {})

@@ -303,6 +303,11 @@ class ModelCard(_Response):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "pagoda"
     max_model_len: Optional[int] = None
+    # what the server runs: the quantization scheme (None = unquantized), the weights' format in one
+    # line, and the KV cache's element type
+    quantization: Optional[str] = None
+    weights: Optional[str] = None
+    kv_cache_dtype: Optional[str] = None
 
 
 class ModelList(_Response):

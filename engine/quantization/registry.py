@@ -1,0 +1,81 @@
+"""From `--quantization` and the checkpoint to one `QuantizationConfig` (or None: unquantized).
+
+    checkpoint                               --quantization      result
+    config.json quantization_config          (none) or its name  that scheme, loaded as is
+    a bf16/fp16 checkpoint                   fp8                 FP8 W8A8, quantized at load
+    a bf16/fp16 checkpoint                   (none)              unquantized
+    a .gguf file                             (none) or gguf      its blocks kept quantized (CUDA; on CPU
+                                                                 only with `gguf`, else dequantized)
+
+A scheme pagoda cannot run is an error that names it and the supported ones, never a silent
+fallback to bf16 (which would double the memory the user planned for).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..model_loader.model_source import ModelSource
+from .awq import AWQConfig
+from .base import QuantizationConfig
+from .compressed_tensors import CompressedTensorsConfig
+from .fp8 import Fp8Config
+from .gguf import GGUFConfig
+from .gptq import GPTQConfig
+
+# checkpoint `quant_method` -> the scheme built from its quantization_config dict
+CHECKPOINT_SCHEMES: dict[str, Callable[[dict[str, Any]], QuantizationConfig]] = {}
+# `--quantization` names that quantize an unquantized checkpoint at load
+ONLINE_SCHEMES: dict[str, Callable[[], QuantizationConfig]] = {}
+CHECKPOINT_SCHEMES["fp8"] = Fp8Config.from_checkpoint
+CHECKPOINT_SCHEMES["compressed-tensors"] = CompressedTensorsConfig.from_checkpoint
+CHECKPOINT_SCHEMES["gptq"] = GPTQConfig.from_config
+CHECKPOINT_SCHEMES["awq"] = AWQConfig.from_config
+ONLINE_SCHEMES["fp8"] = Fp8Config.online
+# every name `--quantization` takes
+QUANTIZATION_NAMES = ("fp8", "compressed-tensors", "gptq", "awq", "gguf")
+
+
+def checkpoint_quantization(hf_config: Any) -> Optional[dict[str, Any]]:
+    """The checkpoint's `quantization_config` as a dict, or None."""
+    config = getattr(hf_config, "quantization_config", None)
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    return config
+
+
+def resolve_quantization(requested: Optional[str], hf_config: Any, source: ModelSource,
+                         device: torch.device) -> Optional[QuantizationConfig]:
+    if requested is not None and requested not in QUANTIZATION_NAMES:
+        raise ValueError(f"quantization must be one of {list(QUANTIZATION_NAMES)}, got {requested!r}")
+    if source.gguf_file is not None:
+        if requested not in (None, "gguf"):
+            raise ValueError(f"quantization={requested!r} does not apply to a GGUF file ({source.gguf_file.name}), "
+                             f"whose tensors carry their own quantization; leave it unset or pass 'gguf'")
+        if requested == "gguf" or device.type == "cuda":
+            return GGUFConfig.from_file(source.gguf_file)
+        return None        # CPU: dequantized to the compute dtype at load, as the CPU matmuls want
+    checkpoint = checkpoint_quantization(hf_config)
+    if checkpoint is not None:
+        method = str(checkpoint.get("quant_method", "")).lower().replace("_", "-")
+        if requested is not None and requested != method:
+            raise ValueError(f"quantization={requested!r} does not match the checkpoint, which is quantized "
+                             f"with quant_method {method!r} (config.json quantization_config); leave it unset")
+        if method not in CHECKPOINT_SCHEMES:
+            raise ValueError(f"the checkpoint's quantization (quant_method {method!r}) is not supported; "
+                             f"supported: {sorted(CHECKPOINT_SCHEMES)}")
+        return CHECKPOINT_SCHEMES[method](checkpoint)
+    if requested is None:
+        return None
+    return _build_online(requested)
+
+
+def _build_online(name: str) -> QuantizationConfig:
+    if name not in ONLINE_SCHEMES:
+        online = sorted(ONLINE_SCHEMES)
+        raise ValueError(f"quantization={name!r} needs a checkpoint quantized that way (a quantization_config "
+                         f"in config.json); an unquantized checkpoint can be quantized at load with: {online}")
+    return ONLINE_SCHEMES[name]()
