@@ -90,7 +90,7 @@ def score(model: str, engine_options: dict[str, Any], token_windows: list[list[i
     from pagoda.engine import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=model, dtype=args.dtype, device=args.device, max_model_len=max(args.window, 64),
+    llm = LLM(model=model, dtype=args.dtype, device=args.device, max_model_len=args.window + 1,
               seed=0, **engine_options)
     load_s = time.perf_counter() - start
     try:
@@ -114,14 +114,10 @@ def score(model: str, engine_options: dict[str, Any], token_windows: list[list[i
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from pagoda.engine import LLM
+    from pagoda.engine.model_loader.model_source import resolve_model
+    from pagoda.engine.processing.tokenizer import load_tokenizer
 
-    probe = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=max(args.window, 64),
-                kv_cache_memory_bytes=1 << 24)
-    try:
-        ids = text_token_ids(probe.get_tokenizer(), args.max_tokens)
-    finally:
-        probe.shutdown()
+    ids = text_token_ids(load_tokenizer(resolve_model(args.model)), args.max_tokens)
     token_windows = windows(ids, args.window)
     print(f"perplexity bench: {TEXT.name}, {len(ids):,} tokens in {len(token_windows)} windows of <= {args.window}; "
           f"model {args.model}, dtype {args.dtype}, device {args.device}")

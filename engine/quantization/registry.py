@@ -6,6 +6,7 @@
     a bf16/fp16 checkpoint                   (none)              unquantized
     a .gguf file                             (none) or gguf      its blocks kept quantized (CUDA; on CPU
                                                                  only with `gguf`, else dequantized)
+    a .gguf file                             fp8                 dequantized, then FP8 W8A8 at load
 
 A scheme pagoda cannot run is an error that names it and the supported ones, never a silent
 fallback to bf16 (which would double the memory the user planned for).
@@ -25,14 +26,16 @@ from .gguf import GGUFConfig
 from .gptq import GPTQConfig
 
 # checkpoint `quant_method` -> the scheme built from its quantization_config dict
-CHECKPOINT_SCHEMES: dict[str, Callable[[dict[str, Any]], QuantizationConfig]] = {}
-# `--quantization` names that quantize an unquantized checkpoint at load
-ONLINE_SCHEMES: dict[str, Callable[[], QuantizationConfig]] = {}
-CHECKPOINT_SCHEMES["fp8"] = Fp8Config.from_checkpoint
-CHECKPOINT_SCHEMES["compressed-tensors"] = CompressedTensorsConfig.from_checkpoint
-CHECKPOINT_SCHEMES["gptq"] = GPTQConfig.from_config
-CHECKPOINT_SCHEMES["awq"] = AWQConfig.from_config
-ONLINE_SCHEMES["fp8"] = Fp8Config.online
+CHECKPOINT_SCHEMES: dict[str, Callable[[dict[str, Any]], QuantizationConfig]] = {
+    "fp8": Fp8Config.from_checkpoint,
+    "compressed-tensors": CompressedTensorsConfig.from_checkpoint,
+    "gptq": GPTQConfig.from_config,
+    "awq": AWQConfig.from_config,
+}
+# `--quantization` names that quantize an unquantized checkpoint (or a GGUF file's dequantized weights) at load
+ONLINE_SCHEMES: dict[str, Callable[[], QuantizationConfig]] = {
+    "fp8": Fp8Config.online,
+}
 # every name `--quantization` takes
 QUANTIZATION_NAMES = ("fp8", "compressed-tensors", "gptq", "awq", "gguf")
 
@@ -52,9 +55,12 @@ def resolve_quantization(requested: Optional[str], hf_config: Any, source: Model
     if requested is not None and requested not in QUANTIZATION_NAMES:
         raise ValueError(f"quantization must be one of {list(QUANTIZATION_NAMES)}, got {requested!r}")
     if source.gguf_file is not None:
+        if requested in ONLINE_SCHEMES:        # the file's blocks dequantized, then quantized this way
+            return _build_online(requested)
         if requested not in (None, "gguf"):
             raise ValueError(f"quantization={requested!r} does not apply to a GGUF file ({source.gguf_file.name}), "
-                             f"whose tensors carry their own quantization; leave it unset or pass 'gguf'")
+                             f"whose tensors carry their own quantization; leave it unset, pass 'gguf', or "
+                             f"re-quantize it at load with one of {sorted(ONLINE_SCHEMES)}")
         if requested == "gguf" or device.type == "cuda":
             return GGUFConfig.from_file(source.gguf_file)
         return None        # CPU: dequantized to the compute dtype at load, as the CPU matmuls want

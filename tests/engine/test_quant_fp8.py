@@ -338,8 +338,11 @@ def test_fp8_block_scales_are_refused_by_name(tiny_checkpoint, tmp_path):
 
 
 def test_fp8_request_on_another_format_names_the_mismatch(tiny_gguf, ct_checkpoint):
-    with pytest.raises(ValueError, match=r"quantization='fp8' does not apply to a GGUF file"):
-        EngineArgs(model=str(tiny_gguf(TinyModelSpec(), "Q8_0")), quantization="fp8").create_config()
+    # a GGUF file's blocks are dequantized, then quantized to FP8 at load
+    assert isinstance(EngineArgs(model=str(tiny_gguf(TinyModelSpec(), "Q8_0")), quantization="fp8",
+                                 device="cpu").create_config().model.quantization, Fp8Config)
+    with pytest.raises(ValueError, match=r"quantization='awq' does not apply to a GGUF file"):
+        EngineArgs(model=str(tiny_gguf(TinyModelSpec(), "Q8_0")), quantization="awq").create_config()
     with pytest.raises(ValueError, match=r"quantization='fp8' does not match the checkpoint.*'compressed-tensors'"):
         EngineArgs(model=str(ct_checkpoint("FP8")), quantization="fp8").create_config()
 

@@ -279,8 +279,9 @@ def test_registry_keeps_gguf_quantized_on_cuda_or_when_asked(model_files):
     # 2 layers x 7 linear layers Q4_1, the tied embedding Q8_0; Q4_1 and Q8_0 are held at the file's size
     file_bytes = sum(t.n_bytes for t in read_gguf_index(source.gguf_file).tensors if t.tensor_type.name != "F32")
     assert config.describe() == f"GGUF Q4_1 (14 tensors), Q8_0 (1) kept quantized, {file_bytes / 1e6:.0f} MB"
-    with pytest.raises(ValueError, match=r"quantization='fp8' does not apply to a GGUF file"):
-        resolve_quantization("fp8", hf_config, source, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"quantization='gptq' does not apply to a GGUF file"):
+        resolve_quantization("gptq", hf_config, source, torch.device("cpu"))
+    assert resolve_quantization("fp8", hf_config, source, torch.device("cpu")).name == "fp8"
 
 
 def test_unsupported_block_type_names_the_tensor(tmp_path):
