@@ -51,6 +51,38 @@ def test_retrieve_returns_the_card(name):
     assert card.model_extra["max_model_len"] == 4096
 
 
+def test_cards_say_what_the_server_runs():
+    """quantization / weights / kv_cache_dtype come from the engine's `model_format` (EngineConfig.serving_format)."""
+    client = _Client(["tiny"])
+    client.model_format = {"quantization": "fp8", "weights": "fp8: per-channel weights, dynamic per-token "
+                           "activations", "kv_cache_dtype": "float8_e4m3fn"}
+    app = build_app(client, ServerSettings(api_key=API_KEY))
+
+    async def main() -> Any:
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app")
+        sdk = openai.AsyncOpenAI(base_url="http://app/v1", api_key=API_KEY, http_client=http, max_retries=0)
+        return (await sdk.models.list()).data[0], await sdk.models.retrieve("tiny")
+
+    for card in asyncio.run(main()):
+        assert card.model_extra["quantization"] == "fp8"
+        assert card.model_extra["kv_cache_dtype"] == "float8_e4m3fn"
+        assert card.model_extra["weights"].startswith("fp8: per-channel")
+
+
+def test_serving_format_of_an_engine_config(tmp_path):
+    from model_factory import save_tiny_model
+
+    from pagoda.engine import EngineArgs
+
+    directory = save_tiny_model(tmp_path / "tiny")
+    plain = EngineArgs(model=str(directory), device="cpu").create_config().serving_format()
+    assert plain == {"quantization": None, "weights": "float32", "kv_cache_dtype": "float32"}
+    fp8 = EngineArgs(model=str(directory), device="cpu", quantization="fp8",
+                     kv_cache_dtype="fp8").create_config().serving_format()
+    assert fp8["quantization"] == "fp8" and fp8["kv_cache_dtype"] == "float8_e4m3fn"
+    assert fp8["weights"].startswith("fp8")
+
+
 def test_retrieve_of_an_unknown_model_is_404_naming_it():
     async def main() -> None:
         await _sdk(["tiny"]).models.retrieve("gpt-9")
