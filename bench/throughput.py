@@ -167,6 +167,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--compare-prefix-caching runs both; drop --no-prefix-caching")
     if args.compare_unquantized and args.quantization is None and args.kv_cache_dtype == "auto":
         p.error("--compare-unquantized needs --quantization or --kv-cache-dtype fp8")
+    if args.compare_unquantized and args.quantization in ("gptq", "awq") and not args.model.endswith("-random"):
+        p.error(f"--compare-unquantized with --quantization {args.quantization} needs a random-weight shape "
+                f"(--model ...-random): a real {args.quantization} checkpoint has no unquantized twin here")
     if args.compare_unquantized and args.compare_prefix_caching:
         p.error("--compare-unquantized and --compare-prefix-caching each run two engines; pick one")
     if args.baseline == "hf" and args.tp > 1:
@@ -244,8 +247,9 @@ def run_pagoda(args: argparse.Namespace, bench_model: BenchModel, requests: Sequ
     `quantized=False`: without --quantization / --kv-cache-dtype (the --compare-unquantized baseline)."""
     from pagoda.engine import LLM, SamplingParams
 
-    quantization = {"quantization": args.quantization if args.quantization == "fp8" else None,
-                    "kv_cache_dtype": args.kv_cache_dtype} if quantized else {}
+    # NOTE: passed as given even for a pre-quantized checkpoint: the engine refuses a checkpoint quantized
+    # otherwise, so a run is never labelled with a format it did not use
+    quantization = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype} if quantized else {}
     start = time.perf_counter()
     llm = LLM(
         **quantization,

@@ -244,10 +244,14 @@ def _scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sc
     """cuBLAS FP8 GEMM with row-wise scales: x_scale (M, 1) per token, w_scale (1, N) per channel.
     w_q (N, K) row-major is the column-major (K, N) operand cuBLAS wants, so `.t()` copies nothing."""
     scale_b = w_scale.reshape(1, -1)
+    # NOTE: fast accumulation (no periodic promotion of the FP8 tensor-core partial sums) is Hopper's
+    # faster FP8 GEMM; the products are of per-token / per-channel scaled values, as in vLLM's default
     if out.is_contiguous():
-        torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=scale_b, out_dtype=out.dtype, out=out)
+        torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=scale_b, out_dtype=out.dtype, out=out,
+                         use_fast_accum=True)
     else:
-        out.copy_(torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=scale_b, out_dtype=out.dtype))
+        out.copy_(torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=scale_b, out_dtype=out.dtype,
+                                   use_fast_accum=True))
     if bias is not None:
         # NOTE: added after the GEMM, in the output dtype: cuBLAS's row-wise-scaled FP8 GEMM does not
         # take a bias in every version, and an (M, N) add is small next to the GEMM.

@@ -107,8 +107,13 @@ def weight_only_linear(x: torch.Tensor, weight: GroupQuantWeight, bias: Optional
     if use_triton(x):
         from . import weight_only_triton
 
-        if weight_only_triton.supported(weight):
-            return weight_only_triton.weight_only_linear(x, weight, bias, out=out)
+        if not weight_only_triton.supported(weight):
+            # NOTE: never a silent fallback to dequantizing the whole weight on every call (float32 copies
+            # of it, far slower); the first forward pass (KV-cache profiling) meets this at start-up
+            raise ValueError(f"a {weight.bits}-bit weight of shape {weight.shape} in groups of {weight.group_size} "
+                             f"is not supported by the GPU kernel (4 or 8 bits, K a multiple of 8, groups of 16 "
+                             f"values or a multiple of 16)")
+        return weight_only_triton.weight_only_linear(x, weight, bias, out=out)
     return weight_only_linear_ref(x, weight, bias, out=out)
 
 

@@ -177,7 +177,14 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.model.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
-        """Loads Hugging Face-named checkpoint tensors; every parameter must be filled exactly once."""
+        """Loads Hugging Face-named checkpoint tensors (every parameter filled exactly once), then lets
+        quantized layers convert them. NOTE: in two calls so that no reference to a checkpoint-format
+        parameter outlives the first: a conversion frees them, and a model held twice (as loaded and as
+        converted) may not fit the GPU."""
+        self._load_checkpoint_tensors(weights)
+        process_weights_after_loading(self)
+
+    def _load_checkpoint_tensors(self, weights: Iterable[tuple[str, Any]]) -> None:
         params = dict(self.named_parameters(remove_duplicate=False))
         modules = dict(self.named_modules())
         loaded: set[str] = set()
@@ -228,7 +235,8 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
-        process_weights_after_loading(self)
+
+
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -226,14 +226,15 @@ class GGUFLinearMethod(EmbeddingMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
         if len(self.pieces) == 1:
-            y = _matmul(x, self.pieces[0], bias)
-        else:
-            outputs, start = [], 0
-            for piece, size in zip(self.pieces, self.piece_sizes):
-                outputs.append(_matmul(x, piece, None if bias is None else bias[start : start + size]))
-                start += size
-            y = torch.cat(outputs, dim=-1)
-        return y if out is None else out.copy_(y)
+            return _matmul(x, self.pieces[0], bias, out)
+        # shards of different block types: one GEMM each, written side by side (into `out` when given)
+        if out is None:
+            out = torch.empty(x.shape[0], sum(self.piece_sizes), dtype=x.dtype, device=x.device)
+        start = 0
+        for piece, size in zip(self.pieces, self.piece_sizes):
+            _matmul(x, piece, None if bias is None else bias[start : start + size], out[:, start : start + size])
+            start += size
+        return out
 
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """The rows of `ids` in the model dtype, only those rows dequantized."""
@@ -322,7 +323,9 @@ def _concat(a: Piece, b: Piece) -> Piece:
     return replace(a, **{field: torch.cat([tensor, b_fields[field]]) for field, tensor in _tensors(a).items()})
 
 
-def _matmul(x: torch.Tensor, piece: Piece, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _matmul(x: torch.Tensor, piece: Piece, bias: Optional[torch.Tensor],
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     if isinstance(piece, torch.Tensor):
-        return F.linear(x, piece, bias)
-    return weight_only_linear(x, piece, bias)
+        y = F.linear(x, piece, bias)
+        return y if out is None else out.copy_(y)
+    return weight_only_linear(x, piece, bias, out=out)

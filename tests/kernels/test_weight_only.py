@@ -157,12 +157,15 @@ def test_dispatch_uses_triton_where_supported(device, monkeypatch):
         got = weight_only_linear(x, weight)
     assert len(calls) == 1
     assert_close(got, weight_only_linear_ref(x, weight))
-    # groups of 24 fit no power-of-2 tile: the dispatch takes the reference, the kernel refuses
+    # groups of 24 fit no power-of-2 tile: the dispatch refuses by name (never a silent per-call dequantize
+    # of the whole weight on a GPU); the CPU path takes the reference
     odd = GroupQuantWeight(make_weight(8, 96, 4, 32, "zeros", device).qweight, 4, 24,
                            torch.rand(8, 4, device=device).half(), zero=8)
     x = torch.randn(3, 96, device=device)
     assert not weight_only_triton.supported(odd) and weight_only_triton.supported(weight)
-    with use_backend("triton"):
+    with use_backend("triton"), pytest.raises(ValueError, match="in groups of 24 is not supported by the GPU kernel"):
+        weight_only_linear(x, odd)
+    with use_backend("torch"):
         torch.testing.assert_close(weight_only_linear(x, odd), weight_only_linear_ref(x, odd), atol=0, rtol=0)
     assert len(calls) == 1
     with pytest.raises(ValueError, match="group_size 24"):
