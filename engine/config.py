@@ -83,6 +83,96 @@ class ParallelConfig:
     engine_core_process: bool = False
 
 
+# -- speculative decoding ----------------------------------------------------------------------------
+# The batch size from which a step stops speculating (SpeculativeConfig.disable_by_batch_size when
+# the user gives none). NOTE: a placeholder until measured on the GPU: a small batch leaves a decode
+# step memory-bound, so verifying K more tokens per request costs little, while a large one makes it
+# compute-bound and the rejected drafts' work shows. The crossover depends on the model, the GPU and
+# the acceptance rate; set it from throughput runs with and without speculation at growing batch sizes.
+DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE = 16
+MAX_SPECULATIVE_TOKENS = 16              # K per step; more only adds rejected work at n-gram acceptance rates
+SPEC_METHODS = ("ngram", "draft_model")
+_SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+              "disable_by_batch_size", "model")
+DEFAULT_PROMPT_LOOKUP_MIN = 2
+DEFAULT_PROMPT_LOOKUP_MAX = 4
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (engine/spec_decode), as vLLM's `--speculative-config` JSON.
+
+    method                  "ngram": drafts looked up in the request's own prompt and output
+                            ("draft_model" is parsed and refused: not available yet)
+    num_speculative_tokens  K >= 1: drafts verified per request and step (at most MAX_SPECULATIVE_TOKENS)
+    prompt_lookup_min/max   n-gram lengths matched, longest first (1 <= min <= max); one given sets
+                            the other's default around it
+    disable_by_batch_size   a step speculates only while fewer requests run; absent =
+                            DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE; None (JSON null) or 0 = at any batch size
+    """
+
+    method: Literal["ngram"]
+    num_speculative_tokens: int
+    prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP_MIN
+    prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP_MAX
+    disable_by_batch_size: Optional[int] = DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE
+
+    @classmethod
+    def parse(cls, value: Any) -> Optional["SpeculativeConfig"]:
+        """A dict or a JSON object string (None = speculation off) -> a validated config; every bad
+        value raises ValueError naming `speculative_config.<key>`."""
+        if value is None:
+            return None
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"speculative_config is not valid JSON ({error}): {value!r}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object (a dict), got {value!r}")
+        unknown = sorted(set(value) - set(_SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"speculative_config has unknown key(s) {unknown}; accepted: {list(_SPEC_KEYS)}")
+
+        def bad(key: str, rule: str) -> ValueError:
+            return ValueError(f"speculative_config.{key} must be {rule}, got {value[key]!r}")
+
+        def integer(key: str) -> bool:
+            return isinstance(value.get(key), int) and not isinstance(value.get(key), bool)
+
+        method = value.get("method")
+        if method is None and "model" in value:
+            method = "ngram" if value["model"] in ("ngram", "[ngram]") else "draft_model"
+        if method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {list(SPEC_METHODS)}, got {method!r}")
+        if method == "draft_model":
+            raise ValueError("speculative_config.method 'draft_model' is not available yet: use 'ngram'")
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config.num_speculative_tokens is required (the drafts per step, >= 1)")
+        if not integer("num_speculative_tokens") or not 1 <= value["num_speculative_tokens"] <= MAX_SPECULATIVE_TOKENS:
+            raise bad("num_speculative_tokens", f"an integer in [1, {MAX_SPECULATIVE_TOKENS}]")
+        for key in ("prompt_lookup_min", "prompt_lookup_max"):
+            if value.get(key) is not None and (not integer(key) or value[key] < 1):
+                raise bad(key, "an integer >= 1")
+        low, high = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
+        if low is None:
+            low = min(DEFAULT_PROMPT_LOOKUP_MIN, high) if high is not None else DEFAULT_PROMPT_LOOKUP_MIN
+        if high is None:
+            high = max(DEFAULT_PROMPT_LOOKUP_MAX, low)
+        if low > high:
+            raise ValueError(f"speculative_config.prompt_lookup_min must be <= prompt_lookup_max, got "
+                             f"prompt_lookup_min={low} and prompt_lookup_max={high}")
+        limit = value.get("disable_by_batch_size", DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE)
+        if "disable_by_batch_size" in value and limit is not None:
+            if not integer("disable_by_batch_size") or limit < 0 or limit == 1:
+                raise bad("disable_by_batch_size", "an integer >= 2, or 0 / null for no limit")
+            limit = limit or None
+        return cls(method="ngram", num_speculative_tokens=value["num_speculative_tokens"], prompt_lookup_min=low,
+                   prompt_lookup_max=high, disable_by_batch_size=limit)
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig
@@ -92,6 +182,7 @@ class EngineConfig:
     device: torch.device
     enforce_eager: bool = False
     max_model_len_explicit: bool = False
+    speculative: Optional[SpeculativeConfig] = None          # None = no speculative decoding
 
     def serving_format(self) -> dict[str, Optional[str]]:
         """What the start-up log and /v1/models say of the weights and the KV cache: the quantization
@@ -153,6 +244,8 @@ class EngineArgs:
     quantization: Optional[str] = None          # see engine/quantization/registry.py
     kv_cache_dtype: str = "auto"                # "auto" (the model dtype) or "fp8" / "fp8_e4m3"
     calculate_kv_scales: bool = False
+    # speculative decoding: a dict or a JSON object string (SpeculativeConfig); None = off
+    speculative_config: Optional[dict[str, Any] | str] = None
 
     def create_config(self) -> EngineConfig:
         def bad(name: str, value: object, rule: str) -> ValueError:
@@ -183,6 +276,7 @@ class EngineArgs:
             not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
         ):
             raise bad("max_num_batched_tokens", self.max_num_batched_tokens, "an integer >= 1")
+        speculative = SpeculativeConfig.parse(self.speculative_config)
 
         device = _resolve_device(self.device)
         source = resolve_model(self.model)
@@ -247,6 +341,7 @@ class EngineArgs:
             device=device,
             enforce_eager=self.enforce_eager,
             max_model_len_explicit=self.max_model_len is not None,
+            speculative=speculative,
         )
 
 

@@ -2,7 +2,8 @@
 
 Every series carries a `model_name` label. Two inputs feed them:
 - `record_stats(model_name, stats)`: the engine's own counters and gauges (`EngineStats`: running and
-  waiting requests, KV-cache usage, prefix-cache queries/hits, preemptions, token counts), exported as
+  waiting requests, KV-cache usage, prefix-cache queries/hits, preemptions, token counts, and with
+  speculative decoding its drafts / draft tokens / accepted tokens, per draft position too), exported as
   they are at scrape time (the engine keeps the running totals, so nothing is double counted);
 - `observe(model_name, output, now)`: per-request latencies read from the stream of `RequestOutput`s
   (time to first token, inter-token latency, end-to-end latency, queue time) and finish reasons.
@@ -70,6 +71,32 @@ class _StatsCollector(Collector):
             for model_name, stats in self.stats.items():
                 family.add_metric([model_name], float(getattr(stats, field)))
             yield family
+        yield from self._spec_decode()
+
+    def _spec_decode(self) -> Iterator:
+        """vLLM's speculative-decoding counters, for the models that speculate (K per-position
+        entries: the series exist once speculation is configured, zeros included)."""
+        speculating = {name: stats for name, stats in self.stats.items()
+                       if stats.spec_decode_num_accepted_tokens_per_pos}
+        if not speculating:
+            return
+        counters = (
+            ("spec_decode_num_drafts", "Number of spec decoding drafts (verifications of a request's drafts).",
+             "spec_decode_num_drafts"),
+            ("spec_decode_num_draft_tokens", "Number of draft tokens.", "spec_decode_num_draft_tokens"),
+            ("spec_decode_num_accepted_tokens", "Number of accepted tokens.", "spec_decode_num_accepted_tokens"),
+        )
+        for name, doc, field in counters:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            for model_name, stats in speculating.items():
+                family.add_metric([model_name], float(getattr(stats, field)))
+            yield family
+        family = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                     "Accepted tokens per draft position.", labels=["model_name", "position"])
+        for model_name, stats in speculating.items():
+            for position, count in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
+                family.add_metric([model_name, str(position)], float(count))
+        yield family
 
     def describe(self) -> Iterator:
         return iter(())    # unchecked collector: its names are known to be unique in this registry

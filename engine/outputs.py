@@ -123,3 +123,9 @@ class EngineStats:
     generation_tokens: int = 0
     num_steps: int = 0
     cached_prefix_hashes: list[int] = field(default_factory=list)
+    # speculative decoding (vLLM's spec_decode counters; all 0 and [] when it is off):
+    spec_decode_num_drafts: int = 0          # verifications: one per request and step that carried drafts
+    spec_decode_num_draft_tokens: int = 0    # drafts verified
+    spec_decode_num_accepted_tokens: int = 0     # of which accepted
+    # per draft position j (0 .. K-1): how often the j-th draft was accepted
+    spec_decode_num_accepted_tokens_per_pos: list[int] = field(default_factory=list)

@@ -31,6 +31,9 @@ class ScheduledRequest:
     num_computed_tokens: int             # tokens already in the cache before this step
     new_block_ids: list[int]             # appended to the request's block table
     sample: bool                         # this step reaches the end of the sequence: sample a token
+    # speculative decoding: the last num_spec_tokens of token_ids are drafts (unverified), each
+    # position sampled and compared; 0 = a plain step for this request
+    num_spec_tokens: int = 0
 
 
 @dataclass
@@ -43,6 +46,7 @@ class SchedulerOutput:
     # requests with a grammar that sample this step: the runner waits for their bitmask
     # (`GrammarOutput`, sent with `sample_tokens`) before it samples; empty = sample at once
     structured_request_ids: list[str] = field(default_factory=list)
+    num_spec_tokens: int = 0             # drafts over all requests (0: nothing to verify)
 
     @property
     def is_empty(self) -> bool:
@@ -64,6 +68,10 @@ class ModelRunnerOutput:
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+    # a request that verified drafts (num_spec_tokens > 0) answers here instead: the accepted drafts
+    # then the target's own next token (1 to 1 + num_spec_tokens ids), and their logprobs if asked
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    spec_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
     # request id -> (prompt index of the first entry, entries); entry i predicted prompt token i
     prompt_logprobs: dict[str, tuple[int, list[Optional[dict[int, float]]]]] = field(default_factory=dict)
 

@@ -7,6 +7,17 @@ No text here: tokenization and detokenization live in the input and output proce
 core can run on its own thread or process, free of the callers' work. The offline `LLMEngine` calls
 add_request / step / abort directly; the servers send typed commands (commands.py) to `run_loop`
 through a transport: on a thread (core_thread.py) or in a process of its own (core_process.py).
+
+Speculative decoding (`config.speculative`, engine/spec_decode): before a step may speculate, the
+n-gram proposer needs every request's latest token on the host. So under async scheduling such a
+step first drains the step in flight (an empty step releases a deferred reply), proposes, then
+schedules; a step that carries drafts runs to completion before the next is scheduled, because how
+many tokens it yields is known only after verification (no placeholder can stand for them). The
+trade-off: while speculation is on, the host work of each step (update, proposal, scheduling, input
+preparation) no longer overlaps the device's previous step, a few percent of a step on a GPU; the
+accepted drafts are meant to more than pay for it. It ends as soon as no running request may
+speculate (batch at disable_by_batch_size, requests paused for low acceptance, constrained or in
+prefill): plain steps keep today's overlap.
 """
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ from ..config import EngineConfig
 from ..executor.base import Executor
 from ..executor.factory import executor_class_for
 from ..outputs import EngineCoreOutput, EngineStats
+from ..spec_decode.controller import SpecDecodeController
 from ..step import GrammarOutput, ModelRunnerOutput, SchedulerOutput, StepHandle
 from ..structured_output.manager import StructuredOutputManager
 from ..utils import startup_timeline
@@ -52,10 +64,18 @@ class EngineCore:
         self.async_scheduling = (config.scheduler.async_scheduling
                                  and type(self.executor).execute_model_async is not Executor.execute_model_async)
         self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
+        self.spec = (SpecDecodeController(config.speculative, config.model.max_model_len)
+                     if config.speculative is not None else None)
         self._prefix_summary_cache: list[int] = []
         self._prefix_summary_time = float("-inf")
         logger.info("KV cache: %d blocks of %d tokens; max_model_len %d", num_blocks,
                     config.cache.block_size, config.model.max_model_len)
+        if config.speculative is not None:
+            spec = config.speculative
+            limit = spec.disable_by_batch_size
+            logger.info("speculative decoding: %s, up to %d draft tokens per step (n-grams of %d..%d), %s",
+                        spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
+                        f"while fewer than {limit} requests run" if limit else "at any batch size")
         freeze_startup_heap()          # no full GC pass over start-up objects between steps
         startup_timeline.mark("scheduler, GC freeze")
 
@@ -100,16 +120,27 @@ class EngineCore:
         A step with constrained requests (structured output) samples only once the engine has their
         token bitmask: it is filled here, after the previous step's tokens advanced the grammars and
         while this step's forward pass runs; other steps sample as soon as their logits are ready.
+
+        A step that may speculate first drains the step in flight, then proposes drafts; one that
+        carries drafts runs synchronously (module docstring).
         """
-        scheduler_output = self.scheduler.schedule()
-        self.num_steps += 1
-        if not self.async_scheduling:
-            return self.scheduler.update_from_output(scheduler_output, self._execute_sync(scheduler_output))
-        handle = self.executor.execute_model_async(scheduler_output)
         outputs: list[EngineCoreOutput] = []
+        drafts = None
+        if self.spec is not None and self.spec.step_speculates(self.scheduler.running):
+            outputs = self._drain()
+            drafts = self.spec.propose(self.scheduler.running)
+        scheduler_output = self.scheduler.schedule(drafts)
+        self.num_steps += 1
+        if not self.async_scheduling or scheduler_output.num_spec_tokens:
+            runner_output = self._execute_sync(scheduler_output)
+            outputs += self.scheduler.update_from_output(scheduler_output, runner_output)
+            if self.spec is not None:
+                self.spec.observe(scheduler_output, runner_output, self.scheduler.requests)
+            return outputs
+        handle = self.executor.execute_model_async(scheduler_output)
         if self._in_flight is not None:
             previous_output, previous_handle = self._in_flight
-            outputs = self.scheduler.update_from_output(previous_output, previous_handle.result())
+            outputs += self.scheduler.update_from_output(previous_output, previous_handle.result())
         if scheduler_output.structured_request_ids:
             handle = self.executor.sample_tokens(self._grammar_output(scheduler_output), defer=True)
         assert handle is not None, "a step without constrained requests samples at once"
@@ -120,6 +151,20 @@ class EngineCore:
                 self._wait_for_grammars()
         else:
             self._in_flight = (scheduler_output, handle)
+        return outputs
+
+    def _drain(self) -> list[EngineCoreOutput]:
+        """Waits for the step in flight (async scheduling) and applies its tokens. NOTE: an executor
+        may hold a step's reply until the next step is launched (multiproc), so an empty step goes
+        first: it is answered at once, after the reply it releases."""
+        if self._in_flight is None:
+            return []
+        previous_output, previous_handle = self._in_flight
+        self._in_flight = None
+        flush = self.executor.execute_model_async(SchedulerOutput())
+        outputs = self.scheduler.update_from_output(previous_output, previous_handle.result())
+        if flush is not None:
+            flush.result()
         return outputs
 
     def _execute_sync(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -199,7 +244,16 @@ class EngineCore:
             generation_tokens=self.scheduler.num_generation_tokens,
             num_steps=self.num_steps,
             cached_prefix_hashes=self._prefix_summary(),
+            **self._spec_stats(),
         )
+
+    def _spec_stats(self) -> dict:
+        spec = self.spec
+        if spec is None:
+            return {}
+        return dict(spec_decode_num_drafts=spec.num_drafts, spec_decode_num_draft_tokens=spec.num_draft_tokens,
+                    spec_decode_num_accepted_tokens=spec.num_accepted_tokens,
+                    spec_decode_num_accepted_tokens_per_pos=list(spec.num_accepted_tokens_per_pos))
 
     def _prefix_summary(self) -> list[int]:
         # NOTE: get_stats runs after every step of the server loop; the summary (a scan of up to

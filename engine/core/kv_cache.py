@@ -202,6 +202,25 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, [])]
 
+    def check_invariants(self) -> None:
+        """Raises AssertionError where the bookkeeping contradicts itself (tests call it between
+        steps and after runs): every block's ref_cnt is the number of block tables holding it, the
+        free queue holds exactly the unreferenced blocks, and each cached hash names a block that
+        carries it. Idle (no request left), every block is free."""
+        held: dict[int, int] = {}
+        for request_id, blocks in self.req_blocks.items():
+            assert self.req_num_cached_blocks.get(request_id, 0) <= len(blocks), f"{request_id}: cached > held"
+            for block in blocks:
+                held[block.block_id] = held.get(block.block_id, 0) + 1
+        for block in self.pool.blocks:
+            assert block.ref_cnt == held.get(block.block_id, 0), (
+                f"block {block.block_id}: ref_cnt {block.ref_cnt} but held by {held.get(block.block_id, 0)}")
+            assert (block.ref_cnt == 0) == (block.block_id in self.pool.free_queue), (
+                f"block {block.block_id}: ref_cnt {block.ref_cnt}, in the free queue: "
+                f"{block.block_id in self.pool.free_queue}")
+        for block_hash, block in self.pool.hash_to_block.items():
+            assert block.block_hash == block_hash, f"block {block.block_id} is cached under another hash"
+
     # -- stats --------------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:

@@ -2,7 +2,8 @@
 
 Counters follow vLLM v1: `num_computed_tokens` tokens of `all_token_ids` have their KV in the cache;
 `num_tokens - num_computed_tokens` still need a forward pass (the whole prompt at first, one token
-per decode step, everything again after a preemption by recompute).
+per decode step, everything again after a preemption by recompute). A step verifying K drafts
+(speculative decoding) counts them at schedule time too; verification takes back the rejected ones.
 """
 from __future__ import annotations
 
@@ -39,6 +40,17 @@ FINISH_REASONS = {
 
 
 @dataclass
+class SpeculationState:
+    """A request's standing with speculative decoding (engine/spec_decode/controller.py): whether
+    its drafts have been paying off, and the pause that follows when they have not."""
+
+    acceptance: float = 1.0          # moving average of accepted / proposed drafts per speculating step
+    num_observed: int = 0            # steps observed since it last (re)started speculating
+    paused_until: int = 0            # the controller's step from which it may speculate again
+    pause_steps: int = 0             # length of its last pause (0 = never paused)
+
+
+@dataclass
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -63,6 +75,7 @@ class Request:
     min_tokens_banned_ids: list[int] = field(default_factory=list)  # EOS/stop ids masked before min_tokens
     first_scheduled_time: Optional[float] = None
     grammar: Optional["RequestGrammar"] = None   # set by the engine core for structured output
+    speculation: SpeculationState = field(default_factory=SpeculationState)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -47,6 +47,16 @@ unless it is preempted; so the steps stay below about (MAX_PREEMPTIONS_PER_REQUE
 those of running the requests one after another, and every token is computed at most
 MAX_PREEMPTIONS_PER_REQUEST + 1 times. Without KV pressure nothing changes: no request is
 preempted, so none holds a reservation.
+
+Speculative decoding (engine/spec_decode). `schedule(drafts)` gives a decoding request with K
+drafts 1 + K tokens, [last token, d1 .. dK], and KV slots for all of them. Drafts give way: they
+are trimmed to leave one budget token for every running request after it and to stay within
+max_tokens and max_model_len (so a request never holds more than blocks_to_finish), and dropped
+rather than preempt anyone for their slots. Verification keeps `a` drafts: num_computed_tokens is
+advanced by a + 1 over the step's start (the K - a rejected slots are overwritten when those
+positions are computed again; their blocks stay with the request for its next drafts). Drafts are
+never part of the request's token ids, so prefix caching hashes only verified tokens. A step's
+net progress is still >= 1 token per scheduled decode, so the liveness argument above holds.
 """
 from __future__ import annotations
 
@@ -210,8 +220,10 @@ class Scheduler:
         self._needs_new_data.add(victim.request_id)
         self.policy.requeue(self.waiting, victim)
 
-    def schedule(self) -> SchedulerOutput:
-        """Builds one step.
+    def schedule(self, draft_token_ids: Optional[dict[str, list[int]]] = None) -> SchedulerOutput:
+        """Builds one step; `draft_token_ids`: request id -> drafts to verify this step (speculative
+        decoding, see the module docstring), used only for requests that are decoding with no token
+        in flight.
 
         Invariants: the step computes at most `max_num_batched_tokens` tokens; at most
         `max_num_seqs` requests run; every scheduled request owns blocks for all of its computed and
@@ -221,7 +233,8 @@ class Scheduler:
         docstring: why every request finishes).
         """
         budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Request, int, int]] = []    # (request, num_new_tokens, num_old_blocks)
+        # (request, num_new_tokens (drafts included), num_old_blocks, drafts)
+        scheduled: list[tuple[Request, int, int, list[int]]] = []
         preempted_any = False
 
         # 1. running requests, in admission order; the policy picks who is preempted
@@ -234,7 +247,12 @@ class Scheduler:
                 index += 1
                 continue
             num_old_blocks = len(self.kv.block_ids(request.request_id))
-            while not self.kv.allocate_slots(request, num_new):
+            drafts = self._usable_drafts(request, draft_token_ids, budget, index) if draft_token_ids else []
+            # a draft's slot is never worth a preemption: without room for them the request decodes plainly
+            if drafts and not self.kv.allocate_slots(request, num_new + len(drafts)):
+                drafts = []
+            allocated = bool(drafts)
+            while not allocated and not self.kv.allocate_slots(request, num_new):
                 # NOTE: None only if a reserved request lacks blocks, which the reservations rule
                 # out for a cache of num_blocks; then it is treated as its own victim.
                 victim = self._victim() or request
@@ -245,13 +263,14 @@ class Scheduler:
                     index -= 1         # the victim sat before the cursor: `running` shifts under it
                 self._preempt(victim)
                 # the victim may have been scheduled earlier in this loop: unschedule it
-                for i, (r, n, _) in enumerate(scheduled):
+                for i, (r, n, _, _) in enumerate(scheduled):
                     if r is victim:
                         budget += n
                         del scheduled[i]
                         break
             else:
-                scheduled.append((request, num_new, num_old_blocks))
+                num_new += len(drafts)
+                scheduled.append((request, num_new, num_old_blocks, drafts))
                 budget -= num_new
                 index += 1
                 continue
@@ -307,10 +326,24 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             self._needs_new_data.add(request.request_id)
             self.running.append(request)
-            scheduled.append((request, num_new, 0))
+            scheduled.append((request, num_new, 0, []))
             budget -= num_new
 
         return self._build_output(scheduled)
+
+    def _usable_drafts(self, request: Request, draft_token_ids: dict[str, list[int]], budget: int,
+                       index: int) -> list[int]:
+        """The drafts of running request `index` that this step can verify: none unless it decodes
+        (all but its last token computed, none in flight); at most what max_tokens and max_model_len
+        leave room for (the target's own token comes on top); and one budget token left for each
+        running request after it."""
+        drafts = draft_token_ids.get(request.request_id)
+        if not drafts or request.num_pending_tokens or request.num_computed_tokens != request.num_tokens - 1:
+            return []
+        room = min(request.max_tokens - request.num_output_tokens - 1,
+                   self.config.max_model_len - request.num_tokens - 1,
+                   budget - 1 - (len(self.running) - index - 1))
+        return list(drafts[:max(room, 0)])
 
     def _admissible_head(self) -> Optional[int]:
         """Index of the first waiting request whose grammar (if any) is compiled; a grammar that
@@ -337,10 +370,10 @@ class Scheduler:
         self._finish(request)
         self._errored.append(request)
 
-    def _build_output(self, scheduled: list[tuple[Request, int, int]]) -> SchedulerOutput:
+    def _build_output(self, scheduled: list[tuple[Request, int, int, list[int]]]) -> SchedulerOutput:
         out = SchedulerOutput(finished_request_ids=self._dropped)
         self._dropped = []
-        for request, num_new, num_old_blocks in scheduled:
+        for request, num_new, num_old_blocks, drafts in scheduled:
             if request.request_id in self._needs_new_data:
                 self._needs_new_data.discard(request.request_id)
                 num_old_blocks = 0
@@ -353,17 +386,20 @@ class Scheduler:
                     min_tokens_banned_ids=request.min_tokens_banned_ids,
                 ))
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
-            known_end = min(end, request.num_tokens)
-            sample = end == request.num_tokens + request.num_pending_tokens
+            tokens_end = end - len(drafts)                  # drafts come after every known token
+            known_end = min(tokens_end, request.num_tokens)
+            sample = tokens_end == request.num_tokens + request.num_pending_tokens
             out.scheduled.append(ScheduledRequest(
                 request_id=request.request_id,
                 # -1: the token sampled by the step in flight (the runner fills it in on the device)
-                token_ids=request.token_ids_slice(start, known_end) + [-1] * (end - known_end),
+                token_ids=request.token_ids_slice(start, known_end) + [-1] * (tokens_end - known_end) + drafts,
                 num_computed_tokens=start,
                 new_block_ids=self.kv.block_ids(request.request_id)[num_old_blocks:],
                 sample=sample,
+                num_spec_tokens=len(drafts),
             ))
             out.num_scheduled_tokens += num_new
+            out.num_spec_tokens += len(drafts)
             if start < request.num_prompt_tokens:
                 self.num_prompt_tokens += min(end, request.num_prompt_tokens) - start
             request.num_computed_tokens = end       # NOTE: counted at schedule time (vLLM v1 style)
@@ -399,33 +435,56 @@ class Scheduler:
             if request is None or request.status.is_finished:
                 continue          # finished or aborted while this step was in flight
             prompt_logprobs = runner_output.prompt_logprobs.get(item.request_id)
-            token = runner_output.sampled_token_ids.get(item.request_id)
-            if token is None:
-                if prompt_logprobs is not None:
-                    outputs.append(EngineCoreOutput(request.request_id, [],
-                                                    new_prompt_logprobs=prompt_logprobs))
-                continue
+            tokens = runner_output.spec_token_ids.get(item.request_id)
+            token_logprobs = runner_output.spec_logprobs.get(item.request_id)
+            if tokens is None:
+                token = runner_output.sampled_token_ids.get(item.request_id)
+                if token is None:
+                    if prompt_logprobs is not None:
+                        outputs.append(EngineCoreOutput(request.request_id, [],
+                                                        new_prompt_logprobs=prompt_logprobs))
+                    continue
+                tokens = [token]
+                logprobs = runner_output.logprobs.get(item.request_id)
+                token_logprobs = [logprobs] if logprobs is not None else None
             request.num_pending_tokens -= 1
+            if item.num_spec_tokens and request.status == RequestStatus.RUNNING:
+                # verified: the last token and len(tokens) - 1 accepted drafts now hold valid KV
+                request.num_computed_tokens -= item.num_spec_tokens - (len(tokens) - 1)
+            outputs += self._append_tokens(request, tokens, token_logprobs, prompt_logprobs)
+        return outputs
+
+    def _append_tokens(self, request: Request, tokens: list[int],
+                       token_logprobs: Optional[list[dict[int, float]]],
+                       prompt_logprobs: Optional[tuple[int, list]]) -> list[EngineCoreOutput]:
+        """Appends a step's tokens in order (several after a verification), each checked against
+        the stop conditions: nothing after the token that finishes the request is kept. One output
+        per token, so that the output processor, which may find a stop string in any of them,
+        drops what follows it as it would in plain decoding."""
+        outputs: list[EngineCoreOutput] = []
+        finished = False
+        for i, token in enumerate(tokens):
             request.output_token_ids.append(token)
-            self.kv.cache_known_blocks(request)
             self.num_generation_tokens += 1
             finished = request.check_stop(self.config.max_model_len)
             if request.grammar is not None and not self._advance_grammar(request, token) and not finished:
                 request.status = RequestStatus.FINISHED_STOPPED     # the grammar is complete
                 finished = True
-            logprobs = runner_output.logprobs.get(item.request_id)
             outputs.append(EngineCoreOutput(
                 request_id=request.request_id,
                 new_token_ids=[token],
-                new_logprobs=[logprobs] if logprobs is not None else None,
-                new_prompt_logprobs=prompt_logprobs,
+                new_logprobs=[token_logprobs[i]] if token_logprobs is not None else None,
+                new_prompt_logprobs=prompt_logprobs if i == 0 else None,
                 finish_reason=request.finish_reason if finished else None,
                 stop_reason=request.stop_reason,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
                 first_scheduled_time=request.first_scheduled_time,
             ))
             if finished:
-                # (a request preempted while this step was in flight sits in the waiting queue)
-                (self.running if request in self.running else self.waiting).remove(request)
-                self._finish(request)
+                break
+        self.kv.cache_known_blocks(request)
+        if finished:
+            # (a request preempted while this step was in flight sits in the waiting queue)
+            (self.running if request in self.running else self.waiting).remove(request)
+            self._finish(request)
         return outputs

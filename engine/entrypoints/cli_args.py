@@ -118,6 +118,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calculate-kv-scales", action="store_true",
                        help="with --kv-cache-dtype fp8: calibrate each layer's K and V scales on the first "
                             "prompts instead of using the checkpoint's (or 1.0)")
+    group.add_argument("--speculative-config", default=None, metavar="JSON",
+                       help='speculative decoding, as vLLM: e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                            '"prompt_lookup_max": 4}\' (also prompt_lookup_min, disable_by_batch_size); default: off')
     group.add_argument("--enforce-eager", action="store_true")
     group.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=None,
                        help="run the engine core (scheduler + model) in a process of its own, apart from "
@@ -138,7 +141,8 @@ def engine_args_from(args: argparse.Namespace) -> "EngineArgs":
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
         served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager,
         quantization=getattr(args, "quantization", None), kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
-        calculate_kv_scales=bool(getattr(args, "calculate_kv_scales", False)))
+        calculate_kv_scales=bool(getattr(args, "calculate_kv_scales", False)),
+        speculative_config=getattr(args, "speculative_config", None))
 
 
 def server_settings_from(args: argparse.Namespace) -> ServerSettings:

@@ -10,6 +10,11 @@ the scheduler's descriptor and passed explicitly to the model:
     logits_indices  rows whose hidden state feeds the sampler (last token of a finished prefill
                     or decode), plus every prompt row of requests asking for prompt logprobs
 
+Speculative decoding: a request verifying K drafts is a chunk [last, d1 .. dK] whose 1 + K rows all
+feed the sampler; each row is sampled as a plain step would sample that position (its own seed
+position, min_tokens, penalties counting the drafts before it), and the drafts are accepted while
+they equal those samples (engine/spec_decode/rejection.py). The answer carries 1 .. 1 + K tokens.
+
 Every TP rank runs the model; only rank 0 samples (`is_driver`).
 """
 from __future__ import annotations
@@ -27,11 +32,12 @@ from ..config import EngineConfig
 from ..distributed.parallel_state import get_tp_rank, get_tp_size, tp_broadcast
 from ..models.registry import get_model_class
 from ..quantization.base import init_dummy_weights
+from ..spec_decode.rejection import accepted_prefix
 from ..step import (GrammarOutput, ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput,
                     StepHandle)
 from ..utils import startup_timeline
 from .sampler import Sampler, SamplingRow, TokenMask
-from .step_inputs import BlockTable, PinnedStaging, Placeholders, PromptRows, StepInputs
+from .step_inputs import BlockTable, PinnedStaging, Placeholders, PromptRows, SamplingLayout, StepInputs
 from .step_profiler import StepProfiler
 
 logger = logging.getLogger(__name__)
@@ -82,7 +88,9 @@ class ModelRunner:
         # async scheduling under TP: every rank needs the sampled ids of the step before
         self._shares_sampled_ids = config.scheduler.async_scheduling and get_tp_size() > 1
         self._host_slot = 0
-        self._host_tokens = [torch.empty(config.scheduler.max_num_seqs, dtype=torch.int64,
+        # one sampling row per request, 1 + K for a request verifying K drafts
+        rows_per_seq = 1 + (config.speculative.num_speculative_tokens if config.speculative is not None else 0)
+        self._host_tokens = [torch.empty(config.scheduler.max_num_seqs * rows_per_seq, dtype=torch.int64,
                                          pin_memory=self.device.type == "cuda") for _ in range(2)]
         self.profiler = StepProfiler.from_env(get_tp_rank(), self.device)     # None unless asked for
         # --calculate-kv-scales: the first step with real tokens sets the FP8 cache's scales
@@ -296,8 +304,16 @@ class ModelRunner:
                     prompt_rows[item.request_id] = PromptRows(len(logits_indices), count, start)
                     logits_indices.extend(range(cursor, cursor + count))
                 if item.sample:
-                    logits_indices.append(int(query_start_loc[i + 1]) - 1)
+                    end = int(query_start_loc[i + 1])
+                    logits_indices.extend(range(end - 1 - item.num_spec_tokens, end))
             indices = np.asarray(logits_indices, dtype=np.int64)
+        elif scheduler_output.num_spec_tokens:
+            # each sampling request's last 1 + num_spec_tokens rows (SamplingLayout's order)
+            counts = sample_mask * (1 + np.fromiter((item.num_spec_tokens for item in scheduled), dtype=np.int64,
+                                                    count=num_seqs))
+            firsts = np.cumsum(counts) - counts
+            indices = (np.repeat(query_start_loc[1:] - counts, counts)
+                       + np.arange(int(counts.sum())) - np.repeat(firsts, counts))
         else:
             indices = (query_start_loc[1:] - 1)[sample_mask]
 
@@ -360,11 +376,11 @@ class ModelRunner:
                 self.requests[item.request_id].plain_greedy for item in scheduler_output.scheduled if item.sample):
             # NOTE: every rank takes this branch alike (the same requests, flags and prompt rows):
             # argmax over the vocabulary shards, no logits gathered; every rank gets the same ids
-            row_ids = [item.request_id for item in scheduler_output.scheduled if item.sample]
-            sampled = self.model.greedy_tokens(hidden[logits_indices]) if row_ids else None   # (rows,)
+            layout = SamplingLayout.of(scheduler_output.scheduled)
+            sampled = self.model.greedy_tokens(hidden[logits_indices]) if layout.num_rows else None   # (rows,)
             if not self.is_driver:
-                if row_ids:
-                    self.prev_sampled, self.prev_rows = sampled, {r: i for i, r in enumerate(row_ids)}
+                if layout.num_rows:
+                    self.prev_sampled, self.prev_rows = sampled, layout.plain_rows()
                 return None
             handle = self._launch_sampling(scheduler_output, None, prompt_rows, greedy_sampled=sampled)
             self._unresolved = handle
@@ -374,11 +390,11 @@ class ModelRunner:
             self.model.compute_logits(hidden[logits_indices])
             if self._shares_sampled_ids:
                 # the next step's placeholders read these on every rank (see _launch_sampling)
-                row_ids = [item.request_id for item in scheduler_output.scheduled if item.sample]
-                if row_ids:
-                    sampled = torch.empty(len(row_ids), dtype=torch.int64, device=self.device)
+                layout = SamplingLayout.of(scheduler_output.scheduled)
+                if layout.num_rows:
+                    sampled = torch.empty(layout.num_rows, dtype=torch.int64, device=self.device)
                     self.prev_sampled = tp_broadcast(sampled, src=0)
-                    self.prev_rows = {r: i for i, r in enumerate(row_ids)}
+                    self.prev_rows = layout.plain_rows()
             return None
         logits = self.model.compute_logits(hidden[logits_indices])           # (rows, vocab)
         if scheduler_output.structured_request_ids:
@@ -405,47 +421,50 @@ class ModelRunner:
                          grammar_output: Optional[GrammarOutput] = None) -> StepHandle:
         """greedy_sampled: the rows' argmax ids, already taken on every TP rank (then logits is None);
         grammar_output: the bitmask of the constrained rows."""
-        row_index: list[int] = []          # row of `logits` for each sampling request
-        row_ids: list[str] = []
-        rows: Optional[list[SamplingRow]] = None
+        layout = SamplingLayout.of(scheduler_output.scheduled)
+        drafts = ({item.request_id: item.token_ids[-item.num_spec_tokens:]
+                   for item in scheduler_output.scheduled if item.num_spec_tokens}
+                  if scheduler_output.num_spec_tokens else {})
+        row_index: list[int] = []          # row of `logits` for each sampling row
         cursor = 0
         for item in scheduler_output.scheduled:
             if item.request_id in prompt_rows:
                 cursor += prompt_rows[item.request_id].num_rows
             if item.sample:
-                row_index.append(cursor)
-                row_ids.append(item.request_id)
-                cursor += 1
+                row_index.extend(range(cursor, cursor + 1 + item.num_spec_tokens))
+                cursor += 1 + item.num_spec_tokens
+        rows: Optional[list[SamplingRow]] = None
         sampled = raw_logprobs = host = event = None
-        if row_ids:
+        if layout.num_rows:
             if greedy_sampled is not None:
                 sampled = greedy_sampled
             else:
                 assert logits is not None
                 sample_logits = logits if len(row_index) == logits.shape[0] else logits[row_index]
-                states = [self.requests[r] for r in row_ids]
+                states = [self.requests[r] for r in layout.request_ids]
                 if all(state.plain_greedy for state in states):
                     sampled = sample_logits.argmax(dim=-1)        # greedy without extras: one argmax
                 else:
                     items = {item.request_id: item for item in scheduler_output.scheduled}
-                    rows = [self._sampling_row(state, items[r]) for r, state in zip(row_ids, states)]
-                    mask = self._token_mask(grammar_output, row_ids) if grammar_output is not None else None
+                    rows = [row for r, state in zip(layout.request_ids, states)
+                            for row in self._sampling_rows(state, items[r])]
+                    mask = self._token_mask(grammar_output, layout) if grammar_output is not None else None
                     sampled, raw_logprobs = self.sampler.sample(sample_logits, rows, mask)
             if self._shares_sampled_ids and greedy_sampled is None:
                 # NOTE: async scheduling under TP: the next step's input ids come from this step's
                 # samples on every rank, so rank 0 broadcasts them (on the device, no host sync)
                 sampled = tp_broadcast(sampled.to(torch.int64).contiguous(), src=0)
-            self.prev_sampled, self.prev_rows = sampled, {r: i for i, r in enumerate(row_ids)}
+            self.prev_sampled, self.prev_rows = sampled, layout.plain_rows()
             if self.device.type == "cuda":
                 self._host_slot ^= 1
-                host = self._host_tokens[self._host_slot][: len(row_ids)]
+                host = self._host_tokens[self._host_slot][: layout.num_rows]
                 host.copy_(sampled, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
 
         def resolve() -> ModelRunnerOutput:
             out = ModelRunnerOutput()
-            if row_ids:
+            if layout.num_rows:
                 if event is not None:
                     event.synchronize()
                     tokens = host.tolist()
@@ -453,22 +472,33 @@ class ModelRunner:
                     tokens = sampled.tolist()
                 entries = (self.sampler.to_output(sampled, raw_logprobs, rows, tokens).logprobs
                            if rows is not None else [None] * len(tokens))
-                for request_id, token, entry in zip(row_ids, tokens, entries):
+                for request_id, first, num_spec in layout:
+                    if num_spec:
+                        # the target's samples at [last, d1 .. dK]: keep the drafts they confirm and
+                        # the sample after the last of them
+                        targets = tokens[first:first + 1 + num_spec]
+                        emitted = targets[:accepted_prefix(drafts[request_id], targets) + 1]
+                        out.spec_token_ids[request_id] = emitted
+                        if entries[first] is not None:
+                            out.spec_logprobs[request_id] = entries[first:first + len(emitted)]
+                    else:
+                        emitted = [tokens[first]]
+                        out.sampled_token_ids[request_id] = emitted[0]
+                        if entries[first] is not None:
+                            out.logprobs[request_id] = entries[first]
                     state = self.requests.get(request_id)
                     if state is not None:          # (dropped if it finished while this step ran)
-                        state.output_token_ids.append(token)
-                    out.sampled_token_ids[request_id] = token
-                    if entry is not None:
-                        out.logprobs[request_id] = entry
+                        state.output_token_ids.extend(emitted)
             if prompt_rows:
                 out.prompt_logprobs = self._prompt_logprobs(logits, prompt_rows)
             return out
 
         return StepHandle(resolve)
 
-    def _token_mask(self, grammar_output: GrammarOutput, row_ids: list[str]) -> TokenMask:
-        """The bitmask on the device, and the sampling row each of its rows constrains."""
-        row_of = {request_id: i for i, request_id in enumerate(row_ids)}
+    def _token_mask(self, grammar_output: GrammarOutput, layout: SamplingLayout) -> TokenMask:
+        """The bitmask on the device, and the sampling row each of its rows constrains (a constrained
+        request never verifies drafts: one row each)."""
+        row_of = dict(zip(layout.request_ids, layout.first_rows))
         rows = np.fromiter((row_of[r] for r in grammar_output.request_ids), dtype=np.int64,
                            count=len(grammar_output.request_ids))
         # staged through the step's pinned buffers (no per-step pinned allocation), copied without a sync;
@@ -479,23 +509,34 @@ class ModelRunner:
         return mask
 
     @staticmethod
-    def _sampling_row(state: CachedRequestState, item: ScheduledRequest) -> SamplingRow:
+    def _sampling_rows(state: CachedRequestState, item: ScheduledRequest) -> list[SamplingRow]:
+        """One row per sampled position: the last token's, then one per draft (its position's
+        seed, min_tokens and penalties, which count the drafts before it as output)."""
         params = state.data.sampling_params
         # position of the token being sampled, from the schedule (the host may not know the
         # previous token yet): seeds and min_tokens depend on it, never on what arrived
-        num_out = item.num_computed_tokens + len(item.token_ids) - len(state.data.prompt_token_ids)
+        num_spec = item.num_spec_tokens
+        first_out = item.num_computed_tokens + len(item.token_ids) - num_spec - len(state.data.prompt_token_ids)
         penalties = params.needs_penalties
-        return SamplingRow(
-            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-            seed=state.data.seed, num_output_tokens=num_out,
-            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-            repetition_penalty=params.repetition_penalty,
-            prompt_token_ids=state.data.prompt_token_ids if penalties else None,
-            output_token_ids=state.output_token_ids if penalties else None,
-            logit_bias=params.logit_bias,
-            banned_token_ids=state.data.min_tokens_banned_ids if num_out < params.min_tokens else [],
-            num_logprobs=params.logprobs,
-        )
+        drafts = item.token_ids[len(item.token_ids) - num_spec:]
+        rows = []
+        for j in range(1 + num_spec):
+            num_out = first_out + j
+            output_ids = None
+            if penalties:
+                output_ids = state.output_token_ids + drafts[:j] if j else state.output_token_ids
+            rows.append(SamplingRow(
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                seed=state.data.seed, num_output_tokens=num_out,
+                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                repetition_penalty=params.repetition_penalty,
+                prompt_token_ids=state.data.prompt_token_ids if penalties else None,
+                output_token_ids=output_ids,
+                logit_bias=params.logit_bias,
+                banned_token_ids=state.data.min_tokens_banned_ids if num_out < params.min_tokens else [],
+                num_logprobs=params.logprobs,
+            ))
+        return rows
 
     def _prompt_logprobs(self, logits: torch.Tensor,
                          prompt_rows: dict[str, PromptRows]) -> dict[str, tuple[int, list]]:

@@ -6,6 +6,10 @@ penalties -> grammar mask -> greedy argmax, or temperature -> top-k -> top-p -> 
 Sampling uses the "exponential race" `argmax(p / q), q ~ Exp(1)`, equivalent to drawing from p.
 A row with its own seed draws q from a generator seeded by (seed, output position), so its tokens
 do not depend on what else is in the batch, nor on preemptions; other rows share one generator.
+
+Speculative decoding samples one row per draft position (engine/spec_decode): each row is a
+position of its own here, with its own output position and output ids; `target_probs` gives the
+processed distribution for rejection sampling against a draft distribution.
 """
 from __future__ import annotations
 
@@ -73,15 +77,29 @@ class Sampler:
         # logits: (S, V) float32
         want_logprobs = any(r.num_logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        adjusted = self._apply_biases_and_penalties(logits, rows)
-        if mask is not None:
-            adjusted = adjusted.clone() if adjusted is logits else adjusted     # the caller's logits stay raw
-            apply_token_bitmask_(adjusted, mask.bitmask, mask.rows)
-        logits = adjusted
+        logits = self._adjusted(logits, rows, mask)
         greedy_mask = [r.temperature < 1e-5 for r in rows]
         if all(greedy_mask):
             return logits.argmax(dim=-1), raw_logprobs
         return self._sample(logits, rows, greedy_mask), raw_logprobs
+
+    def target_probs(self, logits: torch.Tensor, rows: list[SamplingRow],
+                     mask: Optional[TokenMask] = None) -> torch.Tensor:
+        """(S, V) the distribution `sample` draws each row from (greedy rows: one-hot on the argmax)."""
+        logits = self._adjusted(logits, rows, mask)
+        greedy_mask = [r.temperature < 1e-5 for r in rows]
+        probs = self._processed_probs(logits, rows, greedy_mask)
+        greedy = torch.tensor(greedy_mask, device=logits.device)
+        one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        return torch.where(greedy[:, None], one_hot, probs)
+
+    def _adjusted(self, logits: torch.Tensor, rows: list[SamplingRow], mask: Optional[TokenMask]) -> torch.Tensor:
+        adjusted = self._apply_biases_and_penalties(logits, rows)
+        if mask is not None:
+            adjusted = adjusted.clone() if adjusted is logits else adjusted     # the caller's logits stay raw
+            apply_token_bitmask_(adjusted, mask.bitmask, mask.rows)
+        return adjusted
 
     def to_output(self, sampled: torch.Tensor, raw_logprobs: Optional[torch.Tensor],
                   rows: list[SamplingRow], token_ids: Optional[list[int]] = None) -> SamplerOutput:
@@ -141,9 +159,28 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], greedy_mask: list[bool]) -> torch.Tensor:
         device = logits.device
+        greedy_tokens = logits.argmax(dim=-1)
+        probs = self._processed_probs(logits, rows, greedy_mask)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(rows) if r.seed is None]
+        if unseeded:
+            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=device,
+                                          dtype=probs.dtype).exponential_(generator=self.shared_generator)
+        for i, row in enumerate(rows):
+            if row.seed is not None:
+                generator = _seeded_generator(row.seed, row.num_output_tokens, device)
+                noise[i].exponential_(generator=generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        greedy = torch.tensor(greedy_mask, device=device)
+        return torch.where(greedy, greedy_tokens, sampled)
+
+    @staticmethod
+    def _processed_probs(logits: torch.Tensor, rows: list[SamplingRow], greedy_mask: list[bool]) -> torch.Tensor:
+        """temperature -> top-k -> top-p -> min-p: (S, V) unnormalised probabilities (greedy rows at
+        temperature 1, their values unused)."""
+        device = logits.device
         temperature = torch.tensor([1.0 if g else r.temperature for r, g in zip(rows, greedy_mask)],
                                    device=device, dtype=logits.dtype)
-        greedy_tokens = logits.argmax(dim=-1)
         scaled = logits / temperature[:, None]
 
         top_k = [r.top_k for r in rows]
@@ -168,16 +205,4 @@ class Sampler:
             m_tensor = torch.tensor(min_p, device=device, dtype=probs.dtype)
             threshold = probs.max(dim=-1, keepdim=True).values * m_tensor[:, None]
             probs = probs.masked_fill(probs < threshold, 0.0)
-
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(rows) if r.seed is None]
-        if unseeded:
-            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=device,
-                                          dtype=probs.dtype).exponential_(generator=self.shared_generator)
-        for i, row in enumerate(rows):
-            if row.seed is not None:
-                generator = _seeded_generator(row.seed, row.num_output_tokens, device)
-                noise[i].exponential_(generator=generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor(greedy_mask, device=device)
-        return torch.where(greedy, greedy_tokens, sampled)
+        return probs

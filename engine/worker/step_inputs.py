@@ -4,6 +4,8 @@
   `PromptRows` of each request asking for prompt logprobs and the async `Placeholders`.
 - `BlockTable`: one row per live request (rows reused as requests come and go), holding its KV block
   ids, so a step's block tables and slot mapping are numpy gathers rather than per-request loops.
+- `SamplingLayout`: which sampling rows each request owns (one, or one per draft position and one
+  more when it verifies drafts).
 - `PinnedStaging`: persistent pinned host buffers; a step's arrays are copied in and sent to the
   device with non-blocking copies. NOTE: reusing a staging buffer is safe because every step ends
   with a device-to-host read of the sampled tokens, which orders it after the previous copies.
@@ -14,12 +16,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from pagoda.kernels.metadata import AttentionMetadata
+
+from ..step import ScheduledRequest
 
 
 class PromptRows(NamedTuple):
@@ -49,6 +53,37 @@ class StepInputs:
                                             # per request its prompt rows, then its sampled row
     prompt_rows: dict[str, PromptRows]      # request id -> its prompt-logprob rows; {} when none asks
     placeholders: Optional[Placeholders]    # None unless the step reads last step's device samples
+
+
+@dataclass
+class SamplingLayout:
+    """The step's sampling rows, request by request in scheduled order: a plain request samples one
+    row (its last token's), a request verifying K drafts samples 1 + K rows (its last token's, then
+    each draft's: row j predicts the token after draft j)."""
+
+    request_ids: list[str]
+    first_rows: list[int]                   # each request's first sampling row
+    num_spec: list[int]                     # each request's drafts (0 = plain)
+    num_rows: int
+
+    @classmethod
+    def of(cls, scheduled: list[ScheduledRequest]) -> "SamplingLayout":
+        request_ids, first_rows, num_spec, num_rows = [], [], [], 0
+        for item in scheduled:
+            if item.sample:
+                request_ids.append(item.request_id)
+                first_rows.append(num_rows)
+                num_spec.append(item.num_spec_tokens)
+                num_rows += 1 + item.num_spec_tokens
+        return cls(request_ids, first_rows, num_spec, num_rows)
+
+    def __iter__(self) -> Iterator[tuple[str, int, int]]:
+        return zip(self.request_ids, self.first_rows, self.num_spec)
+
+    def plain_rows(self) -> dict[str, int]:
+        """request id -> its row, for the requests that sampled one token (the only ones a next
+        step can read a placeholder from: a verifying step is resolved before the next is scheduled)."""
+        return {r: first for r, first, k in self if not k}
 
 
 class BlockTable:
