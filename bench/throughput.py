@@ -137,9 +137,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="fp8: FP8 W8A8 quantized at load; gptq/awq: a random-weight shape's config.json says 4-bit "
                         "weights in groups of 128 (a real checkpoint path carries its own quantization_config)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
-    p.add_argument("--compare-unquantized", action="store_true",
-                   help="with --quantization / --kv-cache-dtype: first run the same workload unquantized (the "
-                        "baseline, its own engine), then quantized, and report the ratio")
+    p.add_argument("--speculative-config", default=None,
+                   help='speculative decoding, as the engine takes it, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4}\'')
+    p.add_argument("--compare-baseline", "--compare-unquantized", dest="compare_baseline", action="store_true",
+                   help="with --quantization / --kv-cache-dtype / --speculative-config: first run the same workload "
+                        "without them (the baseline, its own engine), then with them, and report the ratio")
     p.add_argument("--ceilings", default="auto", choices=("auto", "on", "off"),
                    help="measure copy bandwidth and matmul rate first: auto = on CUDA only; 'on' on CPU uses "
                         "small sizes (indicative only)")
@@ -165,13 +168,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--hf-subset must be >= 1, got {args.hf_subset}")
     if args.compare_prefix_caching and args.no_prefix_caching:
         p.error("--compare-prefix-caching runs both; drop --no-prefix-caching")
-    if args.compare_unquantized and args.quantization is None and args.kv_cache_dtype == "auto":
-        p.error("--compare-unquantized needs --quantization or --kv-cache-dtype fp8")
-    if args.compare_unquantized and args.quantization in ("gptq", "awq") and not args.model.endswith("-random"):
-        p.error(f"--compare-unquantized with --quantization {args.quantization} needs a random-weight shape "
+    if args.compare_baseline and args.quantization is None and args.kv_cache_dtype == "auto" \
+            and args.speculative_config is None:
+        p.error("--compare-baseline needs --quantization, --kv-cache-dtype fp8 or --speculative-config")
+    if args.compare_baseline and args.quantization in ("gptq", "awq") and not args.model.endswith("-random"):
+        p.error(f"--compare-baseline with --quantization {args.quantization} needs a random-weight shape "
                 f"(--model ...-random): a real {args.quantization} checkpoint has no unquantized twin here")
-    if args.compare_unquantized and args.compare_prefix_caching:
-        p.error("--compare-unquantized and --compare-prefix-caching each run two engines; pick one")
+    if args.compare_baseline and args.compare_prefix_caching:
+        p.error("--compare-baseline and --compare-prefix-caching each run two engines; pick one")
     if args.baseline == "hf" and args.tp > 1:
         p.error("--baseline hf runs on one GPU; it cannot be combined with --tp > 1")
     return args
@@ -242,14 +246,16 @@ def _hf_config(bench_model: BenchModel) -> Any:
 
 
 def run_pagoda(args: argparse.Namespace, bench_model: BenchModel, requests: Sequence[BenchRequest],
-               vocab_size: int, enable_prefix_caching: bool, label: str, quantized: bool = True) -> RunResult:
+               vocab_size: int, enable_prefix_caching: bool, label: str, variant: bool = True) -> RunResult:
     """Starts an engine, warms it up, times one `generate` of all `requests`, shuts the engine down.
-    `quantized=False`: without --quantization / --kv-cache-dtype (the --compare-unquantized baseline)."""
+    `variant=False`: without --quantization / --kv-cache-dtype / --speculative-config (the --compare-baseline
+    baseline)."""
     from pagoda.engine import LLM, SamplingParams
 
     # NOTE: passed as given even for a pre-quantized checkpoint: the engine refuses a checkpoint quantized
     # otherwise, so a run is never labelled with a format it did not use
-    quantization = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype} if quantized else {}
+    quantization = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+                    "speculative_config": args.speculative_config} if variant else {}
     start = time.perf_counter()
     llm = LLM(
         **quantization,
@@ -314,6 +320,14 @@ def run_pagoda(args: argparse.Namespace, bench_model: BenchModel, requests: Sequ
         "num_steps": after.num_steps - before.num_steps,
         "num_blocks": after.num_blocks,
     }
+    drafts = after.spec_decode_num_draft_tokens - before.spec_decode_num_draft_tokens
+    if drafts:
+        accepted = after.spec_decode_num_accepted_tokens - before.spec_decode_num_accepted_tokens
+        verifications = after.spec_decode_num_drafts - before.spec_decode_num_drafts
+        stats.update(spec_draft_tokens=drafts, spec_accepted_tokens=accepted,
+                     spec_acceptance_rate=accepted / drafts,
+                     # tokens a verification step produced per request: the accepted drafts + the target's own
+                     spec_mean_acceptance_length=1 + accepted / verifications if verifications else None)
     return RunResult(label, wall, len(requests), total_prompt_tokens(requests), total_output_tokens(requests),
                      load_s=load_s, ttft_s=ttft, decode_tok_per_s=decode_tok_per_s, stats=stats)
 
@@ -405,7 +419,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     bench_model = resolve_bench_model(args.model, dtype=str(dtype).removeprefix("torch."), quantization=args.quantization)
     hf_config = _hf_config(bench_model)
     vocab_size = int(hf_config.vocab_size)
-    requests = make_workload(args.workload, vocab_size, args.num_prompts)
+    tokenizer = None
+    if args.workload == "copy":
+        from pagoda.engine.model_loader.model_source import resolve_model
+        from pagoda.engine.processing.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(resolve_model(bench_model.model))
+    requests = make_workload(args.workload, vocab_size, args.num_prompts, tokenizer=tokenizer)
     shape = ModelShape.from_hf_config(hf_config, dtype_bytes=torch.tensor([], dtype=dtype).element_size())
     commit = _commit()
     print(f"pagoda bench: model {bench_model.name} ({shape.num_params / 1e9:.2f} B params, "
@@ -431,11 +451,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     served_shape = shape.quantized(args.quantization, args.kv_cache_dtype)
     label = "pagoda" + (f" {args.quantization}" if args.quantization else "") + \
         (" kv-fp8" if args.kv_cache_dtype == "fp8" else "")
-    baseline_label = "pagoda unquantized"
+    label += " speculative" if args.speculative_config else ""
+    baseline_label = "pagoda baseline"
     floors: dict[str, float] = {}
     floor = roofline = None
     if ceilings is not None:
-        runs = [(label, served_shape)] + ([(baseline_label, shape)] if args.compare_unquantized else [])
+        runs = [(label, served_shape)] + ([(baseline_label, shape)] if args.compare_baseline else [])
         for run_label, run_shape in runs:
             if args.workload == "batch1":
                 roofline = floors[run_label] = batch1_roofline(run_shape, ceilings, args.tp)
@@ -461,21 +482,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             results.append(run_pagoda(args, bench_model, requests, vocab_size, False, "pagoda cache off"))
         else:
             caching = not args.no_prefix_caching
-            if args.compare_unquantized:
+            if args.compare_baseline:
                 # a pre-quantized random shape carries its quantization_config: the baseline needs a plain one
                 plain = resolve_bench_model(args.model, dtype=str(dtype).removeprefix("torch.")) \
                     if args.quantization in ("gptq", "awq") else bench_model
-                results.append(run_pagoda(args, plain, requests, vocab_size, caching, baseline_label, quantized=False))
+                results.append(run_pagoda(args, plain, requests, vocab_size, caching, baseline_label, variant=False))
             results.append(run_pagoda(args, bench_model, requests, vocab_size, caching,
                                       label if caching else f"{label} cache off"))
-            if args.compare_unquantized:
+            if args.compare_baseline:
                 base, served = results[0], results[1]
                 key = "decode" if args.workload == "batch1" else "output"
                 base_rate = base.decode_tok_per_s if key == "decode" else base.output_tok_per_s
                 served_rate = served.decode_tok_per_s if key == "decode" else served.output_tok_per_s
                 if base_rate and served_rate:
-                    comparisons["quantized_over_unquantized"] = served_rate / base_rate
-                    print(f"{label} vs unquantized: {served_rate:,.1f} vs {base_rate:,.1f} {key} tok/s = "
+                    comparisons["variant_over_baseline"] = served_rate / base_rate
+                    print(f"{label} vs baseline: {served_rate:,.1f} vs {base_rate:,.1f} {key} tok/s = "
                           f"{served_rate / base_rate:.2f}x")
         for r in results:
             print(f"[{r.label}] {r.wall_s:.2f} s, {r.output_tok_per_s:,.1f} output tok/s, "

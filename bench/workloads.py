@@ -15,6 +15,10 @@ Every request runs with EOS ignored, so it produces exactly `output_len` tokens.
   first can reuse all of it.
 - batch1: one request, a short prompt (32 ids from Random(0), randint(0, vocab_size - 1)), 256 output
   tokens: decode speed against the weight-bandwidth roofline.
+- copy: a real model (it needs the tokenizer) asked to repeat a passage of its prompt: request i gets
+  sonnet i + 1 of `bench/data/sonnets.txt` in a chat message, "Repeat this poem exactly" (odd i: "...
+  with 'thee' and 'thou' written 'you'", a light edit); output length = the sonnet's token count. 8
+  requests by default (run 1 to 8 of them); n-gram speculation finds its drafts in the prompt.
 
 A smaller `num_requests` for W256 / S64 keeps the first requests of the full workload (the draws are
 sequential, so the first N requests do not depend on N).
@@ -22,10 +26,12 @@ sequential, so the first N requests do not depend on N).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
-WORKLOADS = ("w256", "s64", "shared-prefix", "batch1")
+WORKLOADS = ("w256", "s64", "shared-prefix", "batch1", "copy")
 
 W256_NUM_REQUESTS = 256
 W256_PROMPT_TOKENS = 144_262
@@ -93,7 +99,26 @@ def make_batch1(vocab_size: int, prompt_len: int = 32, output_len: int = 256) ->
     return [BenchRequest([rng.randint(0, vocab_size - 1) for _ in range(prompt_len)], output_len)]
 
 
-def make_workload(name: str, vocab_size: Optional[int], num_requests: Optional[int] = None) -> list[BenchRequest]:
+def make_copy(tokenizer: Any, num_requests: int = 8) -> list[BenchRequest]:
+    """The copy workload (module docstring): chat prompts through the model's own template."""
+    from pagoda.engine.processing.tokenizer import apply_chat_template
+
+    text = (Path(__file__).resolve().parent / "data" / "sonnets.txt").read_text(encoding="utf-8")
+    sonnets = [part.strip() for part in re.split(r"\n\s*[IVXLC]+\s*\n", text)[1:] if part.strip()]
+    if num_requests > len(sonnets):
+        raise ValueError(f"the copy workload has {len(sonnets)} passages; num_requests={num_requests} is more")
+    requests = []
+    for i, sonnet in enumerate(sonnets[:num_requests]):
+        ask = ("Repeat this poem exactly, with nothing before or after it:" if i % 2 == 0 else
+               "Repeat this poem exactly, but write 'thee' and 'thou' as 'you', with nothing before or after it:")
+        prompt = apply_chat_template(tokenizer, [{"role": "user", "content": f"{ask}\n\n{sonnet}"}])
+        output_len = len(tokenizer(sonnet, add_special_tokens=False)["input_ids"])
+        requests.append(BenchRequest(list(prompt), output_len))
+    return requests
+
+
+def make_workload(name: str, vocab_size: Optional[int], num_requests: Optional[int] = None,
+                  tokenizer: Any = None) -> list[BenchRequest]:
     """The workload `name` (one of WORKLOADS), optionally with another number of requests.
 
     W256's ids do not depend on the vocabulary: for it `vocab_size` may be None or 0 (unknown), and
@@ -113,6 +138,10 @@ def make_workload(name: str, vocab_size: Optional[int], num_requests: Optional[i
         if num_requests not in (None, 1):
             raise ValueError(f"the batch1 workload is one request; got num_requests={num_requests!r}")
         return make_batch1(vocab_size)
+    if name == "copy":
+        if tokenizer is None:
+            raise ValueError("the copy workload needs the model's tokenizer (a real model, e.g. --model default)")
+        return make_copy(tokenizer, num_requests or 8)
     raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
 
 

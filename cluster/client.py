@@ -228,8 +228,15 @@ class ClusterEngineClient:
         for report in self.reports():
             stats = report.stats
             for name in ("num_running", "num_waiting", "num_blocks", "num_free_blocks", "prefix_cache_queries",
-                         "prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens", "num_steps"):
+                         "prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens", "num_steps",
+                         "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens"):
                 setattr(total, name, getattr(total, name) + getattr(stats, name))
+            per_position = stats.spec_decode_num_accepted_tokens_per_pos
+            if len(per_position) > len(total.spec_decode_num_accepted_tokens_per_pos):
+                total.spec_decode_num_accepted_tokens_per_pos += \
+                    [0] * (len(per_position) - len(total.spec_decode_num_accepted_tokens_per_pos))
+            for position, count in enumerate(per_position):
+                total.spec_decode_num_accepted_tokens_per_pos[position] += count
             used_blocks += round(stats.kv_cache_usage * stats.num_blocks)
         total.kv_cache_usage = used_blocks / total.num_blocks if total.num_blocks else 0.0
         return total

@@ -233,3 +233,21 @@ def test_weak_scaling_copies_of_w256():
     doubled = _scaled(base, args, 2)
     assert len(doubled) == 512 and doubled[0::2] == base and doubled[1::2] == make_w256(seed=1)
     assert _scaled(base, argparse.Namespace(per_replica=False, workload="w256"), 2) is base
+
+
+def test_copy_workload_repeats_passages_of_its_prompt():
+    """Each request asks the model to repeat a sonnet that its prompt holds; output length = the sonnet's tokens."""
+    from model_factory import build_tiny_tokenizer
+
+    from bench.workloads import make_copy
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    requests = make_workload("copy", None, 3, tokenizer=tokenizer)
+    assert len(requests) == 3 and requests == make_copy(tokenizer, 3)
+    for request in requests:
+        assert 50 < request.output_len < request.prompt_len
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        make_workload("copy", None, 1)
+    with pytest.raises(ValueError, match="num_requests=99"):
+        make_copy(tokenizer, 99)
