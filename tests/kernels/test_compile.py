@@ -9,46 +9,11 @@ the other tests compile the kernels for real and this one is skipped.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from triton_compile import compile_launches
 
-SCRIPT = textwrap.dedent('''
-    import sys
-    import torch
-    try:
-        import triton.runtime.jit as jit
-        from triton import knobs
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource, compile, make_backend
-        jit.create_function_from_signature, jit.JITFunction._pack_args
-    except (ImportError, AttributeError) as error:
-        print("SKIP", error)
-        sys.exit(0)
-
-    compiled = []
-
-    def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
-        kwargs["debug"] = False
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-        for arch in ARCHS:
-            target = GPUTarget("cuda", arch, 32)
-            backend = make_backend(target)
-            binder = jit.create_function_from_signature(self.signature, self.params, backend)
-            bound_args, specialization, options = binder(*args, **kwargs)
-            options, signature, constexprs, attrs = self._pack_args(
-                backend, kwargs, bound_args, specialization, options)
-            kernel = compile(ASTSource(self, signature, constexprs, attrs), target=target, options=options.__dict__)
-            assert kernel.asm["cubin"], (self.__name__, arch)
-            compiled.append(f"{self.__name__}@sm_{arch}")
-
-    ARCHS = (80, 90)
-    jit.JITFunction.run = compile_instead_of_launch
+LAUNCHES = '''
 
     from pagoda.kernels import activation_triton, attention_triton, cache_triton, norm_triton, rotary_triton
     from pagoda.kernels.metadata import AttentionMetadata
@@ -79,8 +44,8 @@ SCRIPT = textwrap.dedent('''
     norm_triton.fused_add_rms_norm(x, x, x[0], 1e-5)
     rotary_triton.apply_rotary(torch.arange(4), torch.zeros(4, 32, 128, dtype=bf16), key, torch.zeros(8, 128))
     activation_triton.silu_and_mul(torch.zeros(4, 2 * 14336, dtype=bf16))
-    print("COMPILED", " ".join(compiled))
-''')
+'''
+
 
 EXPECTED = ["_prefill_kernel", "_decode_kernel", "_decode_reduce_kernel", "_reshape_and_cache_kernel",
             "_rms_norm_kernel", "_fused_add_rms_norm_kernel", "_rotary_kernel", "_silu_and_mul_kernel"]
@@ -88,12 +53,63 @@ EXPECTED = ["_prefill_kernel", "_decode_kernel", "_decode_reduce_kernel", "_resh
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other kernel tests compile for real")
 def test_kernels_compile_for_sm80_and_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    last = result.stdout.strip().splitlines()[-1]
-    if last.startswith("SKIP"):
-        pytest.skip(f"Triton internals moved: {last}")
-    compiled = set(last.split()[1:])
+    compiled = compile_launches(LAUNCHES, (80, 90))
+    if compiled is None:
+        pytest.skip("Triton internals moved")
     missing = [f"{name}@sm_{arch}" for name in EXPECTED for arch in (80, 90) if f"{name}@sm_{arch}" not in compiled]
     assert not missing, f"not compiled: {missing}"
+
+
+# the kernels that need FP8 hardware (e4m3 conversions): FP8 W8A8 and the FP8 KV cache, for sm_89 and sm_90
+FP8_LAUNCHES = '''
+    from pagoda.kernels import attention_triton, cache_triton, fp8_triton, weight_only_triton
+    from pagoda.kernels.metadata import AttentionMetadata
+
+    w = torch.zeros(4096, 4096, dtype=torch.float8_e4m3fn)
+    for dtype in (torch.bfloat16, torch.float32):
+        for m in (1, 64):            # the decode tiles; the large-M tiles (no cuBLAS on this machine)
+            x = torch.zeros(m, 4096, dtype=dtype)
+            fp8_triton.fp8_linear(x, w, torch.ones(4096), torch.ones(1), torch.zeros(4096, dtype=dtype))
+            fp8_triton.fp8_linear(x, w, torch.ones(4096))
+    fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    key = torch.zeros(4, 8, 128, dtype=bf16)
+    cache = torch.zeros(64, 16, 8, 128, dtype=fp8)
+    scale = torch.ones(1, dtype=torch.float32)
+    cache_triton.reshape_and_cache(key, key, cache, cache, torch.arange(4), k_scale=scale, v_scale=scale)
+    qsl = torch.tensor([0, 1, 301], dtype=torch.int32)
+    prefill = AttentionMetadata(slot_mapping=torch.zeros(301, dtype=torch.int64), query_start_loc=qsl,
+                                seq_lens=torch.tensor([40, 500], dtype=torch.int32),
+                                block_tables=torch.zeros(2, 64, dtype=torch.int32), max_query_len=300, max_seq_len=500)
+    query = torch.zeros(301, 32, 128, dtype=bf16)
+    attention_triton.paged_attention(query, cache, cache, prefill, 0.1, k_scale=scale, v_scale=scale)
+'''
+
+# the weight-only GEMM (no FP8): sm_80 and sm_90, int4 and int8, the multiply-add and tensor-core paths
+WEIGHT_ONLY_LAUNCHES = '''
+    from pagoda.kernels import weight_only_triton
+    from pagoda.kernels.weight_only import GroupQuantWeight
+
+    for bits, group in ((4, 128), (8, 32)):
+        weight = GroupQuantWeight(torch.zeros(4096, 4096 * bits // 8, dtype=torch.uint8), bits, group,
+                                  torch.ones(4096, 4096 // group, dtype=torch.float16), zero=8)
+        for m in (1, 16, 256):
+            weight_only_triton.weight_only_linear(torch.zeros(m, 4096, dtype=torch.bfloat16), weight)
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other kernel tests compile for real")
+def test_fp8_kernels_compile_for_sm89_and_sm90():
+    compiled = compile_launches(FP8_LAUNCHES, (89, 90))
+    if compiled is None:
+        pytest.skip("Triton internals moved")
+    expected = {f"{name}@sm_{arch}" for name in ("_quantize_kernel", "_fp8_gemm_kernel", "_reshape_and_cache_kernel",
+                                                "_prefill_kernel") for arch in (89, 90)}
+    assert expected <= compiled, f"not compiled: {sorted(expected - compiled)}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other kernel tests compile for real")
+def test_weight_only_gemm_compiles_for_sm80_and_sm90():
+    compiled = compile_launches(WEIGHT_ONLY_LAUNCHES, (80, 90))
+    if compiled is None:
+        pytest.skip("Triton internals moved")
+    assert {"_weight_only_gemm_kernel@sm_80", "_weight_only_gemm_kernel@sm_90"} <= compiled, compiled
