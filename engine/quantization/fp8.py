@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pagoda.kernels.fp8 import FP8_DTYPE, FP8_MAX, fp8_linear, quantize_weight_per_channel
 
-from .base import LinearMethod, ParamLayout, QuantizationConfig, UnquantizedLinearMethod, new_param
+from .base import LinearMethod, ParamLayout, QuantizationConfig, UnquantizedLinearMethod, new_param, set_layout
 
 # our fused linear layers and the checkpoint modules each one holds (models/llama.py's mapping)
 FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -93,9 +93,13 @@ class Fp8LinearMethod(LinearMethod):
         out_features, shards = sum(output_sizes), len(output_sizes)
         per_shard = ParamLayout(output_dim=None, input_dim=None, per_shard=True)
         if self.scheme.weights == "online":
-            layer.weight = new_param((out_features, in_features), dtype, ParamLayout())
-            # quantized as soon as its last shard is in, so loading never holds the whole model twice
-            layer.weight.weight_loader = _QuantizeWhenLoaded(layer, shards)
+            # NOTE: no memory until the checkpoint's first shard arrives (the loader allocates it), and
+            # quantized as soon as the last one is in: the model-dtype weights of one layer at a time
+            # exist, never the whole model's (which may not fit the GPU the FP8 model fits)
+            device = self.device = torch.get_default_device()
+            layer.weight = set_layout(nn.Parameter(torch.empty((out_features, in_features), dtype=dtype,
+                                                               device="meta"), requires_grad=False), ParamLayout())
+            layer.weight.weight_loader = _QuantizeWhenLoaded(layer, shards, device)
         else:
             layer.weight = new_param((out_features, in_features), FP8_DTYPE, ParamLayout())
             if self.scheme.weights == "tensor":
@@ -123,7 +127,7 @@ class Fp8LinearMethod(LinearMethod):
         +-DUMMY_WEIGHT_RANGE; loaded as if from a checkpoint of this scheme (so process_weights
         turns them into the final layout like real ones)."""
         out_features, in_features = layer.weight.shape
-        device = layer.weight.device
+        device = self.device if layer.weight.is_meta else layer.weight.device
         weight = torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device)
         for start in range(0, out_features, 4096):
             rows = weight[start:start + 4096]
@@ -149,12 +153,16 @@ class _QuantizeWhenLoaded:
     """The online weight's loader: the layer's own loader, then, once every shard is in, the
     quantization (and the model-dtype copy is freed right away, not after the whole model)."""
 
-    def __init__(self, layer: nn.Module, num_shards: int) -> None:
-        self.layer, self.num_shards = layer, num_shards
+    def __init__(self, layer: nn.Module, num_shards: int, device: torch.device) -> None:
+        self.layer, self.num_shards, self.device = layer, num_shards, device
         self.loaded: set[Any] = set()
 
     def __call__(self, param: nn.Parameter, weight: Any, shard_id: Any = None) -> None:
-        self.layer.weight_loader(param, weight, shard_id)
+        if self.layer.weight.is_meta:           # the layer's first shard: its model-dtype room, now
+            real = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=self.device), requires_grad=False)
+            real.weight_loader = self  # type: ignore[attr-defined]
+            self.layer.weight = set_layout(real, ParamLayout())
+        self.layer.weight_loader(self.layer.weight, weight, shard_id)
         self.loaded.add(shard_id)
         if len(self.loaded) == self.num_shards:
             _quantize_layer(self.layer)

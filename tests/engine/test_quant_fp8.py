@@ -400,3 +400,15 @@ def test_fp8_checkpoint_ignored_layers():
         config.linear_method("model.layers.0.mlp.gate_up_proj")
     with pytest.raises(ValueError, match=r"activation_scheme"):
         Fp8Config.from_checkpoint({"quant_method": "fp8", "activation_scheme": "per-token"})
+
+
+def test_online_fp8_holds_no_model_dtype_weights_before_loading(tiny_checkpoint):
+    """The model-dtype weights of a layer exist only between its first loaded shard and its quantization:
+    a freshly built model holds none (so a model that fits in FP8 never needs its bf16 size)."""
+    from pagoda.engine.models.llama import LlamaForCausalLM
+
+    config = transformers.AutoConfig.from_pretrained(tiny_checkpoint(TinyModelSpec()))
+    model = LlamaForCausalLM(config, 64, torch.float32, Fp8Config.online())
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    assert linears and all(layer.weight.is_meta for layer in linears)
+    assert not any(p.is_meta for name, p in model.named_parameters() if ".weight" in name and "proj" not in name)
