@@ -367,12 +367,18 @@ def format_status(app_name: str, app_status: str, deployments: dict[str, tuple[s
     for name, (deployment_status, replica_states) in sorted(deployments.items()):
         states = ", ".join(f"{count} {state}" for state, count in sorted(replica_states.items())) or "-"
         lines.append(f"{name:<28} {deployment_status:<12} {states}")
+    # the speculative-decoding column only where some replica verified drafts
+    speculating = any(row.get("spec_draft_tokens") for row in rows)
     lines += ["", f"{'MODEL':<20} {'REPLICA':<10} {'HEALTH':<9} {'WAITING':>7} {'RUNNING':>7} {'KV USE':>7} "
-                  f"{'PREFIX HIT':>10} {'STEPS':>8}"]
+                  f"{'PREFIX HIT':>10} {'STEPS':>8}" + (f" {'SPEC ACCEPT':>11}" if speculating else "")]
     for row in rows:
-        lines.append(f"{row['model']:<20} {row['replica']:<10} {'ok' if row['healthy'] else 'UNHEALTHY':<9} "
-                     f"{row['waiting']:>7} {row['running']:>7} {row['kv_cache_usage']:>6.1%} "
-                     f"{row['prefix_cache_hit_rate']:>10.1%} {row['num_steps']:>8}")
+        line = (f"{row['model']:<20} {row['replica']:<10} {'ok' if row['healthy'] else 'UNHEALTHY':<9} "
+                f"{row['waiting']:>7} {row['running']:>7} {row['kv_cache_usage']:>6.1%} "
+                f"{row['prefix_cache_hit_rate']:>10.1%} {row['num_steps']:>8}")
+        if speculating:
+            drafts = row.get("spec_draft_tokens") or 0
+            line += f" {row.get('spec_accepted_tokens', 0) / drafts:>11.1%}" if drafts else f" {'-':>11}"
+        lines.append(line)
     if not rows:
         lines.append("(no replica has reported yet)")
     return "\n".join(lines)

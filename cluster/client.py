@@ -278,6 +278,9 @@ class ClusterEngineClient:
                     "prefix_cache_queries": stats.prefix_cache_queries, "prefix_cache_hits": stats.prefix_cache_hits,
                     "prompt_tokens": stats.prompt_tokens, "generation_tokens": stats.generation_tokens,
                     "num_steps": stats.num_steps, "reported_at": report.reported_at,
+                    # speculative decoding: drafts verified and accepted (0 when it is off)
+                    "spec_draft_tokens": stats.spec_decode_num_draft_tokens,
+                    "spec_accepted_tokens": stats.spec_decode_num_accepted_tokens,
                 })
         return rows
 

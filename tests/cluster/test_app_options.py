@@ -162,6 +162,16 @@ def test_status_table():
     assert "model-a" in text and "2 RUNNING" in text
     [line] = [line for line in text.splitlines() if line.startswith("a ")]
     assert line.split() == ["a", "r1", "ok", "3", "5", "25.0%", "50.0%", "77"]
+    assert "SPEC ACCEPT" not in text                      # no replica speculates: no column
+    speculating = cluster_cli.format_status(
+        "pagoda", "RUNNING", {"model-a": ("HEALTHY", {"RUNNING": 2})},
+        [{"model": "a", "replica": "r1", "healthy": True, "waiting": 0, "running": 1, "kv_cache_usage": 0.1,
+          "prefix_cache_hit_rate": 0.0, "num_steps": 9, "spec_draft_tokens": 40, "spec_accepted_tokens": 30},
+         {"model": "a", "replica": "r2", "healthy": True, "waiting": 0, "running": 0, "kv_cache_usage": 0.0,
+          "prefix_cache_hit_rate": 0.0, "num_steps": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}])
+    assert "SPEC ACCEPT" in speculating
+    r1, r2 = [line.split() for line in speculating.splitlines() if line.startswith("a ")]
+    assert r1[-1] == "75.0%" and r2[-1] == "-"
 
 
 def test_metrics_are_merged_with_a_replica_label():
