@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--asymmetric", action="store_true", help="zero points per group (as GGUF's Q4_1 has mins)")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=512)
     args = p.parse_args()
@@ -94,7 +95,7 @@ def main() -> None:
                                  "attention_mask": [e["attention_mask"] for e in encoded]})
     recipe = GPTQModifier(targets="Linear", ignore=["lm_head"], config_groups={"group_0": {
         "targets": ["Linear"],
-        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+        "weights": {"num_bits": 4, "type": "int", "symmetric": not args.asymmetric, "strategy": "group",
                     "group_size": args.group_size}}})
     oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=args.max_seq_len,
             num_calibration_samples=len(texts))
