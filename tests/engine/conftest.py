@@ -59,3 +59,15 @@ def token_prompts(count: int = 10, vocab: int = 400, seed: int = 0) -> list[list
     rng = random.Random(seed)
     lengths = [1, 3, 7, 16, 17, 31, 33, 48, 64, 70][:count] + [rng.randint(2, 60) for _ in range(max(0, count - 10))]
     return [[rng.randint(3, vocab - 1) for _ in range(n)] for n in lengths]
+
+
+def hf_greedy_generate(model: Any, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy continuation of `prompt` (EOS ignored) and the log-probability of each
+    token it generated (its cached decode), the reference the engine's outputs are checked against."""
+    import torch
+
+    model.generation_config.eos_token_id = None
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    return tokens, [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import greedy, token_prompts
+from conftest import greedy, hf_greedy_generate, token_prompts
 from model_factory import TinyModelSpec
 
 from pagoda.engine import LLM, EngineArgs
@@ -152,16 +152,12 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int
     """Per prompt: transformers' greedy tokens, its teacher-forced prompt log-probabilities (one
     forward) and the log-probabilities of the tokens it generated (cached decode)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.generation_config.eos_token_id = None
     results = []
     for prompt in prompts:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        tokens = out.sequences[0, len(prompt):].tolist()
+        tokens, generated = hf_greedy_generate(model, prompt, max_new_tokens)
         with torch.no_grad():
             prompt_lp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
         prompt_side = [prompt_lp[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
-        generated = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
         results.append((tokens, prompt_side, generated))
     return results
 

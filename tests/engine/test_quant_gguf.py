@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import greedy, token_prompts
+from conftest import greedy, hf_greedy_generate, token_prompts
 from model_factory import TinyModelSpec
 
 from pagoda.engine import LLM
@@ -306,14 +306,7 @@ def test_float_weights_stay_unquantized(tiny_gguf):
 def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                               dtype=torch.float32, local_files_only=True)
-    model.generation_config.eos_token_id = None
-    results = []
-    for prompt in prompts:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        tokens = out.sequences[0, len(prompt):].tolist()
-        results.append((tokens, [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.logits, tokens)]))
-    return results
+    return [hf_greedy_generate(model, prompt, max_new_tokens) for prompt in prompts]
 
 
 def chosen_logprobs(output) -> list[float]:
