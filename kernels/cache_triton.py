@@ -9,7 +9,7 @@ An FP8 cache (`FP8` constexpr, so the other dtypes compile the plain copy) store
 value / scale saturated to +-448 and rounded to nearest even: IEEE division (`div_rn`, as torch
 divides) and the hardware's rounding cast on the GPU. The Triton interpreter's float -> fp8 cast
 rounds ties up and drops the carry into the exponent (125.5 -> 64), so under the interpreter the
-value is first rounded onto the e4m3 grid in fp32 (`_round_to_e4m3`), which makes the cast exact.
+value is first rounded onto the e4m3 grid in fp32 (`e4m3_triton.round_to_e4m3`), which makes the cast exact.
 """
 from __future__ import annotations
 
@@ -20,24 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .e4m3_triton import round_to_e4m3
 from .kv_quant import check_scales, is_fp8
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CACHE_DTYPES = _DTYPES + (torch.float8_e4m3fn,)
-
-
-@triton.jit
-def _round_to_e4m3(x):
-    """fp32 x in [-448, 448] -> the nearest e4m3 value (ties to even), still in fp32.
-
-    The e4m3 spacing at x is 2^(max(exponent(x), -6) - 3) (below 2^-6 the subnormal spacing
-    2^-9); x / spacing is then < 16, and adding and subtracting 1.5 * 2^23 rounds it to an integer
-    by fp32 round-to-nearest-even."""
-    ax = tl.abs(x)
-    exponent = tl.maximum(((ax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
-    spacing = ((exponent + 124) << 23).to(tl.float32, bitcast=True)        # 2^(exponent - 3)
-    rounded = ((ax / spacing + 12582912.0) - 12582912.0) * spacing
-    return tl.where(x < 0, -rounded, rounded)
 
 
 @triton.jit
@@ -47,7 +34,7 @@ def _to_cache(x, scale, cache_ptr, FP8: tl.constexpr, FP8_SOFT_ROUND: tl.constex
         x = tl.math.div_rn(x.to(tl.float32), scale)
         x = tl.minimum(tl.maximum(x, -448.0), 448.0)                       # kv_quant.FP8_MAX
         if FP8_SOFT_ROUND:
-            x = _round_to_e4m3(x)
+            x = round_to_e4m3(x)
     return x.to(cache_ptr.dtype.element_ty)
 
 

@@ -22,9 +22,8 @@ from typing import Optional
 import torch
 
 from .backend import use_triton
+from .kv_quant import FP8_DTYPE, FP8_MAX  # e4m3 and its largest finite value (448)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
 # NOTE: a token whose largest |x| is below this (an all-zero row) gets the scale of this amax
 # instead of 0, so dividing by the scale never makes a NaN; its values stay exact in FP8 anyway.
 MIN_AMAX = 1e-12

@@ -21,7 +21,7 @@ Quantization matches the reference bit for bit: float32 `amax / 448` and `x / sc
 divisions (tl.div_rn), clamping to +-448, round-to-nearest-even to e4m3. NOTE: the Triton
 interpreter's float32 -> fp8 conversion truncates, loses its mantissa carry and flushes subnormals,
 so under TRITON_INTERPRET=1 the value is first rounded exactly in float32 arithmetic
-(`_round_to_e4m3`) and the cast only re-encodes it; a GPU uses its round-to-nearest-even cast.
+(`e4m3_triton.round_to_e4m3`) and the cast only re-encodes it; a GPU uses its round-to-nearest-even cast.
 """
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-# NOTE: fp8.py's constants, restated rather than imported: fp8.py imports this module (its
-# dispatch), and kernels/ keeps its imports one way. A test checks they agree.
-FP8_DTYPE = torch.float8_e4m3fn
+from .e4m3_triton import round_to_e4m3
+from .kv_quant import FP8_DTYPE
+
+# NOTE: fp8.py's MIN_AMAX, restated rather than imported: fp8.py imports this module (its dispatch),
+# and kernels/ keeps its imports one way. A test checks they agree.
 MIN_AMAX = 1e-12
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,18 +45,6 @@ SMALL_M = 16
 # decided when the module is imported, as @triton.jit itself decides interpreter or compiler then
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_QUANT_BLOCK = 8192        # elements of one token the quantization kernel holds at a time
-
-
-@triton.jit
-def _round_to_e4m3(x):
-    """x (float32, already within +-448) rounded to the nearest e4m3 value, ties to even, in
-    float32 arithmetic: adding 2^23 e4m3-ulps of |x| makes float32's own rounding unit that ulp."""
-    bits = x.to(tl.int32, bitcast=True)
-    exponent = (bits >> 23) & 0xFF
-    exponent = tl.maximum(exponent, 127 - 6)          # e4m3 subnormals share the ulp 2^-9
-    magic = ((exponent + 20) << 23).to(tl.float32, bitcast=True)    # 2^23 * 2^(exponent - 127 - 3)
-    rounded = ((tl.abs(x) + magic) - magic).to(tl.int32, bitcast=True)
-    return (rounded | (bits & -2147483648)).to(tl.float32, bitcast=True)            # x's sign, -0 included
 
 
 @triton.jit
@@ -88,7 +78,7 @@ def _quantize_kernel(
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         q = tl.clamp(tl.div_rn(x, scale), -448.0, 448.0)
         if EXACT_ROUND:
-            q = _round_to_e4m3(q)
+            q = round_to_e4m3(q)
         tl.store(out_ptr + row * K + cols, q.to(tl.float8e4nv), mask=mask)
 
 

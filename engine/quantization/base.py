@@ -46,6 +46,19 @@ class ParamLayout:
     optional: bool = False
 
 
+# our fused linear layers -> the checkpoint modules each one holds (models/llama.py's packed_modules_mapping)
+FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def checkpoint_modules(prefix: str) -> list[str]:
+    """The checkpoint's module names behind our layer `prefix`: `...qkv_proj` -> its q/k/v_proj (a
+    scheme's per-module settings, ignore lists and tensor names are the checkpoint's)."""
+    parent, _, leaf = prefix.rpartition(".")
+    if leaf not in FUSED_MODULES:
+        return [prefix]
+    return [f"{parent}.{part}" if parent else part for part in FUSED_MODULES[leaf]]
+
+
 def set_layout(param: nn.Parameter, layout: ParamLayout) -> nn.Parameter:
     param.param_layout = layout  # type: ignore[attr-defined]
     return param

@@ -29,24 +29,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pagoda.kernels.fp8 import FP8_DTYPE, FP8_MAX, fp8_linear, quantize_weight_per_channel
 
-from .base import LinearMethod, ParamLayout, QuantizationConfig, UnquantizedLinearMethod, new_param, set_layout
+from .base import (LinearMethod, ParamLayout, QuantizationConfig, UnquantizedLinearMethod, checkpoint_modules,
+                   new_param, set_layout)
 
-# our fused linear layers and the checkpoint modules each one holds (models/llama.py's mapping)
-FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # --load-format dummy: weights uniform in +-DUMMY_WEIGHT_RANGE (the unquantized layers' range), and
 # a static input scale that represents activations up to +-1 (a dummy model's are far smaller)
 DUMMY_WEIGHT_RANGE = 1e-3
 DUMMY_INPUT_SCALE = 1.0 / FP8_MAX
 
 T = TypeVar("T")
-
-
-def checkpoint_modules(prefix: str) -> list[str]:
-    """The checkpoint's module names behind our layer `prefix`: `...qkv_proj` -> its q/k/v_proj."""
-    parent, _, leaf = prefix.rpartition(".")
-    if leaf not in FUSED_SHARDS:
-        return [prefix]
-    return [f"{parent}.{shard}" if parent else shard for shard in FUSED_SHARDS[leaf]]
 
 
 def one_per_layer(prefix: str, of_module: Callable[[str], T], what: str) -> T:

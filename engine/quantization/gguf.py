@@ -42,7 +42,8 @@ from pagoda.kernels.weight_only import GroupQuantWeight, dequantize, pack_int4, 
 from ..layers.embedding import EmbeddingMethod
 from ..model_loader.gguf_index import read_gguf_index
 from ..model_loader.weights import GGUF_SKIPPED_NAMES, gguf_to_hf_name
-from .base import LinearMethod, ParamLayout, QuantizationConfig, UnquantizedLinearMethod, new_param
+from .base import (LinearMethod, ParamLayout, QuantizationConfig, UnquantizedLinearMethod, checkpoint_modules,
+                   new_param)
 
 # block type -> (values per block, bytes per block), as gguf.GGML_QUANT_SIZES
 BLOCK_SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210),
@@ -52,8 +53,6 @@ FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 # bytes one block takes once converted (qweight + scales + mins + super-scales): see the table above
 HELD_BYTES_PER_BLOCK = {"Q4_0": 16 + 2, "Q4_1": 16 + 2 + 2, "Q8_0": 32 + 2, "Q4_K": 128 + 8 + 8 + 2 + 2,
                         "Q6_K": 256 + 16 + 2}
-# our fused layers -> the checkpoint tensors they hold, in shard order
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # fp16 fields of a block (byte offsets) that `init_dummy` sets to a small scale: random bytes elsewhere
 _SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
 
@@ -94,9 +93,7 @@ class GGUFConfig(QuantizationConfig):
 
     def linear_method(self, prefix: str) -> LinearMethod:
         """Float weights (and a layer the file lacks, which loading then reports) stay unquantized."""
-        head, _, leaf = prefix.rpartition(".")
-        parts = _FUSED.get(leaf, (leaf,))
-        names = [f"{head}.{part}.weight" if head else f"{part}.weight" for part in parts]
+        names = [f"{module}.weight" for module in checkpoint_modules(prefix)]
         return self._method(names, prefix) or UnquantizedLinearMethod()
 
     def embedding_method(self, prefix: str) -> Optional["GGUFLinearMethod"]:

@@ -37,23 +37,13 @@ import torch.nn as nn
 
 from pagoda.kernels.weight_only import GroupQuantWeight, pack_int4, weight_only_linear
 
-from .base import LinearMethod, ParamLayout, new_param
+from .base import LinearMethod, ParamLayout, checkpoint_modules, new_param
 
 if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationArgs
 
 # buffers a converted layer holds (the GEMM's operands)
 BUFFERS = ("wo_qweight", "wo_scales", "wo_zeros", "wo_perm")
-# our fused layers -> the checkpoint modules they hold
-FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def checkpoint_modules(prefix: str) -> list[str]:
-    """The checkpoint's module names behind our layer `prefix` (a fused layer has several)."""
-    parent, _, leaf = prefix.rpartition(".")
-    return [f"{parent}.{part}" for part in FUSED_MODULES[leaf]] if leaf in FUSED_MODULES else [prefix]
-
-
 def quantized_module(prefix: str, not_converted: tuple[str, ...], only: Optional[tuple[str, ...]]) -> bool:
     """Whether our layer `prefix` is quantized in the checkpoint; a fused layer must be all or nothing."""
     parts = checkpoint_modules(prefix)
