@@ -10,7 +10,7 @@ rows the sampler needs (`compute_logits`).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -90,13 +90,17 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+# (layer index, module prefix) -> the layer's feed-forward block
+MLPFactory = Callable[[int, str], nn.Module]
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
-                 quant_config: Optional[QuantizationConfig], prefix: str) -> None:
+                 quant_config: Optional[QuantizationConfig], prefix: str, mlp: nn.Module) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, max_position, dtype, qkv_bias, qk_norm, quant_config,
                                         f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(config, dtype, quant_config, f"{prefix}.mlp")
+        self.mlp = mlp          # LlamaMLP, or a family's own block (experts): (T, hidden) -> unreduced
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -116,12 +120,13 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
-                 quant_config: Optional[QuantizationConfig]) -> None:
+                 quant_config: Optional[QuantizationConfig], make_mlp: MLPFactory) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
                                                    embedding_method_for(quant_config, "model.embed_tokens"))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, max_position, dtype, qkv_bias, qk_norm, quant_config, f"model.layers.{i}")
+            LlamaDecoderLayer(config, max_position, dtype, qkv_bias, qk_norm, quant_config, f"model.layers.{i}",
+                              make_mlp(i, f"model.layers.{i}.mlp"))
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -154,7 +159,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.quant_config = quant_config
-        self.model = LlamaModel(config, max_position, dtype, self.qkv_bias, self.qk_norm, quant_config)
+        self.dtype = dtype
+        self.model = LlamaModel(config, max_position, dtype, self.qkv_bias, self.qk_norm, quant_config, self.make_mlp)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:        # the embedding's weight, quantized or not
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype,
@@ -162,6 +168,10 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype,
                                           embedding_method_for(quant_config, "lm_head"))
+
+    def make_mlp(self, layer_index: int, prefix: str) -> nn.Module:
+        """The feed-forward block of decoder layer `layer_index` (a family with experts overrides this)."""
+        return LlamaMLP(self.config, self.dtype, self.quant_config, prefix)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, metadata)
@@ -175,6 +185,20 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+    def checkpoint_target(self, name: str) -> tuple[str, Any]:
+        """(our parameter's name, shard id) for checkpoint tensor `name`: a tensor of a module that we
+        fuse (q/k/v, gate/up) goes to the fused parameter as one shard; any other keeps its name (None)."""
+        for fragment, (fused, shard) in self.packed_modules_mapping.items():
+            if f".{fragment}." in name:
+                return name.replace(f".{fragment}.", f".{fused}."), shard
+        return name, None
+
+    def expected_loads(self, param_name: str) -> set[str]:
+        """What loading must have filled for parameter `param_name`: its name, or `name:shard` for each
+        shard of a fused parameter (the keys `_load_checkpoint_tensors` records)."""
+        shards = [shard for fused, shard in self.packed_modules_mapping.values() if f".{fused}." in param_name]
+        return {f"{param_name}:{shard}" for shard in shards} if shards else {param_name}
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Loads Hugging Face-named checkpoint tensors (every parameter filled exactly once), then lets
@@ -206,11 +230,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
-            target, shard_id = name, None
-            for fragment, (fused, shard) in self.packed_modules_mapping.items():
-                if f".{fragment}." in name:
-                    target, shard_id = name.replace(f".{fragment}.", f".{fused}."), shard
-                    break
+            target, shard_id = self.checkpoint_target(name)
             param = params.get(target)
             if param is None:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
@@ -226,12 +246,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if not layout_of(param).from_checkpoint or layout_of(param).optional:
                 continue
-            if ".qkv_proj." in name:
-                expected |= {f"{name}:{s}" for s in ("q", "k", "v")}
-            elif ".gate_up_proj." in name:
-                expected |= {f"{name}:{s}" for s in (0, 1)}
-            else:
-                expected.add(name)
+            expected |= self.expected_loads(name)
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
