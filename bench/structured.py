@@ -301,6 +301,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "(a shared CPU drifts between runs; only the first round compiles the schemas)")
     p.add_argument("--mask-rows", type=_rows, default=[64, 256], help="constrained rows per step, e.g. 64,256")
     p.add_argument("--mask-steps", type=int, default=64, help="timed bitmask fills per row count")
+    p.add_argument("--fill-threads", type=_rows, default=None,
+                   help="bitmask fill threads to time, e.g. 1,2,4 (default: the engine's own count)")
     p.add_argument("--compile-repeats", type=int, default=5, help="cache hits timed per schema")
     p.add_argument("--json", type=Path, default=None, help="also write every number to this file")
     args = p.parse_args(argv)
@@ -435,6 +437,27 @@ def measure_compile(llm: Any, repeats: int) -> dict[str, Any]:
             "validate_ms": _spread(validation, 1e3), "new_ms_by_schema": per_schema}
 
 
+def measure_masks(llm: Any, row_counts: Sequence[int], steps: int,
+                  thread_counts: Optional[Sequence[int]]) -> list[dict[str, Any]]:
+    """`measure_mask` for each row count with each fill-thread count (the engine's filler is put
+    back afterwards)."""
+    from pagoda.engine.structured_output.backend import BitmaskFiller
+
+    manager = llm.engine.core.structured
+    engine_filler = manager.filler
+    stats = []
+    try:
+        for num_threads in thread_counts or [engine_filler.num_threads]:
+            manager.filler = engine_filler if num_threads == engine_filler.num_threads else BitmaskFiller(num_threads)
+            for rows in row_counts:
+                stats.append({**measure_mask(llm, rows, steps), "threads": num_threads})
+            if manager.filler is not engine_filler:
+                manager.filler.shutdown()
+    finally:
+        manager.filler = engine_filler
+    return stats
+
+
 def measure_mask(llm: Any, num_rows: int, steps: int, warmup_steps: int = 4, seed: int = 0) -> dict[str, Any]:
     """`grammar_output` for `num_rows` constrained rows (the throughput schemas in turn), `steps`
     times; between fills each matcher accepts a random token of its mask (a random-weight model's
@@ -514,8 +537,9 @@ def format_report(report: dict[str, Any]) -> str:
         for label, key in (("new schema (ms)", "new_ms"), ("cached (us)", "cached_us"),
                            ("validation per request (ms)", "validate_ms"))]))
     lines.append("")
-    lines.append(_table(["bitmask per step", "fill p50 ms", "fill p90 ms", "us/row p50", "accept p50 ms"], [
-        [f"{m['rows']} rows", f"{m['fill_ms']['p50']:.3f}", f"{m['fill_ms']['p90']:.3f}",
+    lines.append(_table(["bitmask per step", "fill threads", "fill p50 ms", "fill p90 ms", "us/row p50",
+                         "accept p50 ms"], [
+        [f"{m['rows']} rows", str(m.get("threads", 1)), f"{m['fill_ms']['p50']:.3f}", f"{m['fill_ms']['p90']:.3f}",
          f"{m['fill_us_per_row_p50']:.2f}", f"{m['accept_ms']['p50']:.3f}"] for m in report["mask"]]))
     return "\n".join(lines)
 
@@ -555,7 +579,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         compile_stats = measure_compile(llm, args.compile_repeats)
         print(f"compile: new p50 {compile_stats['new_ms']['p50']:.2f} ms; by schema (ms): "
               + ", ".join(f"{k} {v:.1f}" for k, v in compile_stats["new_ms_by_schema"].items()))
-        mask_stats = [measure_mask(llm, rows, args.mask_steps) for rows in args.mask_rows]
+        mask_stats = measure_masks(llm, args.mask_rows, args.mask_steps, args.fill_threads)
     finally:
         llm.shutdown()
         del llm

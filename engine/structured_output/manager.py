@@ -69,9 +69,12 @@ class RequestGrammar:
 
 
 class StructuredOutputManager:
-    def __init__(self, vocab_size: int, load_tokenizer: Callable[[], Any]) -> None:
-        """vocab_size: the model's logits width; load_tokenizer: builds the tokenizer on first use."""
+    def __init__(self, vocab_size: int, load_tokenizer: Callable[[], Any],
+                 fill_threads: Optional[int] = None) -> None:
+        """vocab_size: the model's logits width; load_tokenizer: builds the tokenizer on first use;
+        fill_threads: threads that fill a step's bitmask (None: `BitmaskFiller.default_threads()`)."""
         self.vocab_size = vocab_size
+        self.filler = backend.BitmaskFiller(fill_threads or backend.BitmaskFiller.default_threads())
         self._load_tokenizer = load_tokenizer
         self._compiler: Optional[backend.GrammarCompiler] = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="pagoda-grammar")
@@ -109,9 +112,10 @@ class StructuredOutputManager:
             if grammar is not None and grammar.matcher is not None and grammar.active and not grammar.is_terminated:
                 matchers.append(grammar.matcher)
                 indices.append(index)
-        backend.fill_bitmask(matchers, bitmask, indices)
+        self.filler.fill(matchers, bitmask, indices)
         return GrammarOutput(request_ids=list(request_ids), bitmask=bitmask.numpy())
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
+        self.filler.shutdown()
 

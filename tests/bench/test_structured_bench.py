@@ -69,7 +69,8 @@ def test_synthetic_tokenizer_has_the_models_vocabulary(tmp_path):
 def test_benchmark_end_to_end_on_the_tiny_shape(tmp_path, capsys):
     out = tmp_path / "structured.json"
     report = main(["--model", "tiny-random", "--device", "cpu", "--workload", "s64", "--num-requests", "4",
-                   "--warmup-requests", "1", "--mask-rows", "4,8", "--mask-steps", "3", "--compile-repeats", "2",
+                   "--warmup-requests", "1", "--mask-rows", "4,8", "--mask-steps", "3", "--fill-threads", "1,2",
+                   "--compile-repeats", "2",
                    "--json", str(out)])
     requests = make_s64(16384, 4)
     unconstrained, constrained = report["runs"]
@@ -86,10 +87,11 @@ def test_benchmark_end_to_end_on_the_tiny_shape(tmp_path, capsys):
     assert compile_stats["num_schemas"] == len(COMPILE_SCHEMAS) == compile_stats["new_ms"]["count"]
     assert compile_stats["cached_us"]["count"] == 2 * len(COMPILE_SCHEMAS)
     assert compile_stats["cached_us"]["p50"] / 1e3 < compile_stats["new_ms"]["p50"]   # a hit costs less
-    assert [m["rows"] for m in report["mask"]] == [4, 8] and all(m["steps"] == 3 for m in report["mask"])
+    assert [(m["rows"], m["threads"]) for m in report["mask"]] == [(4, 1), (8, 1), (4, 2), (8, 2)]
+    assert all(m["steps"] == 3 for m in report["mask"])
     assert report["synthetic_tokenizer"] and report["vocab_size"] == 16384
     assert json.loads(out.read_text())["runs"][1]["stats"]["grammars_compiled"] == 4
     table = capsys.readouterr().out.split("\n\nrun ")[-1]
     for field in ("wall s", "out tok/s", "unconstrained", "json schema", "bar >= 90%", "new schema (ms)",
-                  "cached (us)", "validation per request", "4 rows", "8 rows", "fill p50 ms"):
+                  "cached (us)", "validation per request", "4 rows", "8 rows", "fill threads", "fill p50 ms"):
         assert field in table, field
