@@ -8,7 +8,7 @@ to the torch reference's time.
 
     python -m bench.kernels                       # everything (from the repo root)
     python -m bench.kernels --only attention      # one family: attention, cache, norm, rotary, activation,
-                                                  # token_bitmask, weight_only, fp8
+                                                  # token_bitmask, weight_only, fp8, moe
     python -m bench.kernels --no-reference        # skip the (slow, memory-hungry) torch references
 
 Shapes: hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336, KV block 16, bf16.
@@ -16,6 +16,10 @@ Decode: batch 1 / 32 / 256 x context 512 / 2k / 8k. Prefill: 8 x 512 fresh promp
 Norm / rotary / silu / cache write: 256 and 8192 tokens. Weight-only (W4A16 g128 vs bf16): qkv, o,
 gate_up and down at M = 1 / 16 / 64 / 256; FP8 W8A8 vs bf16 likewise. Times are medians of triton.testing.do_bench,
 which flushes L2 between runs, so memory-bound numbers are DRAM numbers.
+MoE (fused_moe at Qwen3-30B-A3B's experts: 128 experts, top-8, hidden 2048, expert intermediate 768,
+uniform random routing): decode T = 1 / 16 / 64 / 128 / 256 reports the weight bandwidth, bytes of the
+experts hit (each hit expert's w13 and w2 once) / time; prefill T = 2048 (every expert hit,
+compute-bound) reports TFLOP/s.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from bench.ceilings import Ceilings, measure_ceilings  # noqa: E402
 
 HIDDEN, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, INTERMEDIATE, BLOCK_SIZE = 4096, 32, 8, 128, 14336, 16
 DTYPE = torch.bfloat16
-FAMILIES = ("attention", "cache", "norm", "rotary", "activation", "token_bitmask", "weight_only", "fp8")
+FAMILIES = ("attention", "cache", "norm", "rotary", "activation", "token_bitmask", "weight_only", "fp8", "moe")
 VOCAB = 128256                     # llama3's vocabulary (the grammar mask's row length)
 
 
@@ -273,9 +277,56 @@ def fp8_cases() -> Iterator[Case]:
         del dense
 
 
+def cuda_graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`fn` captured in a CUDA graph, as the decode step runs it; the result replays it and returns the
+    captured output. NOTE: without the graph a decode-sized MoE call (several launches of a few
+    microseconds each) would time the Python launch overhead; the capture also fails if `fn`
+    synchronises with the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()                                                     # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return lambda: (graph.replay(), out)[1]
+
+
+def moe_cases() -> Iterator[Case]:
+    """fused_moe at Qwen3-30B-A3B's expert shapes, bf16, uniform random top-8 routing (distinct experts
+    per token). Decode rows (replayed from a CUDA graph, as decode runs) count the weight bytes of the
+    experts hit (the union over the batch) as the traffic, the floor for any kernel; the prefill row
+    (eager) counts the GEMMs' FLOPs."""
+    from pagoda.kernels import moe_triton
+    from pagoda.kernels.moe import fused_moe_ref
+
+    experts, top_k, hidden, n = 128, 8, 2048, 768
+    w13 = torch.randn(experts, 2 * n, hidden, device="cuda", dtype=DTYPE) * hidden ** -0.5
+    w2 = torch.randn(experts, hidden, n, device="cuda", dtype=DTYPE) * n ** -0.5
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * DTYPE.itemsize
+    for tokens in (1, 16, 64, 128, 256, 2048):
+        x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE)
+        ids = torch.rand(tokens, experts, device="cuda").argsort(dim=1)[:, :top_k].to(torch.int32)
+        weights = torch.rand(tokens, top_k, device="cuda").softmax(dim=-1)
+        hit = int(torch.unique(ids).numel())
+        config = moe_triton.get_config(experts, n, hidden, tokens * top_k, x.device)
+        args = (x, w13, w2, weights, ids)
+        prefill = tokens > 256
+        run = lambda args=args: moe_triton.fused_moe(*args)  # noqa: E731
+        yield Case(
+            "moe", "fused_moe prefill" if prefill else "fused_moe decode (graph)",
+            f"T={tokens} {hit}/{experts} experts (block_m {config.block_m})",
+            run if prefill else cuda_graphed(run),
+            lambda args=args: fused_moe_ref(*args),
+            bytes_moved=0.0 if prefill else hit * expert_bytes,
+            flops=2.0 * tokens * top_k * 3 * n * hidden if prefill else 0.0,
+        )
+
+
 BUILDERS = {"attention": attention_cases, "cache": cache_cases, "norm": norm_cases,
             "rotary": rotary_cases, "activation": activation_cases, "token_bitmask": token_bitmask_cases,
-            "weight_only": weight_only_cases, "fp8": fp8_cases}
+            "weight_only": weight_only_cases, "fp8": fp8_cases, "moe": moe_cases}
 
 
 # ---- timing and report ---------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Triton FP8 W8A8 linear layers. Same contract as `fp8.fp8_linear_ref`.
 
     x --quantize (one program per token)--> x_q (M, K) e4m3, x_scale (M, 1) float32
-      M <= SMALL_M   our GEMM: each program streams BLOCK_N weight rows over all of K, widens the FP8
-                     weights (and x_q) to fp16 in registers and multiplies on the tensor cores with
-                     float32 accumulation; the scales, the bias and the cast are its epilogue
+      M <= SMALL_M   our GEMM: each program streams BLOCK_N weight rows over all of K (or over one of
+                     SPLIT_K ranges of it, summed by a second kernel), widens the FP8 weights (and
+                     x_q) to fp16 in registers and multiplies on the tensor cores with float32
+                     accumulation; the scales, the bias and the cast are its epilogue
       M >  SMALL_M   torch._scaled_mm with row-wise scales (cuBLAS FP8 tensor cores) where the GPU
                      has them (compute capability >= 8.9) and the output is bf16; else our GEMM
                      with taller tiles
@@ -84,7 +85,7 @@ def _quantize_kernel(
 
 @triton.jit
 def _fp8_gemm_kernel(
-    out_ptr,        # (M, N) x's dtype, row stride stride_om
+    out_ptr,        # (M, N) x's dtype, row stride stride_om; with SPLIT_K > 1: (SPLIT_K, M, N) float32 partials
     x_ptr,          # (M, K) float8_e4m3fn contiguous
     x_scale_ptr,    # (M,) float32
     w_ptr,          # (N, K) float8_e4m3fn, row stride stride_wn
@@ -95,6 +96,57 @@ def _fp8_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,      # programs along K, each over K / SPLIT_K (rounded up to BLOCK_K)
+    HAS_BIAS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < M
+    col_mask = cols < N
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, tl.minimum(K, k_start + k_per_split), BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)            # (BLOCK_M, BLOCK_K)
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None],
+                    mask=col_mask[None, :] & k_mask[:, None], other=0.0)            # (BLOCK_K, BLOCK_N)
+        acc = tl.dot(x.to(tl.float16), w.to(tl.float16), acc)
+    if SPLIT_K > 1:
+        # the partial sum of this K range, unscaled: _split_k_epilogue_kernel adds the ranges
+        tl.store(out_ptr + pid_k * M * N + rows[:, None] * N + cols[None, :], acc,
+                 mask=row_mask[:, None] & col_mask[None, :])
+    else:
+        _epilogue(acc, out_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, rows, cols, row_mask, col_mask,
+                  stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, rows, cols, row_mask, col_mask,
+              stride_om, HAS_BIAS: tl.constexpr):
+    """out = acc * x_scale (per row) * w_scale (per column) (+ bias), cast to out's dtype."""
+    x_scale = tl.load(x_scale_ptr + rows, mask=row_mask, other=0.0)
+    w_scale = tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)
+    y = acc * x_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _split_k_epilogue_kernel(
+    out_ptr, partial_ptr,       # out (M, N) row stride stride_om; partial (SPLIT_K, M, N) float32
+    x_scale_ptr, w_scale_ptr, bias_ptr,
+    M, N, stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -103,22 +155,12 @@ def _fp8_gemm_kernel(
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < M
     col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)            # (BLOCK_M, BLOCK_K)
-        w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None],
-                    mask=col_mask[None, :] & k_mask[:, None], other=0.0)            # (BLOCK_K, BLOCK_N)
-        acc = tl.dot(x.to(tl.float16), w.to(tl.float16), acc)
-    x_scale = tl.load(x_scale_ptr + rows, mask=row_mask, other=0.0)
-    w_scale = tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)
-    y = acc * x_scale[:, None] * w_scale[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    for split in range(SPLIT_K):          # in order: the sum is the same on every run
+        acc += tl.load(partial_ptr + split * M * N + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    _epilogue(acc, out_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, rows, cols, row_mask, col_mask,
+              stride_om, HAS_BIAS)
 
 
 # ---- launch configuration ------------------------------------------------------------------------
@@ -136,26 +178,31 @@ def _cuda_index(device: torch.device) -> int:
 def small_m_config(m: int, n: int, k: int, num_sms: int) -> dict:
     """Tiles for M <= SMALL_M: all M rows in one 16-row tile, so every weight byte is read once.
 
-    BLOCK_N: the widest of 64, 32, 16 weight rows that still gives every SM about 4 programs, so
-    each SM keeps enough of the (cp.async-pipelined, num_stages deep) weight loads in flight to
-    take its share of the bandwidth. BLOCK_K: 256 bytes of each weight row per step, 512 where
-    there are fewer programs than that (N = 4096 at 16 rows: 2 an SM), to keep as many bytes in
-    flight with half the programs."""
+    The weight stream needs many programs in flight on every SM (each keeps num_stages cp.async
+    loads going), and a program that walks all of a long K is a long chain of dependent steps.
+    BLOCK_N: the widest of 64, 32, 16 weight rows that still gives every SM about 4 programs.
+    SPLIT_K: where even 16-row tiles give fewer programs than that (N = 4096: 256 programs on 132
+    SMs), K is split into ranges of at least 1024 until there are ~4 programs an SM; the ranges'
+    float32 partial sums are added by a second small kernel (a (SPLIT_K, M, N) buffer: tiny at M <= 16).
+    BLOCK_K: 256 bytes of each weight row per step."""
     block_n = 16
     for candidate in (64, 32):
         if triton.cdiv(n, candidate) >= 4 * num_sms:
             block_n = candidate
             break
-    block_k = 256 if triton.cdiv(n, block_n) >= 4 * num_sms else 512
-    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-    return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
+    split_k = 1
+    while (triton.cdiv(n, block_n) * split_k < 4 * num_sms and split_k < 16
+           and k // (2 * split_k) >= 1024):
+        split_k *= 2
+    block_k = min(256, max(16, triton.next_power_of_2(k)))
+    return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=4)
 
 
 def large_m_config(m: int, n: int, k: int) -> dict:
     """Our GEMM where _scaled_mm cannot run (an fp16 or fp32 model, N or K not a multiple of 16)."""
     block_n = min(128, max(16, triton.next_power_of_2(n)))
     block_k = min(64, max(16, triton.next_power_of_2(k)))
-    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, num_warps=4, num_stages=3)
 
 
 def scaled_mm_supported(x: torch.Tensor, n: int, k: int) -> bool:
@@ -224,9 +271,20 @@ def _launch_gemm(out: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, w_
                  w_scale: torch.Tensor, bias: Optional[torch.Tensor], config: dict) -> None:
     m, k = x_q.shape
     n = w_q.shape[0]
-    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
-    _fp8_gemm_kernel[grid](out, x_q, x_scale, w_q, w_scale, bias if bias is not None else w_scale,
-                           m, n, k, w_q.stride(0), out.stride(0), HAS_BIAS=bias is not None, **config)
+    split_k = config["SPLIT_K"]
+    bias_arg = bias if bias is not None else w_scale
+    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), split_k)
+    if split_k == 1:
+        _fp8_gemm_kernel[grid](out, x_q, x_scale, w_q, w_scale, bias_arg, m, n, k, w_q.stride(0), out.stride(0),
+                               HAS_BIAS=bias is not None, **config)
+        return
+    partial = torch.empty(split_k, m, n, dtype=torch.float32, device=out.device)      # (SPLIT_K, M, N)
+    _fp8_gemm_kernel[grid](partial, x_q, x_scale, w_q, w_scale, bias_arg, m, n, k, w_q.stride(0), n,
+                           HAS_BIAS=bias is not None, **config)
+    block_n = 128
+    _split_k_epilogue_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, 16))](
+        out, partial, x_scale, w_scale, bias_arg, m, n, out.stride(0),
+        BLOCK_M=16, BLOCK_N=block_n, SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=4)
 
 
 def _scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

@@ -171,13 +171,32 @@ def test_bad_inputs_are_named(device):
 
 def test_small_m_tiles():
     """The decode tiles read each weight byte once (one 16-row tile) and, at llama3-8b's widths,
-    give every SM of an H100 (132) programs; wide layers take wider tiles."""
-    for n in (4096, 6144, 28672):
-        config = fp8_triton.small_m_config(1, n, 4096, num_sms=132)
+    give every SM of an H100 (132) about 4 programs: wide layers take wider tiles, narrow ones with
+    a long K split it."""
+    for n, k in ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)):
+        config = fp8_triton.small_m_config(1, n, k, num_sms=132)
         assert config["BLOCK_M"] == 16 and config["BLOCK_N"] in (16, 32, 64)
-        assert -(-n // config["BLOCK_N"]) >= 132
+        assert -(-n // config["BLOCK_N"]) * config["SPLIT_K"] >= 4 * 132 or k // config["SPLIT_K"] < 2048
     assert fp8_triton.small_m_config(1, 28672, 4096, 132)["BLOCK_N"] == 32
-    assert fp8_triton.small_m_config(16, 4096, 14336, 132)["BLOCK_K"] == 512      # fewer programs: longer steps
+    assert fp8_triton.small_m_config(1, 28672, 4096, 132)["SPLIT_K"] == 1
+    assert fp8_triton.small_m_config(16, 4096, 14336, 132)["SPLIT_K"] == 4          # 256 tiles x 4 ranges
+    assert fp8_triton.small_m_config(1, 64, 512, 132)["SPLIT_K"] == 1               # K too short to split
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_split_k_matches_reference(split_k, with_bias, device):
+    """K split into ranges (the last one short; at split 4 of K=160 with BLOCK_K=32 one is empty):
+    the partial sums add up to the one-pass GEMM's result."""
+    torch.manual_seed(split_k)
+    w_q, w_scale, bias = random_layer(40, 160, device)
+    x = torch.randn(5, 160, device=device)
+    expected = fp8_linear_ref(x, w_q, w_scale, bias=bias if with_bias else None)
+    x_q, x_scale = fp8_triton.quantize(x)
+    out = torch.empty(5, 40, device=device)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    fp8_triton._launch_gemm(out, x_q, x_scale, w_q, w_scale.reshape(-1), bias if with_bias else None, config)
+    assert_close_to_reference(out, expected)
 
 
 # ---- torch._scaled_mm ----------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""Sweeps the small-M FP8 GEMM's tiles (kernels/fp8_triton.py) on this GPU and prints, per layer shape
+and M, the fastest tiles next to what `small_m_config` picks, with the weight bandwidth each reaches.
+
+    python -m bench.tune_fp8                       # llama3-8b's four linear shapes, M = 1 and 16
+    python -m bench.tune_fp8 --shapes 4096x14336 --m 1
+
+The best tiles are read off this table into `small_m_config`'s rules (there is no tuned-config file:
+the rule has to hold for shapes nobody tuned). Timing: triton.testing.do_bench medians (L2 flushed).
+Under TRITON_INTERPRET=1 it runs the same loop on tiny sizes with wall-clock timing: a check that the
+sweep works, not a measurement (tests/bench/test_tune_fp8.py).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+LLAMA3_8B_SHAPES = "6144x4096,4096x4096,28672x4096,4096x14336"      # (N, K): qkv, o, gate_up, down
+SPACE = dict(BLOCK_N=(16, 32, 64), BLOCK_K=(128, 256, 512), SPLIT_K=(1, 2, 4, 8), num_warps=(4, 8),
+             num_stages=(3, 4, 5))
+TINY_SPACE = dict(BLOCK_N=(16,), BLOCK_K=(32,), SPLIT_K=(1, 2), num_warps=(4,), num_stages=(1,))
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=LLAMA3_8B_SHAPES, help="comma-separated NxK weight shapes")
+    parser.add_argument("--m", default="1,16", help="comma-separated batch rows M (<= 16)")
+    parser.add_argument("--top", type=int, default=3, help="fastest tiles printed per case")
+    args = parser.parse_args(argv)
+    try:
+        args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+        args.m = [int(v) for v in args.m.split(",")]
+    except ValueError:
+        parser.error(f"--shapes must look like 4096x14336,... and --m like 1,16; got {args.shapes!r}, {args.m!r}")
+    if any(len(s) != 2 or min(s) < 1 for s in args.shapes) or not all(1 <= m <= 16 for m in args.m):
+        parser.error(f"shapes must be NxK with N, K >= 1 and M in 1..16, got {args.shapes}, {args.m}")
+    return args
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Seconds per call: do_bench on a GPU, a few wall-clock runs under the interpreter."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40) * 1e-3
+
+    def wall(fn: Callable[[], object]) -> float:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return wall
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    from pagoda.kernels import fp8_triton
+    from pagoda.kernels.fp8 import fp8_linear_ref, quantize_weight_per_channel
+
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    space = SPACE if device.type == "cuda" else TINY_SPACE
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    measure = timer(device)
+    results = []
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (interpreter)'}")
+    for (n, k), m in itertools.product(args.shapes, args.m):
+        w_q, w_scale = quantize_weight_per_channel(torch.randn(n, k, device=device, dtype=dtype))
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        x_q, x_scale = fp8_triton.quantize(x)
+        out = torch.empty(m, n, device=device, dtype=dtype)
+        expected = fp8_linear_ref(x, w_q, w_scale)
+        picked = fp8_triton.small_m_config(m, n, k, num_sms)
+        timings = []
+        configs = [dict(zip(space, values), BLOCK_M=16) for values in itertools.product(*space.values())]
+        for config in [picked] + configs:
+            try:
+                run = lambda: fp8_triton._launch_gemm(out, x_q, x_scale, w_q, w_scale.reshape(-1), None, config)  # noqa: E731
+                seconds = measure(run)
+            except Exception as error:          # a tile that does not fit (shared memory, registers)
+                print(f"  skipped {config}: {type(error).__name__}")
+                continue
+            if not torch.allclose(out.float(), expected.float(), rtol=5e-2, atol=5e-2 * expected.abs().max().item()):
+                raise RuntimeError(f"tiles {config} give a wrong result for {n}x{k}, M={m}")
+            timings.append((seconds, config))
+        picked_s = timings[0][0]
+        ranked = sorted(timings[1:], key=lambda t: t[0])
+        gbps = lambda s: n * k / s / 1e9                                                                # noqa: E731
+        print(f"{n}x{k} M={m}: small_m_config {picked_s * 1e6:.1f} us ({gbps(picked_s):.0f} GB/s) {picked}")
+        for seconds, config in ranked[:args.top]:
+            print(f"    {seconds * 1e6:7.1f} us ({gbps(seconds):5.0f} GB/s)  {config}")
+        results.append(dict(n=n, k=k, m=m, picked_us=picked_s * 1e6, picked=picked,
+                            best_us=ranked[0][0] * 1e6, best=ranked[0][1]))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""bench/tune_fp8.py: its arguments, and one run of its sweep on a tiny shape in the Triton
+interpreter (a subprocess: the interpreter is chosen when Triton kernels are imported), which checks
+every tile's result against the reference."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))                                  # the repo root, for `import bench`
+
+from bench import tune_fp8  # noqa: E402
+
+
+def test_sweep_runs_on_a_tiny_shape():
+    code = ("import json; from bench import tune_fp8; "
+            "print(json.dumps(tune_fp8.main(['--shapes', '48x96', '--m', '1,3', '--top', '1'])))")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [(r["n"], r["k"], r["m"]) for r in results] == [(48, 96, 1), (48, 96, 3)]
+    assert all(r["best_us"] > 0 and r["best"]["SPLIT_K"] in (1, 2) for r in results)
+    assert "48x96 M=1: small_m_config" in done.stdout
+
+
+def test_bad_arguments_are_named():
+    for bad in (["--shapes", "48by96"], ["--m", "17"], ["--shapes", "0x4"]):
+        with pytest.raises(SystemExit):
+            tune_fp8.parse_args(bad)
