@@ -24,8 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LLAMA3_8B_SHAPES = "6144x4096,4096x4096,28672x4096,4096x14336"      # (N, K): qkv, o, gate_up, down
-SPACE = dict(BLOCK_N=(16, 32, 64), BLOCK_K=(128, 256, 512), SPLIT_K=(1, 2, 4, 8), num_warps=(4, 8),
-             num_stages=(3, 4, 5))
+SPACE = dict(BLOCK_N=(16, 32, 64), BLOCK_K=(128, 256), SPLIT_K=(1, 2, 4, 8), num_warps=(4, 8), num_stages=(4,))
 TINY_SPACE = dict(BLOCK_N=(16,), BLOCK_K=(32,), SPLIT_K=(1, 2), num_warps=(4,), num_stages=(1,))
 
 
