@@ -172,6 +172,24 @@ class CoreProcess:
 
 
 # -- the core process ------------------------------------------------------------------------------
+def config_from_args(engine_args: Any, conn: Connection) -> EngineConfig:
+    """A prestarted core's own config (core_prestart.py), built as the serving process builds its
+    copy; NOTE: quietly: that process logs what building it says (e.g. the generation defaults). A
+    failure is reported like a failed start-up (the serving process, building the same config,
+    normally raises the same error first)."""
+    try:
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            return engine_args.create_config()
+        finally:
+            logging.disable(previous)
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        _send_quietly(conn, _StartupFailed(traceback.format_exc()))
+        leave(1)
+        raise       # (leave does not return)
+
+
 def _core_main(config: EngineConfig, executor_class: Optional[type[Executor]], conn: Connection,
                parent_pid: int, prestarted: bool = False) -> None:
     if not prestarted:

@@ -176,7 +176,10 @@ def _serve_standalone(args: argparse.Namespace, prestarted: Optional[Any]) -> in
 
     startup_timeline.mark("imports")
     settings = server_settings_from(args)
-    config = engine_args_from(args).create_config()
+    engine_args = engine_args_from(args)
+    if prestarted is not None:
+        prestarted.send_args(engine_args)      # the core builds its config as this process builds its own
+    config = engine_args.create_config()
     startup_timeline.mark("config")
     # NOTE: the HTTP server's modules (FastAPI, uvicorn, the OpenAI protocol) load while the engine
     # core starts, which leaves this process waiting (or, with the core on a thread, mostly in torch)

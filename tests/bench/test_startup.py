@@ -127,8 +127,9 @@ def test_cold_start_of_the_standalone_server_with_its_core_in_a_process(tmp_path
     # every phase once, in each process; CPU: no KV profiling, no CUDA graphs
     assert sorted(server) == sorted(["imports", "config", "tokenizer", "HTTP imports", "engine core", "HTTP app",
                                      "HTTP bind", "ready"])
-    # the core is spawned first and imports while the server imports and reads the config
-    assert core == ["imports", "waiting for the config", "device init", "weights", "KV allocation",
+    # the core is spawned first, imports while the server imports, and builds its own config from
+    # the arguments the server sent (it never waits for the server's config)
+    assert core == ["imports", "waiting for the arguments", "config", "device init", "weights", "KV allocation",
                     "scheduler, GC freeze", "ready"]
     ready = phase(phases, "ready", "MainProcess")
     assert ready.duration_s == pytest.approx(ready.at_s, abs=0.06)      # (at is rounded to 0.1 s)

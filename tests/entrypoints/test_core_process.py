@@ -242,6 +242,59 @@ def test_a_prestarted_core_takes_its_config_later(tiny_model_dir):
     assert not process.is_alive()
 
 
+def test_a_prestarted_core_builds_its_config_from_the_arguments(tiny_model_dir):
+    """Given the arguments early, the core builds its own config (it does not wait for the serving
+    process's): the KV cache it sizes is the arguments' (16 MiB), not that of the config the engine
+    holds (built here from other arguments, 8 MiB), whose capacity follows the core's."""
+    from pagoda.engine.core.core_prestart import PrestartedCore
+
+    args = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20, engine_core_process=True)
+    prestarted = PrestartedCore()
+    prestarted.send_args(args)
+    config = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=8 << 20,
+                        engine_core_process=True).create_config()
+    engine = AsyncEngine(config, prestarted_core=prestarted)
+    try:
+        assert engine.core_client.pid == prestarted.process.pid
+        own = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20, engine_core_process=False)
+        with_16_mib = AsyncEngine(own.create_config())
+        try:
+            assert config.cache.num_blocks == with_16_mib.config.cache.num_blocks
+        finally:
+            with_16_mib.shutdown()
+        final = asyncio.run(collect(engine, PROMPTS[0], greedy(6)))[-1]
+        assert final.finished and len(final.outputs[0].token_ids) == 6
+    finally:
+        engine.shutdown()
+
+
+def test_a_prestarted_core_reports_arguments_it_cannot_build(tiny_model_dir, tmp_path):
+    from pagoda.engine.core.core_prestart import PrestartedCore
+
+    prestarted = PrestartedCore()
+    prestarted.send_args(EngineArgs(model=str(tmp_path / "no-such-model"), engine_core_process=True))
+    config = EngineArgs(model=str(tiny_model_dir), kv_cache_memory_bytes=16 << 20,
+                        engine_core_process=True).create_config()
+    with pytest.raises(CoreProcessError, match="no-such-model"):
+        AsyncEngine(config, prestarted_core=prestarted)
+    prestarted.process.join(10)
+    assert not prestarted.process.is_alive()
+
+
+def test_a_core_given_arguments_picks_its_own_executor():
+    from pagoda.engine.core.core_prestart import PrestartedCore
+
+    prestarted = PrestartedCore()
+    try:
+        prestarted.send_args(EngineArgs(model="default"))
+        with pytest.raises(ValueError, match="executor_class=.*UniprocExecutor"):
+            prestarted.take(None, UniprocExecutor)
+    finally:
+        prestarted.close()
+    prestarted.process.join(10)
+    assert not prestarted.process.is_alive()
+
+
 def test_a_prestarted_core_not_needed_is_stopped(tiny_model_dir):
     from pagoda.engine.core.core_prestart import PrestartedCore
 
