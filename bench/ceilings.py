@@ -33,6 +33,22 @@ Shared prefix (`shared_prefix_len > 0`, the shared-prefix workload with prefix c
 is prefilled once; its KV is still read once per sequence per decode step (pagoda's paged attention
 reads each sequence's blocks; a cascade kernel that reads shared blocks once would go lower).
 
+Mixture of experts (`ModelShape.num_experts > 0`): FLOPs use the active params only (2 * active
+params per token: the dense parts and each token's top-k experts); a step over B tokens reads the
+dense weights (everything but the experts, embedding and LM head whole as above) plus, per sparse
+layer, the experts its tokens hit, E (1 - (1 - k / E)^B) of E experts in expectation under uniform
+random routing (1 token: k experts; a large batch: all E). For a dense model both are the same as
+above. The prefill stays arithmetic only (its FLOPs at the matmul rate), as above.
+
+Sliding-window layers (`ModelShape.sliding_window`): a query attends to at most the last `window`
+keys on those layers, so per sequence a decode step reads min(keys, window) tokens of their KV and
+computes as many pairs; a prompt of p tokens has sum_i min(i, window) causal pairs there
+(p (p + 1) / 2 when p <= window, else window (window + 1) / 2 + (p - window) window). The
+full-attention layers read and compute everything as above.
+
+    bytes = step weight bytes(live) + KV_full * keys + KV_sliding * windowed keys
+    flops = 2 * active params * live + A_full * keys + A_sliding * windowed keys
+
 Tensor parallelism (`tp > 1`): weights, KV heads and FLOPs split evenly over `tp` ranks (KV heads
 replicate when there are fewer than ranks); every layer adds two all-reduces of the step's
 activations, (tokens x hidden x dtype bytes) each, costing 2 (tp - 1) / tp x bytes / bus bandwidth
@@ -226,12 +242,15 @@ def ideal_floor(
     if shared_prefix_len > prompt_lens.min():
         raise ValueError(f"shared_prefix_len={shared_prefix_len} exceeds the shortest prompt ({int(prompt_lens.min())})")
 
-    params = float(shape.num_params)
-    pair_flops = float(shape.attention_flops_per_pair)
+    params = float(shape.active_params)                     # = num_params for a dense model
+    pair_flops = float(shape.attention_flops_per_pair_full)  # = the total without sliding layers
+    window_pair_flops = float(shape.attention_flops_per_pair_sliding)
+    window = shape.sliding_window if shape.sliding_layers else None
     # per rank
     weight_bytes = shape.weight_bytes / tp
     kv_heads_per_rank = max(shape.num_kv_heads / tp, 1.0)
-    kv_bytes_per_token = shape.kv_bytes_per_token * kv_heads_per_rank / shape.num_kv_heads
+    kv_bytes_per_token = shape.kv_bytes_per_token_full * kv_heads_per_rank / shape.num_kv_heads
+    window_kv_bytes_per_token = shape.kv_bytes_per_token_sliding * kv_heads_per_rank / shape.num_kv_heads
     bandwidth, matmul_rate = ceilings.copy_bandwidth_Bps, ceilings.matmul_flops * shape.matmul_rate_factor
 
     def allreduce_seconds(num_tokens: float) -> float:
@@ -240,20 +259,25 @@ def ideal_floor(
         nbytes = num_tokens * shape.hidden_size * shape.dtype_bytes
         return 2 * shape.num_layers * 2 * (tp - 1) / tp * nbytes / allreduce_bus_bandwidth_Bps
 
-    # prefill: causal pairs are p (p + 1) / 2 per prompt; a shared prefix is computed once
+    # prefill: causal pairs are p (p + 1) / 2 per prompt (windowed: see _windowed_pairs); a shared
+    # prefix is computed once
     prefill_tokens = prompt_lens.sum()
     pairs = (prompt_lens * (prompt_lens + 1) / 2).sum()
+    window_pairs = _windowed_pairs(prompt_lens, window).sum() if window else 0.0
     if shared_prefix_len:
         prefix = float(shared_prefix_len)
         prefill_tokens -= (len(workload) - 1) * prefix
         pairs -= (len(workload) - 1) * prefix * (prefix + 1) / 2
-    prefill_flops = (2 * params * prefill_tokens + pair_flops * pairs) / tp
+        if window:
+            window_pairs -= (len(workload) - 1) * float(_windowed_pairs(np.array([prefix]), window)[0])
+    prefill_flops = (2 * params * prefill_tokens + pair_flops * pairs + window_pair_flops * window_pairs) / tp
     prefill_allreduce = allreduce_seconds(prefill_tokens)
     prefill_s = prefill_flops / matmul_rate + prefill_allreduce
 
     # decode: step t = 1 .. max_out - 1 serves the requests with output_len > t, each with p + t keys
     decode_s = total_allreduce = 0.0
     memory_bound = 0
+    dense = shape.sparse_layers == 0
     num_steps = int(output_lens.max()) - 1
     order = np.argsort(output_lens)
     sorted_out, sorted_prompt = output_lens[order], prompt_lens[order]
@@ -262,8 +286,11 @@ def ideal_floor(
         first_live = int(np.searchsorted(sorted_out, t, side="right"))   # output_len > t
         live = len(sorted_out) - first_live
         context_tokens = suffix_prompt_sum[first_live] + t * live       # keys attended this step
-        step_bytes = weight_bytes + kv_bytes_per_token * context_tokens
-        step_flops = (2 * params * live + pair_flops * context_tokens) / tp
+        # the sliding layers' keys: each live sequence's, up to the window
+        window_tokens = np.minimum(sorted_prompt[first_live:] + t, window).sum() if window else 0.0
+        step_weight_bytes = weight_bytes if dense else shape.step_weight_bytes(live) / tp
+        step_bytes = step_weight_bytes + kv_bytes_per_token * context_tokens + window_kv_bytes_per_token * window_tokens
+        step_flops = (2 * params * live + pair_flops * context_tokens + window_pair_flops * window_tokens) / tp
         memory_s, compute_s = step_bytes / bandwidth, step_flops / matmul_rate
         memory_bound += int(memory_s >= compute_s)
         step_allreduce = allreduce_seconds(live)
@@ -282,9 +309,18 @@ def ideal_floor(
     )
 
 
+def _windowed_pairs(prompt_lens: np.ndarray, window: int) -> np.ndarray:
+    """Causal (query, key) pairs of each prompt on a layer whose queries see at most the last `window`
+    keys: sum over positions i = 1 .. p of min(i, window)."""
+    inside = np.minimum(prompt_lens, window)
+    return inside * (inside + 1) / 2 + np.maximum(prompt_lens - window, 0) * window
+
+
 def batch1_roofline(model_shape: ModelShape, ceilings: Ceilings, tp: int = 1) -> float:
-    """Batch-1 decode tokens per second if every step only streams the weights: bandwidth / weight bytes."""
-    return ceilings.copy_bandwidth_Bps / (model_shape.weight_bytes / tp)
+    """Batch-1 decode tokens per second if every step only streams the weights a token reads:
+    bandwidth / weight bytes (a mixture of experts: the dense weights + top-k experts per sparse layer,
+    `ModelShape.step_weight_bytes(1)`)."""
+    return ceilings.copy_bandwidth_Bps / (model_shape.step_weight_bytes(1) / tp)
 
 
 def percent_of(achieved: float, floor: float) -> float:

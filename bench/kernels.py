@@ -13,6 +13,7 @@ to the torch reference's time.
 
 Shapes: hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336, KV block 16, bf16.
 Decode: batch 1 / 32 / 256 x context 512 / 2k / 8k. Prefill: 8 x 512 fresh prompts (and 1 x 4096).
+A windowed layer with sinks (window 1024): decode 32 x 8k and prefill 1 x 4096 count only the window's work.
 Norm / rotary / silu / cache write: 256 and 8192 tokens. Weight-only (W4A16 g128 vs bf16): qkv, o,
 gate_up and down at M = 1 / 16 / 64 / 256; FP8 W8A8 vs bf16 likewise. Times are medians of triton.testing.do_bench,
 which flushes L2 between runs, so memory-bound numbers are DRAM numbers.
@@ -109,6 +110,23 @@ def attention_cases() -> Iterator[Case]:
             lambda q=q, kc=kc, vc=vc, md=md: paged_attention_ref(q, kc, vc, md, scale),
             flops=4 * causal_pairs * NUM_HEADS * HEAD_DIM,                     # QK^T and PV, 2 FLOPs per MAC
         )
+    # a windowed layer with sinks (gpt-oss / Mistral style, window 1024): only the window is read or computed
+    window = 1024
+    features = dict(sliding_window=window, sinks=torch.zeros(NUM_HEADS, device="cuda"))
+    q, kc, vc, md = paged_batch([(1, 8192)] * 32)
+    yield Case(
+        "attention", "decode window", f"batch 32 ctx 8192 window {window}",
+        lambda q=q, kc=kc, vc=vc, md=md: attention_triton.paged_attention(q, kc, vc, md, scale, **features),
+        lambda q=q, kc=kc, vc=vc, md=md: paged_attention_ref(q, kc, vc, md, scale, **features),
+        bytes_moved=32 * window * kv_bytes_per_token + 2 * q.numel() * q.element_size(),
+    )
+    q, kc, vc, md = paged_batch([(4096, 4096)])
+    yield Case(
+        "attention", "prefill window", f"1 x 4096 tokens window {window}",
+        lambda q=q, kc=kc, vc=vc, md=md: attention_triton.paged_attention(q, kc, vc, md, scale, **features),
+        lambda q=q, kc=kc, vc=vc, md=md: paged_attention_ref(q, kc, vc, md, scale, **features),
+        flops=4 * (window * (window + 1) / 2 + (4096 - window) * window) * NUM_HEADS * HEAD_DIM,
+    )
 
 
 def cache_cases() -> Iterator[Case]:

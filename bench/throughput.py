@@ -4,6 +4,7 @@
     python -m bench.throughput --model llama3-8b-random --workload w256 --baseline hf --hf-subset 128
     python -m bench.throughput --model llama3-8b-random --workload batch1
     python -m bench.throughput --model llama3-8b-random --workload shared-prefix --compare-prefix-caching
+    python -m bench.throughput --model qwen3-30b-a3b-random --workload w256                # MoE; gemma3-12b-random too
 
 One process, in this order:
  1. on CUDA, the ceilings (copy bandwidth, bf16 matmul rate; all-reduce bandwidth when --tp > 1),
@@ -112,7 +113,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default",
                    help="'default' (SmolLM2-135M GGUF), a local checkpoint path, or a random-weight shape: "
-                        "llama3-8b-random, llama3-70b-random, tiny-random")
+                        "llama3-8b-random, llama3-70b-random, qwen3-30b-a3b-random, mixtral-8x7b-random, "
+                        "gemma3-12b-random, gpt-oss-20b-random, tiny-random, tiny-moe-random, tiny-gemma-random, "
+                        "tiny-gpt-oss-random")
     p.add_argument("--workload", default="s64", choices=WORKLOADS)
     p.add_argument("--num-prompts", type=int, default=None,
                    help="use the first N requests of the workload (shared-prefix: N requests)")
@@ -428,7 +431,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     requests = make_workload(args.workload, vocab_size, args.num_prompts, tokenizer=tokenizer)
     shape = ModelShape.from_hf_config(hf_config, dtype_bytes=torch.tensor([], dtype=dtype).element_size())
     commit = _commit()
-    print(f"pagoda bench: model {bench_model.name} ({shape.num_params / 1e9:.2f} B params, "
+    active = f", {shape.active_params / 1e9:.2f} B active per token" if shape.num_experts else ""
+    print(f"pagoda bench: model {bench_model.name} ({shape.num_params / 1e9:.2f} B params{active}, "
           f"{shape.weight_bytes / 1e9:.2f} GB {dtype}), workload {args.workload}: {len(requests)} requests, "
           f"{total_prompt_tokens(requests):,} prompt + {total_output_tokens(requests):,} output tokens; "
           f"device {device}, tp {args.tp}, commit {commit}, python {platform.python_version()}, "
@@ -460,8 +464,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         for run_label, run_shape in runs:
             if args.workload == "batch1":
                 roofline = floors[run_label] = batch1_roofline(run_shape, ceilings, args.tp)
-                print(f"[{run_label}] batch-1 roofline (bandwidth / {run_shape.weight_bytes / 1e9:.2f} GB of "
-                      f"weights): {roofline:,.1f} tok/s")
+                print(f"[{run_label}] batch-1 roofline (bandwidth / {run_shape.step_weight_bytes(1) / 1e9:.2f} GB "
+                      f"of weights a token reads): {roofline:,.1f} tok/s")
             else:
                 prefix = SHARED_PREFIX_LEN if args.workload == "shared-prefix" else 0
                 run_floor = ideal_floor(requests, run_shape, ceilings, tp=args.tp, shared_prefix_len=prefix)

@@ -41,6 +41,7 @@ from pagoda.engine.entrypoints.lifecycle import cut_short, request_cut_error
 from pagoda.engine.entrypoints.openai.errors import APIError, to_api_error
 from pagoda.engine.entrypoints.openai.request_body import parse_json_object
 from pagoda.engine.errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError
+from pagoda.engine.generation_defaults import GenerationDefaults
 from pagoda.engine.outputs import EngineStats, RequestOutput, merge_outputs
 from pagoda.engine.processing.input_processor import PromptType
 from pagoda.engine.processing.tokenizer import TokenizerThread, prompt_chars_limit
@@ -133,6 +134,11 @@ class ClusterEngineClient:
     def model_format(self) -> dict[str, Optional[str]]:
         info = self._route(_SCOPE.get().model).info
         return dict(info.model_format) if info is not None else {}
+
+    @property
+    def generation_defaults(self) -> GenerationDefaults:
+        info = self._route(_SCOPE.get().model).info
+        return info.generation_defaults if info is not None else GenerationDefaults()
 
     async def open_channel(self) -> None:
         """Starts the token channel's mailbox now (Ray starts a process for it, seconds), so that

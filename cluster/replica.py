@@ -145,6 +145,8 @@ class LLMReplica:
             raise
 
     def _build(self, args: EngineArgs, prestarted: Optional[PrestartedCore], stall_timeout_s: float) -> None:
+        if prestarted is not None and args.distributed_executor_backend != "ray":
+            prestarted.send_args(args)         # the core builds its config as this replica builds its own
         config = args.create_config()
         startup_timeline.mark("config")
         executor_class: Any = None
@@ -241,7 +243,8 @@ class LLMReplica:
         return ModelInfo(served_model_name=self.engine.model_names[0], max_model_len=self.engine.max_model_len,
                          block_size=config.cache.block_size,
                          enable_prefix_caching=config.cache.enable_prefix_caching, tokenizer=self.engine.tokenizer,
-                         model_format=config.serving_format())
+                         model_format=config.serving_format(),
+                         generation_defaults=config.model.generation_defaults)
 
     async def report(self) -> ReplicaReport:
         stats = await self.engine.get_stats()

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pagoda.engine.generation_defaults import GenerationDefaults
 from pagoda.engine.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
 from pagoda.engine.processing.input_processor import PromptType
 from pagoda.engine.sampling_params import SamplingParams
@@ -70,6 +71,8 @@ class ModelInfo:
     enable_prefix_caching: bool
     tokenizer: Any                      # the Hugging Face tokenizer (pickled once), or None
     model_format: dict[str, Optional[str]] = field(default_factory=dict)   # EngineConfig.serving_format
+    # the model's sampling defaults: the ingress merges them under each request's own fields
+    generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from .core.core_process import CoreProcess
 from .core.core_thread import CoreThread
 from .errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError
 from .executor.base import Executor
+from .generation_defaults import GenerationDefaults
 from .llm_engine import load_text_side
 from .metrics import EngineMetrics
 from .outputs import EngineCoreOutput, EngineStats, RequestOutput, merge_outputs
@@ -125,6 +126,10 @@ class AsyncEngine:
     @property
     def model_format(self) -> dict[str, Optional[str]]:
         return self.config.serving_format()
+
+    @property
+    def generation_defaults(self) -> GenerationDefaults:
+        return self.config.model.generation_defaults
 
     @property
     def errored(self) -> bool:

@@ -7,11 +7,12 @@ known only once the executor has sized the cache; `EngineConfig.finalize_capacit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import torch
 
+from .generation_defaults import GenerationDefaults, load_generation_defaults, log_generation_defaults
 from .model_loader.model_source import ModelSource, load_hf_config, resolve_model
 from .quantization.base import QuantizationConfig
 from .quantization.registry import resolve_quantization
@@ -35,6 +36,8 @@ class ModelConfig:
     quantization: Optional[QuantizationConfig] = None
     skip_tokenizer_init: bool = False
     seed: int = 0
+    # the model's sampling defaults (generation_config.json; engine/generation_defaults.py)
+    generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     @property
     def architecture(self) -> str:
@@ -81,6 +84,9 @@ class ParallelConfig:
     # The serving engine (AsyncEngine) runs its EngineCore in a process of its own, so the step loop
     # never waits for the server's Python work (engine/core/core_process.py). The offline LLM ignores it.
     engine_core_process: bool = False
+    # Mixture-of-experts models: each rank holds num_experts / tp whole experts instead of a 1/tp
+    # slice of every expert (engine/layers/moe.py)
+    enable_expert_parallel: bool = False
 
 
 # -- speculative decoding ----------------------------------------------------------------------------
@@ -246,6 +252,14 @@ class EngineArgs:
     calculate_kv_scales: bool = False
     # speculative decoding: a dict or a JSON object string (SpeculativeConfig); None = off
     speculative_config: Optional[dict[str, Any] | str] = None
+    # a Hub id ("org/name") is looked up in the local Hugging Face cache (never downloaded): at this
+    # branch, tag or commit (None = main), in download_dir first (a cache folder, as vLLM's flag)
+    revision: Optional[str] = None
+    download_dir: Optional[str] = None
+    # where sampling defaults come from: "auto" (the model's generation_config.json), "vllm" (pagoda's
+    # own), or a folder holding a generation_config.json
+    generation_config: str = "auto"
+    enable_expert_parallel: bool = False        # MoE models: whole experts per TP rank (ParallelConfig)
 
     def create_config(self) -> EngineConfig:
         def bad(name: str, value: object, rule: str) -> ValueError:
@@ -279,8 +293,10 @@ class EngineArgs:
         speculative = SpeculativeConfig.parse(self.speculative_config)
 
         device = _resolve_device(self.device)
-        source = resolve_model(self.model)
+        source = resolve_model(self.model, revision=self.revision, download_dir=self.download_dir)
         hf_config = load_hf_config(source)
+        generation_defaults = load_generation_defaults(self.generation_config, source.path)
+        log_generation_defaults(generation_defaults, self.generation_config)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
         quantization = resolve_quantization(self.quantization, hf_config, source, device)
 
@@ -312,12 +328,26 @@ class EngineArgs:
             quantization=quantization,
             skip_tokenizer_init=self.skip_tokenizer_init,
             seed=self.seed,
+            generation_defaults=generation_defaults,
         )
         from .models.llama import check_tensor_parallel
-        from .models.registry import check_architecture
+        from .models.registry import check_architecture, get_model_class
 
         check_architecture(model.architecture)
-        check_tensor_parallel(hf_config, self.tensor_parallel_size)
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise bad("enable_expert_parallel", self.enable_expert_parallel, "True or False")
+        check_parallel = getattr(get_model_class(model.architecture), "check_parallel", None)
+        if check_parallel is not None:          # a mixture-of-experts family: its experts' split too
+            check_parallel(hf_config, self.tensor_parallel_size, self.enable_expert_parallel)
+            # NOTE: the model classes are built from the HF config: the switch travels on it to every worker
+            from .models.qwen3_moe import EXPERT_PARALLEL_ATTR
+
+            setattr(hf_config, EXPERT_PARALLEL_ATTR, self.enable_expert_parallel)
+        elif self.enable_expert_parallel:
+            raise ValueError(f"enable_expert_parallel=True needs a mixture-of-experts model; {model.architecture} "
+                             "has no experts")
+        else:
+            check_tensor_parallel(hf_config, self.tensor_parallel_size)
         return EngineConfig(
             model=model,
             cache=CacheConfig(
@@ -337,7 +367,8 @@ class EngineArgs:
                                   if self.async_scheduling is None else bool(self.async_scheduling)),
             ),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size, executor_backend=backend,  # type: ignore[arg-type]
-                                    engine_core_process=engine_core_process),
+                                    engine_core_process=engine_core_process,
+                                    enable_expert_parallel=self.enable_expert_parallel),
             device=device,
             enforce_eager=self.enforce_eager,
             max_model_len_explicit=self.max_model_len is not None,
@@ -371,10 +402,5 @@ def _resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dt
 
 
 def _derived_max_model_len(hf_config: Any) -> int:
-    limit = int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
-    # NOTE: the kernels implement full attention only, so a sliding-window model (Mistral) is served
-    # up to its window, where full and windowed attention agree.
-    window = getattr(hf_config, "sliding_window", None)
-    if window and (getattr(hf_config, "use_sliding_window", True)):
-        limit = min(limit, int(window))
-    return limit
+    # (sliding-window layers attend within their window at any length: the kernels skip the rest)
+    return int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)

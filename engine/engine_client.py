@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator, Optional, Protocol, runtime_checkable
 
 from .errors import ModelNotFoundError
+from .generation_defaults import GenerationDefaults
 from .outputs import EngineStats, RequestOutput
 from .processing.input_processor import PromptType
 from .sampling_params import SamplingParams
@@ -36,6 +37,11 @@ class EngineClient(Protocol):
     def model_format(self) -> dict[str, Optional[str]]:
         """The weights' quantization and the KV cache's element type (EngineConfig.serving_format);
         empty when not known (a cluster model none of whose replicas answered yet)."""
+
+    @property
+    def generation_defaults(self) -> GenerationDefaults:
+        """The model's sampling defaults, which requests that leave a field unset take
+        (engine/generation_defaults.py); empty when not known."""
 
     def generate(self, prompt: PromptType, params: SamplingParams, request_id: str,
                  priority: int = 0) -> AsyncIterator[RequestOutput]:

@@ -3,6 +3,11 @@
     from pagoda.engine import LLM, SamplingParams
     llm = LLM(model="default")
     outputs = llm.generate(["Hello, my name is"], SamplingParams(max_tokens=32))
+
+Without SamplingParams, `generate` and `chat` sample with the model's defaults (its
+generation_config.json, unless `generation_config="vllm"`: engine/generation_defaults.py); a
+SamplingParams passed is used as given. `get_default_sampling_params()` returns the model's defaults,
+to change a few fields of.
 """
 from __future__ import annotations
 
@@ -50,6 +55,10 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The parameters of a request that sets none: the model's generation defaults over pagoda's."""
+        return self.engine.config.model.generation_defaults.sampling_params()
+
     def generate(
         self,
         prompts: Union[PromptType, Sequence[PromptType]],
@@ -65,7 +74,7 @@ class LLM:
         """
         prompt_list = self._as_prompt_list(prompts)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
-            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompt_list)
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):

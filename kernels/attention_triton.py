@@ -32,6 +32,13 @@ or NaN cache slots cannot leak in, and `block_tables` may have any number of spa
 Under the Triton interpreter (CPU tests) bf16 MMA operands are upcast to fp32, because the
 interpreter stores bf16 as raw uint16 and cannot do arithmetic on it (`UPCAST`).
 
+Layer features (`attention.py`), constexpr switches (off: the same code as before, a few unread args):
+  SLIDING  a prefill tile loads nothing before its first row's window start and runs three ranges: the
+           lower band (window mask per row), the middle (no mask), the diagonal (causal + window).
+           Decode splits cut only the window, which needs no mask.
+  SOFTCAP  the dot's multiplier is scale / cap; tanh(.) * cap * log2(e) gives the base-2 logits.
+  SINKS    each row adds exp2(sink * log2(e) - max) to its final denominator (split decode: the reduce).
+
 FP8 caches (`FP8_KV`, a constexpr: 16/32-bit caches compile the same code as before, plus two unread
 pointer arguments):
 K/V tiles are loaded as e4m3 (half the bytes), converted exactly to the query dtype for the MMAs,
@@ -42,7 +49,6 @@ output, which the reduce merges linearly). Both are loaded from (1,) tensors in 
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Optional
 
@@ -50,12 +56,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_ref import check_features, check_inputs
 from .kv_quant import check_scales, is_fp8
 from .metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CACHE_DTYPES = _DTYPES + (torch.float8_e4m3fn,)
+LOG2E = tl.constexpr(_LOG2E)
 # Decode splitting: aim for about two waves of programs, never a split shorter than this.
 _MIN_SPLIT_TOKENS = 128
 _MAX_SPLITS = 32
@@ -68,20 +74,24 @@ def _attend_kv_range(
     m_i,                # (BLOCK_M,) fp32 running max of the base-2 logits
     q,                  # (BLOCK_M, HEAD_DIM_PAD) query rows, MMA operand dtype
     q_pos,              # (BLOCK_M,) int32 context position of each row's query token
-    kv_lo,              # first context position to attend (multiple of BLOCK_N)
+    kv_lo,              # first context position of the loop
     kv_hi,              # one past the last context position to attend
+    kv_min,             # WINDOW: positions below this are neither loaded nor attended
     key_cache_ptr,      # (num_blocks, block_size, num_kv_heads, head_dim)
     value_cache_ptr,    # (num_blocks, block_size, num_kv_heads, head_dim), same strides as keys
     block_table_ptr,    # (max_blocks_per_seq,) int32: this sequence's row of block_tables
     kv_head,            # KV head index
-    scale_log2,         # softmax scale * log2(e)
+    qk_scale,           # softmax scale * log2(e); with SOFTCAP, scale / softcap (natural units)
+    softcap_log2,       # SOFTCAP: softcap * log2(e)
+    window,             # WINDOW: the sliding window (keys > q_pos - window are visible)
     stride_c_block, stride_c_slot, stride_c_head,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,     # tokens per KV cache block
     BLOCK_N: tl.constexpr,        # context tokens per iteration
     BOUNDED: tl.constexpr,        # mask positions >= kv_hi (kv_hi not a multiple of BLOCK_N)
     CAUSAL: tl.constexpr,         # mask positions > q_pos per row
+    WINDOW: tl.constexpr,         # mask positions <= q_pos - window per row, and below kv_min
+    SOFTCAP: tl.constexpr,        # scores = softcap * tanh(scores / softcap)
     UPCAST: tl.constexpr,         # do MMA in fp32 (Triton interpreter cannot compute in bf16)
     DOT_PRECISION: tl.constexpr,
 ):
@@ -93,6 +103,8 @@ def _attend_kv_range(
             k_valid = k_pos < kv_hi
         else:  # a constant mask that the compiler folds away
             k_valid = tl.full([BLOCK_N], 1, tl.int1)
+        if WINDOW:
+            k_valid = k_valid & (k_pos >= kv_min)
         block_id = tl.load(block_table_ptr + k_pos // BLOCK_SIZE, mask=k_valid, other=0)
         slot_offs = (block_id.to(tl.int64) * stride_c_block
                      + (k_pos % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head)  # (BLOCK_N,)
@@ -107,11 +119,17 @@ def _attend_kv_range(
             k = k.to(q.dtype)
             v = v.to(q.dtype)
 
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale    # (BLOCK_M, BLOCK_N)
+        if SOFTCAP:  # NOTE: tanh(|x|) = (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1], from exp2 (the interpreter
+            # has no tanh): never overflows, exact +-1 at the extremes, ~1e-7 absolute near 0
+            e = tl.exp2(tl.abs(qk) * (-2.0 * LOG2E))
+            qk = tl.where(qk < 0, -softcap_log2, softcap_log2) * ((1.0 - e) / (1.0 + e))
         if CAUSAL:
             visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+            if WINDOW:
+                visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
             qk = tl.where(visible, qk, float("-inf"))
-        elif BOUNDED:
+        elif BOUNDED or WINDOW:
             qk = tl.where(k_valid[None, :], qk, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))                                    # (BLOCK_M,)
@@ -151,7 +169,10 @@ def _prefill_kernel(
     query_start_loc_ptr,    # (num_seqs + 1,) int32
     k_scale_ptr,            # (1,) fp32, read only when FP8_KV: real K = stored K * k_scale
     v_scale_ptr,            # (1,) fp32, read only when FP8_KV
-    scale_log2,             # softmax scale * log2(e)
+    sinks_ptr,              # (num_heads,) fp32, read only when SINKS
+    qk_scale,               # softmax scale * log2(e); with SOFTCAP, scale / softcap
+    softcap_log2,           # SOFTCAP: softcap * log2(e)
+    window,                 # SLIDING: the window in tokens
     num_seqs,
     stride_q_tok, stride_q_head,
     stride_o_tok, stride_o_head,
@@ -164,6 +185,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,        # rows per program: BLOCK_Q tokens x GROUP heads (+ padding)
     BLOCK_N: tl.constexpr,
     FP8_KV: tl.constexpr,         # the caches are float8_e4m3fn, scaled by k_scale / v_scale
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,     # the layer's features
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -192,27 +214,41 @@ def _prefill_kernel(
         q = q.to(tl.float32)
     q_pos = context_len + tok                                        # (BLOCK_M,)
     if FP8_KV:
-        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
-    # Context positions [0, full_end) are visible to every row of the tile: no mask needed there.
-    # [full_end, kv_end) is the diagonal band, masked per row; nothing past the tile's last token.
+    # Context positions [mid_lo, full_end) are visible to every row of the tile: no mask needed there.
+    # [full_end, kv_end) is the diagonal band, masked per row; nothing past the tile's last token. With a
+    # window, [kv_min, mid_lo) is the lower band (masked per row); nothing before kv_min is read.
+    first_pos = context_len + tile_start
     last_tok = tl.minimum(tile_start + BLOCK_Q, q_len) - 1
     kv_end = context_len + last_tok + 1
-    full_end = (context_len + tile_start + 1) // BLOCK_N * BLOCK_N
+    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    mid_lo, kv_min = 0, 0
+    if SLIDING:
+        kv_min = tl.maximum(first_pos - window + 1, 0)
+        # the first position every row's window holds, rounded up to a tile
+        mid_lo = tl.minimum(tl.cdiv(tl.maximum(kv_end - window, 0), BLOCK_N) * BLOCK_N, kv_end)
+        acc, l_i, m_i = _attend_kv_range(
+            acc, l_i, m_i, q, q_pos, kv_min // BLOCK_N * BLOCK_N, mid_lo, kv_min, key_cache_ptr, value_cache_ptr,
+            block_table_ptr, kv_head, qk_scale, softcap_log2, window, stride_c_block, stride_c_slot, stride_c_head,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, True, True, SOFTCAP, UPCAST, DOT_PRECISION)
+    mid_hi = tl.maximum(full_end, mid_lo)
     acc, l_i, m_i = _attend_kv_range(
-        acc, l_i, m_i, q, q_pos, 0, full_end, key_cache_ptr, value_cache_ptr, block_table_ptr,
-        kv_head, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, False, UPCAST, DOT_PRECISION)
+        acc, l_i, m_i, q, q_pos, mid_lo, mid_hi, kv_min, key_cache_ptr, value_cache_ptr, block_table_ptr,
+        kv_head, qk_scale, softcap_log2, window, stride_c_block, stride_c_slot, stride_c_head,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, False, False, SOFTCAP, UPCAST, DOT_PRECISION)
     acc, l_i, m_i = _attend_kv_range(
-        acc, l_i, m_i, q, q_pos, full_end, kv_end, key_cache_ptr, value_cache_ptr, block_table_ptr,
-        kv_head, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, True, UPCAST, DOT_PRECISION)
+        acc, l_i, m_i, q, q_pos, mid_hi, kv_end, kv_min, key_cache_ptr, value_cache_ptr, block_table_ptr,
+        kv_head, qk_scale, softcap_log2, window, stride_c_block, stride_c_slot, stride_c_head,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, True, SLIDING, SOFTCAP, UPCAST, DOT_PRECISION)
 
+    if SINKS:  # NOTE: relative to the row's max, unscaled; padding rows (max -1e30) add exp2(-inf) = 0
+        l_i += tl.exp2(tl.load(sinks_ptr + head, mask=row_valid, other=float("-inf")) * LOG2E - m_i)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)                             # padding rows: avoid 0 / 0
     if FP8_KV:
         acc = acc * tl.load(v_scale_ptr)
@@ -235,7 +271,8 @@ def _decode_kernel(
     query_start_loc_ptr,    # (num_seqs + 1,) int32
     k_scale_ptr,            # (1,) fp32, read only when FP8_KV
     v_scale_ptr,            # (1,) fp32, read only when FP8_KV
-    scale_log2,
+    sinks_ptr,              # (num_heads,) fp32, read here only when SINKS and NUM_SPLITS == 1
+    qk_scale, softcap_log2, window,                                   # as in _prefill_kernel
     num_heads,
     stride_q_tok, stride_q_head,
     stride_o_tok, stride_o_head,
@@ -249,6 +286,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     FP8_KV: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,     # the layer's features
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -259,8 +297,12 @@ def _decode_kernel(
     if tl.load(query_start_loc_ptr + seq + 1) == q_start:           # a sequence with no new token
         return
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    kv_lo = split * split_len
+    # the token at seq_len - 1 sees [kv_first, seq_len) whole: the splits cut only that range
+    kv_first = 0
+    if SLIDING:
+        kv_first = tl.maximum(seq_len - window, 0)
+    split_len = tl.cdiv(tl.cdiv(seq_len - kv_first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    kv_lo = kv_first + split * split_len
     kv_hi = tl.minimum(kv_lo + split_len, seq_len)                   # kv_lo >= kv_hi: an empty split
 
     rows = tl.arange(0, BLOCK_H)
@@ -273,20 +315,22 @@ def _decode_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     if FP8_KV:
-        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM_PAD], tl.float32)
     acc, l_i, m_i = _attend_kv_range(
-        acc, l_i, m_i, q, rows, kv_lo, kv_hi, key_cache_ptr, value_cache_ptr,
+        acc, l_i, m_i, q, rows, kv_lo, kv_hi, kv_first, key_cache_ptr, value_cache_ptr,
         block_tables_ptr + seq.to(tl.int64) * stride_bt_seq,
-        kv_head, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, False, UPCAST, DOT_PRECISION)
+        kv_head, qk_scale, softcap_log2, window, stride_c_block, stride_c_slot, stride_c_head,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, False, False, SOFTCAP, UPCAST, DOT_PRECISION)
     if FP8_KV:
         acc = acc * tl.load(v_scale_ptr)                             # a split's partial output too
 
     if NUM_SPLITS == 1:
+        if SINKS:
+            l_i += tl.exp2(tl.load(sinks_ptr + head, mask=row_valid, other=float("-inf")) * LOG2E - m_i)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_offs = q_start * stride_o_tok + head[:, None] * stride_o_head + dims[None, :]
         tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -305,12 +349,14 @@ def _decode_reduce_kernel(
     partial_max_ptr,        # (num_seqs, num_heads, NUM_SPLITS) fp32
     partial_sum_ptr,        # (num_seqs, num_heads, NUM_SPLITS) fp32
     query_start_loc_ptr,    # (num_seqs + 1,) int32
+    sinks_ptr,              # (num_heads,) fp32, read only when SINKS
     num_heads,
     stride_o_tok, stride_o_head,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,     # next power of 2 of NUM_SPLITS
+    SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -326,11 +372,21 @@ def _decode_reduce_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     acc_s = tl.load(partial_out_ptr + part[:, None] * HEAD_DIM_PAD + dims[None, :],
                     mask=split_valid[:, None], other=0.0)            # (SPLITS_PAD, HEAD_DIM_PAD)
-    weight = tl.exp2(m_s - tl.max(m_s, 0))                           # (SPLITS_PAD,)
+    m_max = tl.max(m_s, 0)
+    weight = tl.exp2(m_s - m_max)                                    # (SPLITS_PAD,)
     total = tl.sum(weight * l_s, 0)
+    if SINKS:                                                        # once, into the merged denominator
+        total += tl.exp2(tl.load(sinks_ptr + head) * LOG2E - m_max)
     out = tl.sum(weight[:, None] * acc_s, 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + q_start * stride_o_tok + head * stride_o_head + dims,
              out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+def _feature_args(scale: float, sliding_window: Optional[int], logit_softcap: Optional[float]) -> tuple:
+    """(qk_scale, softcap_log2, window): scale * log2(e), or scale / softcap (natural units) with a cap."""
+    if logit_softcap is None:
+        return scale * _LOG2E, 0.0, sliding_window or 0
+    return scale / logit_softcap, logit_softcap * _LOG2E, sliding_window or 0
 
 
 def paged_attention(
@@ -341,21 +397,24 @@ def paged_attention(
     scale: float,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
+    *, sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens against their paged context; returns (num_tokens, num_heads, head_dim).
 
     Output rows not covered by `metadata.query_start_loc` (graph padding) are left unwritten.
     k_scale / v_scale: (1,) float32, required for (and read only with) FP8 caches.
+    sliding_window, logit_softcap, sinks: the layer's features (`attention.paged_attention`).
     """
-    _check_inputs(query, key_cache, value_cache, metadata, scale)
+    check_inputs(query, key_cache, value_cache, metadata, scale)
     check_scales(key_cache, k_scale, v_scale)
+    check_features(query, sliding_window, logit_softcap, sinks)
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if query.shape[0] == 0 or metadata.num_seqs == 0:
         return out
-    if metadata.max_query_len == 1:
-        decode_attention(query, key_cache, value_cache, metadata, scale, out=out, k_scale=k_scale, v_scale=v_scale)
-    else:
-        prefill_attention(query, key_cache, value_cache, metadata, scale, out=out, k_scale=k_scale, v_scale=v_scale)
+    attend = decode_attention if metadata.max_query_len == 1 else prefill_attention
+    attend(query, key_cache, value_cache, metadata, scale, out=out, k_scale=k_scale, v_scale=v_scale,
+           sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks)
     return out
 
 
@@ -368,6 +427,8 @@ def prefill_attention(
     out: torch.Tensor,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
+    *, sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> None:
     """Flash-attention path; correct for any batch (decode tokens included). Inputs pre-checked."""
     num_tokens, num_heads, head_dim = query.shape
@@ -382,12 +443,14 @@ def prefill_attention(
         out, query, key_cache, value_cache,
         metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
         k_scale if fp8 else out, v_scale if fp8 else out,                    # unread unless FP8
-        scale * _LOG2E, metadata.num_seqs,
+        out if sinks is None else sinks,                                     # unread unless SINKS
+        *_feature_args(scale, sliding_window, logit_softcap), metadata.num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         metadata.block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, FP8_KV=fp8,
+        SLIDING=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
         UPCAST=_needs_upcast(query), DOT_PRECISION=_dot_precision(query),
         num_warps=num_warps, num_stages=2,
     )
@@ -403,21 +466,29 @@ def decode_attention(
     num_splits: int | None = None,
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
+    *, sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> None:
     """Flash-decoding path for batches with at most one new token per sequence. Inputs pre-checked.
 
     `num_splits` (default: `metadata.num_decode_splits`, fixed by CUDA-graph capture, else
     `num_decode_splits` from the batch size and `max_seq_len`) only changes speed, never the result.
+    A windowed layer splits only its window: the default count is then capped for the window's
+    length (a shape-only choice, so a captured graph's grid stays fixed).
     """
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     num_seqs = metadata.num_seqs
+    chosen = num_splits is None
     if num_splits is None:
         num_splits = metadata.num_decode_splits
+    context = metadata.max_seq_len if sliding_window is None else min(metadata.max_seq_len, sliding_window)
     if num_splits is None:
-        num_splits = num_decode_splits(num_seqs, num_kv_heads, metadata.max_seq_len, query.device)
+        num_splits = num_decode_splits(num_seqs, num_kv_heads, context, query.device)
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits (metadata.num_decode_splits) must be an int >= 1, got {num_splits!r}")
+    if chosen and sliding_window is not None:
+        num_splits = min(num_splits, _splits_for_length(sliding_window))
     group = num_heads // num_kv_heads
     head_dim_pad = triton.next_power_of_2(head_dim)
     if num_splits > 1:
@@ -428,28 +499,30 @@ def decode_attention(
     else:  # the kernel writes `out` directly; the partial pointers are never touched
         partial_out = partial_max = partial_sum = out
     fp8 = is_fp8(key_cache)
+    sinks_arg = out if sinks is None else sinks                              # unread unless SINKS
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, partial_out, partial_max, partial_sum,
         query, key_cache, value_cache,
         metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
         k_scale if fp8 else out, v_scale if fp8 else out,                    # unread unless FP8
-        scale * _LOG2E, num_heads,
+        sinks_arg, *_feature_args(scale, sliding_window, logit_softcap), num_heads,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         metadata.block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
         BLOCK_N=_decode_block_n(head_dim_pad, query.dtype), NUM_SPLITS=num_splits, FP8_KV=fp8,
+        SLIDING=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
         UPCAST=_needs_upcast(query), DOT_PRECISION=_dot_precision(query),
         # NOTE: 3 stages measured 8% faster than 2 at batch 256 x 1k context on an H200 (bench/sweep_decode.py)
         num_warps=4 if query.element_size() <= 2 else 8, num_stages=3,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, partial_out, partial_max, partial_sum, metadata.query_start_loc,
+            out, partial_out, partial_max, partial_sum, metadata.query_start_loc, sinks_arg,
             num_heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), SINKS=sinks is not None,
             num_warps=4,
         )
 
@@ -461,9 +534,14 @@ def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device
     """
     programs = max(1, num_seqs * num_kv_heads)
     wanted = triton.cdiv(2 * _num_sms(device), programs)
-    by_length = max(1, triton.cdiv(max_seq_len, _MIN_SPLIT_TOKENS))
-    limit = min(wanted, by_length, _MAX_SPLITS)
+    limit = min(wanted, _splits_for_length(max_seq_len))
     return 1 << (limit.bit_length() - 1)                             # largest power of 2 <= limit
+
+
+def _splits_for_length(context: int) -> int:
+    """The most splits worth making of `context` tokens (none shorter than _MIN_SPLIT_TOKENS), a power of 2."""
+    limit = min(max(1, triton.cdiv(context, _MIN_SPLIT_TOKENS)), _MAX_SPLITS)
+    return 1 << (limit.bit_length() - 1)
 
 
 def _prefill_config(group: int, max_query_len: int, head_dim_pad: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -483,9 +561,7 @@ def _prefill_config(group: int, max_query_len: int, head_dim_pad: int, dtype: to
 
 def _decode_block_n(head_dim_pad: int, dtype: torch.dtype) -> int:
     """Context tokens per decode iteration: 64 for 16-bit inputs; fp32 tiles are twice the bytes."""
-    if dtype != torch.float32:
-        return 64
-    return 32 if head_dim_pad <= 128 else 16
+    return 64 if dtype != torch.float32 else (32 if head_dim_pad <= 128 else 16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -509,54 +585,3 @@ def _needs_upcast(query: torch.Tensor) -> bool:
 
 def _dot_precision(query: torch.Tensor) -> str:
     return "tf32x3" if query.dtype == torch.float32 else "tf32"       # tf32 is ignored for 16-bit inputs
-
-
-def _check_inputs(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    scale: float,
-) -> None:
-    if query.dim() != 3:
-        raise ValueError(f"query must be (num_tokens, num_heads, head_dim), got shape {tuple(query.shape)}")
-    if key_cache.dim() != 4:
-        raise ValueError("key_cache must be (num_blocks, block_size, num_kv_heads, head_dim), "
-                         f"got shape {tuple(key_cache.shape)}")
-    if value_cache.dtype != key_cache.dtype:
-        raise ValueError(f"value_cache dtype {value_cache.dtype} != key_cache dtype {key_cache.dtype}")
-    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
-        raise ValueError(f"value_cache shape/strides {tuple(value_cache.shape)}/{value_cache.stride()} must match "
-                         f"key_cache {tuple(key_cache.shape)}/{key_cache.stride()}")
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = key_cache.shape[2]
-    if key_cache.shape[3] != head_dim:
-        raise ValueError(f"key_cache head_dim {key_cache.shape[3]} != query head_dim {head_dim}")
-    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    for name, tensor in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
-        allowed = _DTYPES if name == "query" else _CACHE_DTYPES
-        if tensor.dtype not in allowed:
-            raise ValueError(f"{name} dtype must be one of {allowed}, got {tensor.dtype}")
-        if tensor.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in head_dim, got strides {tensor.stride()}")
-        if tensor.device != query.device:
-            raise ValueError(f"{name} is on {tensor.device}, query on {query.device}")
-    num_seqs = metadata.seq_lens.shape[0]
-    for name, tensor, shape in (
-        ("seq_lens", metadata.seq_lens, (num_seqs,)),
-        ("query_start_loc", metadata.query_start_loc, (num_seqs + 1,)),
-        ("block_tables", metadata.block_tables, (num_seqs, metadata.block_tables.shape[-1])),
-    ):
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"metadata.{name} must have shape {shape}, got {tuple(tensor.shape)}")
-        if tensor.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"metadata.{name} must be int32 or int64, got {tensor.dtype}")
-        if tensor.device != query.device:
-            raise ValueError(f"metadata.{name} is on {tensor.device}, query on {query.device}")
-    if metadata.block_tables.stride(-1) != 1:
-        raise ValueError(f"metadata.block_tables must be row-contiguous, got strides {metadata.block_tables.stride()}")
-    if metadata.max_query_len < 1 and query.shape[0] > 0:
-        raise ValueError(f"metadata.max_query_len must be >= 1, got {metadata.max_query_len}")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite float, got {scale!r}")

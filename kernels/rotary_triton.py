@@ -6,6 +6,8 @@ cos_sin_cache[p] = [cos | sin]:
 One program per token rotates all its query and key heads, reading the cache row once. The kernel
 only indexes the cache, so any positions (and any scaling baked into the cache, e.g. llama3) work.
 Query/key may be strided views of a fused qkv projection; the outputs are new contiguous tensors.
+Partial rotary: with a cache narrower than the head (rotary_dim < head_dim), x1 / x2 are the two
+halves of the first rotary_dim features and the remaining head_dim - rotary_dim are copied as they are.
 """
 from __future__ import annotations
 
@@ -26,16 +28,23 @@ def _rotate_heads(
     half,           # (HALF_PAD,) int32: 0 .. HALF_PAD-1
     NUM_HEADS: tl.constexpr,
     HEADS_PAD: tl.constexpr,
-    HALF: tl.constexpr,            # head_dim // 2
+    HALF: tl.constexpr,            # rotary_dim // 2
+    HEAD_DIM: tl.constexpr,
+    PASS_PAD: tl.constexpr,        # next power of 2 of head_dim - rotary_dim (1 when there is none)
 ):
     heads = tl.arange(0, HEADS_PAD)
     mask = (heads < NUM_HEADS)[:, None] & (half < HALF)[None, :]      # (HEADS_PAD, HALF_PAD)
     offs = heads[:, None] * stride_head + half[None, :]
     x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-    out_offs = heads[:, None] * (2 * HALF) + half[None, :]
+    out_offs = heads[:, None] * HEAD_DIM + half[None, :]
     tl.store(out_ptr + out_offs, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(out_ptr + out_offs + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    if HEAD_DIM > 2 * HALF:        # partial rotary: the features past rotary_dim pass through
+        tail = 2 * HALF + tl.arange(0, PASS_PAD)
+        tail_mask = (heads < NUM_HEADS)[:, None] & (tail < HEAD_DIM)[None, :]
+        passed = tl.load(x_ptr + heads[:, None] * stride_head + tail[None, :], mask=tail_mask, other=0.0)
+        tl.store(out_ptr + heads[:, None] * HEAD_DIM + tail[None, :], passed, mask=tail_mask)
 
 
 @triton.jit
@@ -45,7 +54,7 @@ def _rotary_kernel(
     query_ptr,          # (num_tokens, num_heads, head_dim)
     key_ptr,            # (num_tokens, num_kv_heads, head_dim)
     positions_ptr,      # (num_tokens,) int32/int64
-    cos_sin_ptr,        # (max_position, head_dim): [cos | sin], row stride stride_cs
+    cos_sin_ptr,        # (max_position, rotary_dim): [cos | sin], row stride stride_cs
     stride_q_tok, stride_q_head,
     stride_k_tok, stride_k_head,
     stride_cs,
@@ -53,8 +62,10 @@ def _rotary_kernel(
     NUM_KV_HEADS: tl.constexpr,
     HEADS_PAD: tl.constexpr,       # next power of 2 of NUM_HEADS
     KV_HEADS_PAD: tl.constexpr,    # next power of 2 of NUM_KV_HEADS
-    HALF: tl.constexpr,            # head_dim // 2
+    HALF: tl.constexpr,            # rotary_dim // 2
     HALF_PAD: tl.constexpr,        # next power of 2 of HALF
+    HEAD_DIM: tl.constexpr,
+    PASS_PAD: tl.constexpr,        # next power of 2 of head_dim - rotary_dim (1 when there is none)
 ):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
@@ -64,10 +75,10 @@ def _rotary_kernel(
     sin = tl.load(cos_sin_ptr + position * stride_cs + HALF + half, mask=cs_mask, other=0.0).to(tl.float32)
     cos = cos[None, :]                                               # (1, HALF_PAD)
     sin = sin[None, :]
-    _rotate_heads(query_out_ptr + token * (NUM_HEADS * 2 * HALF), query_ptr + token * stride_q_tok,
-                  stride_q_head, cos, sin, half, NUM_HEADS, HEADS_PAD, HALF)
-    _rotate_heads(key_out_ptr + token * (NUM_KV_HEADS * 2 * HALF), key_ptr + token * stride_k_tok,
-                  stride_k_head, cos, sin, half, NUM_KV_HEADS, KV_HEADS_PAD, HALF)
+    _rotate_heads(query_out_ptr + token * (NUM_HEADS * HEAD_DIM), query_ptr + token * stride_q_tok,
+                  stride_q_head, cos, sin, half, NUM_HEADS, HEADS_PAD, HALF, HEAD_DIM, PASS_PAD)
+    _rotate_heads(key_out_ptr + token * (NUM_KV_HEADS * HEAD_DIM), key_ptr + token * stride_k_tok,
+                  stride_k_head, cos, sin, half, NUM_KV_HEADS, KV_HEADS_PAD, HALF, HEAD_DIM, PASS_PAD)
 
 
 def apply_rotary(
@@ -81,7 +92,7 @@ def apply_rotary(
     key_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     if num_tokens == 0:
         return query_out, key_out
-    half = head_dim // 2
+    half = cos_sin_cache.shape[1] // 2
     heads_pad = triton.next_power_of_2(num_heads)
     _rotary_kernel[(num_tokens,)](
         query_out, key_out, query, key, positions, cos_sin_cache,
@@ -89,6 +100,7 @@ def apply_rotary(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         HEADS_PAD=heads_pad, KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HALF=half, HALF_PAD=triton.next_power_of_2(half),
+        HEAD_DIM=head_dim, PASS_PAD=triton.next_power_of_2(max(1, head_dim - 2 * half)),
         num_warps=max(1, min(8, heads_pad * triton.next_power_of_2(half) // 256)),
     )
     return query_out, key_out
@@ -103,15 +115,14 @@ def _check_inputs(
     num_tokens, _, head_dim = query.shape
     if key.shape[0] != num_tokens or key.shape[2] != head_dim:
         raise ValueError(f"key shape {tuple(key.shape)} does not match query {tuple(query.shape)}")
-    if head_dim % 2 != 0:
-        raise ValueError(f"head_dim must be even for rotate-half rotary, got {head_dim}")
     if positions.shape != (num_tokens,):
         raise ValueError(f"positions must have shape ({num_tokens},), got {tuple(positions.shape)}")
     if positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be int32 or int64, got {positions.dtype}")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
-        raise ValueError(f"cos_sin_cache must be (max_position, {head_dim}) (rotary_dim == head_dim), "
-                         f"got {tuple(cos_sin_cache.shape)}")
+    if (cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] > head_dim or cos_sin_cache.shape[1] % 2
+            or cos_sin_cache.shape[1] == 0):
+        raise ValueError(f"cos_sin_cache must be (max_position, rotary_dim) with rotary_dim even and at most "
+                         f"head_dim={head_dim}, got {tuple(cos_sin_cache.shape)}")
     for name, tensor in (("query", query), ("key", key), ("cos_sin_cache", cos_sin_cache)):
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"{name} dtype must be one of {_DTYPES}, got {tensor.dtype}")

@@ -107,8 +107,17 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--served-model-name", default=None, help="the name clients use (default: MODEL)")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    group.add_argument("--revision", default=None,
+                       help="a Hub id's branch, tag or commit in the local Hugging Face cache (default: main)")
+    group.add_argument("--download-dir", default=None, metavar="DIR",
+                       help="a Hugging Face cache folder searched for a Hub id before HF_HUB_CACHE / HF_HOME "
+                            "(nothing is downloaded)")
+    group.add_argument("--generation-config", default="auto", metavar="auto|vllm|PATH",
+                       help="sampling defaults for requests that leave them unset: 'auto' = the model's "
+                            "generation_config.json, 'vllm' = pagoda's own, PATH = a folder holding a "
+                            "generation_config.json")
     group.add_argument("--quantization", "-q", default=None,
-                       choices=["fp8", "compressed-tensors", "gptq", "awq", "gguf"],
+                       choices=["fp8", "compressed-tensors", "gptq", "awq", "gguf", "mxfp4"],
                        help="weight quantization: 'fp8' quantizes a bf16/fp16 checkpoint at load (FP8 W8A8); "
                             "a quantized checkpoint (config.json quantization_config, or a GGUF file) is "
                             "detected without it. 'gguf' keeps a GGUF file's blocks quantized on CPU too")
@@ -121,6 +130,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--speculative-config", default=None, metavar="JSON",
                        help='speculative decoding, as vLLM: e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
                             '"prompt_lookup_max": 4}\' (also prompt_lookup_min, disable_by_batch_size); default: off')
+    group.add_argument("--enable-expert-parallel", action="store_true",
+                       help="mixture-of-experts models: each tensor-parallel rank holds num_experts / tp whole "
+                            "experts instead of a 1/tp slice of every expert")
     group.add_argument("--enforce-eager", action="store_true")
     group.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=None,
                        help="run the engine core (scheduler + model) in a process of its own, apart from "
@@ -136,13 +148,16 @@ def engine_args_from(args: argparse.Namespace) -> "EngineArgs":
         scheduling_policy=args.scheduling_policy,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_expert_parallel=bool(getattr(args, "enable_expert_parallel", False)),
         distributed_executor_backend=getattr(args, "distributed_executor_backend", None),
         engine_core_process=getattr(args, "engine_core_process", None),
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
         served_model_name=args.served_model_name, load_format=args.load_format, enforce_eager=args.enforce_eager,
         quantization=getattr(args, "quantization", None), kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         calculate_kv_scales=bool(getattr(args, "calculate_kv_scales", False)),
-        speculative_config=getattr(args, "speculative_config", None))
+        speculative_config=getattr(args, "speculative_config", None),
+        revision=getattr(args, "revision", None), download_dir=getattr(args, "download_dir", None),
+        generation_config=getattr(args, "generation_config", "auto"))
 
 
 def server_settings_from(args: argparse.Namespace) -> ServerSettings:

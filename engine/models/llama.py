@@ -1,5 +1,7 @@
 """The Llama decoder family: Llama 2/3 (incl. llama3 rope scaling), SmolLM2, TinyLlama, Mistral,
-and, through two switches, Qwen2 (bias on q/k/v) and Qwen3 (RMSNorm on q and k per head).
+and, through two switches, Qwen2 (bias on q/k/v) and Qwen3 (RMSNorm on q and k per head); Phi-3
+(models/phi3.py) only routes its fused checkpoint tensors. A config's sliding window (Mistral,
+Qwen2 with use_sliding_window, Phi-3) reaches the layers it names (`sliding_window_for`).
 
 Written tensor-parallel from the start: every rank holds `num_heads / tp` query heads and its
 share of KV heads; the embedding and LM head are split over the vocabulary.
@@ -31,9 +33,24 @@ from ..quantization.base import QuantizationConfig, layout_of, linear_method_for
 ATTN_SLOT, MLP_SLOT = 0, 1
 
 
+def sliding_window_for(config: Any, layer_index: int) -> Optional[int]:
+    """The sliding window of decoder layer `layer_index` (None: full attention), as transformers reads
+    it: `sliding_window` unless `use_sliding_window` is false, on the layers `layer_types` marks
+    "sliding_attention" where the config lists them (Qwen2 / Qwen3: from max_window_layers on),
+    else on every layer (Mistral, Phi-3)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_index] != "sliding_attention":
+        return None
+    return int(window)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
-                 quant_config: Optional[QuantizationConfig], prefix: str) -> None:
+                 quant_config: Optional[QuantizationConfig], prefix: str,
+                 sliding_window: Optional[int] = None) -> None:
         super().__init__()
         hidden = config.hidden_size
         num_heads = config.num_attention_heads
@@ -48,12 +65,13 @@ class LlamaAttention(nn.Module):
                                         reduce_results=False, partial_slot=ATTN_SLOT,
                                         quant_method=linear_method_for(quant_config, f"{prefix}.o_proj"))
         theta, scaling = rope_parameters(config)
-        self.rotary = RotaryEmbedding(self.head_dim, max_position, theta, scaling)
+        self.rotary = RotaryEmbedding.shared(self.head_dim, max_position, theta, scaling)
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
-        self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
+        self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5,
+                                   sliding_window=sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
@@ -96,10 +114,11 @@ MLPFactory = Callable[[int, str], nn.Module]
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
-                 quant_config: Optional[QuantizationConfig], prefix: str, mlp: nn.Module) -> None:
+                 quant_config: Optional[QuantizationConfig], prefix: str, mlp: nn.Module,
+                 sliding_window: Optional[int] = None) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, max_position, dtype, qkv_bias, qk_norm, quant_config,
-                                        f"{prefix}.self_attn")
+                                        f"{prefix}.self_attn", sliding_window)
         self.mlp = mlp          # LlamaMLP, or a family's own block (experts): (T, hidden) -> unreduced
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -126,7 +145,7 @@ class LlamaModel(nn.Module):
                                                    embedding_method_for(quant_config, "model.embed_tokens"))
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, max_position, dtype, qkv_bias, qk_norm, quant_config, f"model.layers.{i}",
-                              make_mlp(i, f"model.layers.{i}.mlp"))
+                              make_mlp(i, f"model.layers.{i}.mlp"), sliding_window_for(config, i))
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)

@@ -73,7 +73,8 @@ class InputProcessor:
 
     # -- the steps -----------------------------------------------------------------------------------
     def _check_params(self, params: Optional[SamplingParams], priority: int) -> SamplingParams:
-        params = params if params is not None else SamplingParams()
+        # a request that brings no parameters samples with the model's defaults (generation_config.json)
+        params = params if params is not None else self.config.model.generation_defaults.sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int):
@@ -175,7 +176,9 @@ class InputProcessor:
         max_model_len = self.config.model.max_model_len
         room = max_model_len - num_prompt_tokens
         if max_tokens is None:
-            return room
+            # NOTE: the model's max_new_tokens (generation_config.json) bounds a request that set no
+            # max_tokens, as vLLM's default max_tokens; never beyond the room the prompt leaves
+            return self.config.model.generation_defaults.output_budget(room)
         if max_tokens > room:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {max_model_len} tokens. However, you requested "

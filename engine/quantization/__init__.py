@@ -10,6 +10,7 @@ layer stores and multiplies by its weight.
     weight_only.py         W4A16 / W8A16 in kernels/weight_only.py's group-quantized format
     gptq.py, awq.py        the GPTQ and AWQ checkpoint layouts, converted to that format at load
     gguf.py                a GGUF file's Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks, kept quantized (same format)
+    mxfp4.py               gpt-oss's MXFP4 expert weights, dequantized to the model dtype at load
 
 The FP8 KV cache is the cache's business (engine/config.py CacheConfig.kv_cache_dtype,
 layers/attention.py scales, kernels/kv_quant.py).

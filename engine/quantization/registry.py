@@ -22,10 +22,10 @@ from ..model_loader.model_source import ModelSource
 from .base import QuantizationConfig
 
 # every name `--quantization` takes
-QUANTIZATION_NAMES = ("fp8", "compressed-tensors", "gptq", "awq", "gguf")
+QUANTIZATION_NAMES = ("fp8", "compressed-tensors", "gptq", "awq", "gguf", "mxfp4")
 # checkpoint `quant_method`s pagoda loads, and the `--quantization` names that quantize an unquantized
 # checkpoint (or a GGUF file's dequantized weights) at load
-CHECKPOINT_METHODS = ("awq", "compressed-tensors", "fp8", "gptq")
+CHECKPOINT_METHODS = ("awq", "compressed-tensors", "fp8", "gptq", "mxfp4")
 ONLINE_METHODS = ("fp8",)
 
 
@@ -45,6 +45,10 @@ def _from_checkpoint(method: str, config: dict[str, Any]) -> QuantizationConfig:
         from .gptq import GPTQConfig
 
         return GPTQConfig.from_config(config)
+    if method == "mxfp4":          # gpt-oss: the experts, dequantized at load by the model
+        from .mxfp4 import Mxfp4Config
+
+        return Mxfp4Config.from_checkpoint(config)
     assert method == "awq", method
     from .awq import AWQConfig
 

@@ -116,9 +116,10 @@ def test_random_model_configs_load_in_pagoda():
         bench_model = resolve_bench_model(f"{name}-random")
         assert bench_model.is_random and bench_model.load_format == "dummy"
         config = load_hf_config(resolve_model(bench_model.model))
-        assert config.architectures == ["LlamaForCausalLM"]
+        assert config.architectures == shape_config(name)["architectures"]
         assert ModelShape.from_hf_config(config).num_params > 0
-        assert float(config.rope_parameters["rope_theta"]) == SHAPES[name]["rope_theta"]
+        rope = config.rope_parameters.get("full_attention", config.rope_parameters)    # Gemma 3: per layer type
+        assert float(rope["rope_theta"]) == SHAPES[name]["rope_theta"]
     assert resolve_bench_model("default").model == "default"
     with pytest.raises(ValueError, match="llama3-8b-random"):
         resolve_bench_model("llama3-13b-random")

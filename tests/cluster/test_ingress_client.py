@@ -356,3 +356,34 @@ def test_the_token_channel_opens_before_the_first_request(replicas, loop_thread)
 
     outputs = loop_thread.run(main())
     assert outputs[-1].finished and len(made) == 1 and handle.calls[0].channel is not None
+
+
+def test_the_replicas_generation_defaults_reach_requests(tiny_model, loop_thread, tmp_path):
+    """The ingress merges the defaults the replica describes (its model's generation_config.json)."""
+    import shutil
+
+    directory = tmp_path / "stated"
+    shutil.copytree(tiny_model, directory)
+    (directory / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_k": 20}))
+    replica = LLMReplica({"model": str(directory), "served_model_name": "stated", "num_gpus_per_worker": 0,
+                          "engine_args": {"kv_cache_memory_bytes": 16 << 20, "device": "cpu"}})
+    try:
+        handle = FakeHandle(replica)
+        route = ModelRoute(ModelDeployment(model="x", served_model_name="stated"), "model-stated", handle)
+        app = build_ingress_app(ClusterEngineClient([route], app_name="test", token_channels=False),
+                                ServerSettings(api_key=API_KEY))
+
+        async def chat(**fields: Any) -> httpx.Response:
+            body = {"model": "stated", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **fields}
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress",
+                                         timeout=60) as http:
+                return await http.post("/v1/chat/completions", json=body,
+                                       headers={"Authorization": f"Bearer {API_KEY}"})
+
+        assert loop_thread.run(chat()).status_code == 200
+        assert loop_thread.run(chat(temperature=0.0)).status_code == 200
+        unset, given = (call.params for call in handle.calls)
+        assert (unset.temperature, unset.top_k) == (0.6, 20)
+        assert (given.temperature, given.top_k) == (0.0, 20)
+    finally:
+        replica.engine.shutdown()

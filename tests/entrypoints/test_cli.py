@@ -49,11 +49,11 @@ def test_serve_flags_parse_with_vllm_names():
         "--grpc-port", "9001", "--max-queued-requests", "4", "--shutdown-timeout", "2.5",
         "--allowed-origins", '["https://a.example", "https://b.example"]', "--max-request-body-bytes", "2MiB",
         "--kv-cache-memory-bytes", "1GiB", "--device", "cpu", "--dtype", "float32",
-        "--scheduling-policy", "priority"])
+        "--scheduling-policy", "priority", "--enable-expert-parallel"])
     engine_args = cli_args.engine_args_from(argparse_model(args))
-    assert engine_args.scheduling_policy == "priority"
+    assert engine_args.scheduling_policy == "priority" and engine_args.enable_expert_parallel is True
     default = cli_args.engine_args_from(argparse_model(cli.build_parser().parse_args(["serve", "m"])))
-    assert default.scheduling_policy == "fcfs"
+    assert default.scheduling_policy == "fcfs" and default.enable_expert_parallel is False
     assert (engine_args.max_model_len, engine_args.max_num_seqs, engine_args.max_num_batched_tokens) == (512, 8, 1024)
     assert engine_args.block_size == 32 and engine_args.enable_prefix_caching is False
     assert engine_args.kv_cache_memory_bytes == 2**30 and engine_args.served_model_name == "m"

@@ -21,10 +21,12 @@ from google.protobuf.message import DecodeError
 from ...engine_client import EngineClient, resolve_model_name
 from ...errors import EngineDeadError, EngineOverloadedError, EngineShuttingDownError, ModelNotFoundError
 from ...outputs import RequestOutput
+from ...generation_defaults import SAMPLING_FIELDS, GenerationDefaults
 from ...sampling_params import SamplingParams
 from ..auth import authorization_ok
 from ..lifecycle import ServerLifecycle, cut_short, request_cut_error
 from ..openai.protocol import MAX_LOGPROBS, MAX_N
+from ..openai.request_to_params import generation_defaults_of
 from ..settings import ServerSettings
 from . import pagoda_pb2, pagoda_pb2_grpc
 
@@ -67,8 +69,10 @@ def add_servicer(servicer: "PagodaServicer", server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
-def to_sampling_params(options: pagoda_pb2.SamplingOptions) -> SamplingParams:
-    """The request's options (ValueError, INVALID_ARGUMENT, for what the HTTP API refuses too)."""
+def to_sampling_params(options: pagoda_pb2.SamplingOptions,
+                       defaults: GenerationDefaults = GenerationDefaults()) -> SamplingParams:
+    """The request's options (ValueError, INVALID_ARGUMENT, for what the HTTP API refuses too); the
+    sampling fields it leaves unset take the model's defaults, as over HTTP."""
     def get(name: str, default):  # unset optional fields keep the HTTP API's defaults
         return getattr(options, name) if options.HasField(name) else default
 
@@ -76,11 +80,11 @@ def to_sampling_params(options: pagoda_pb2.SamplingOptions) -> SamplingParams:
         if options.HasField(name) and getattr(options, name) > limit:
             raise ValueError(f"{name} must be at most {limit}, got {getattr(options, name)}")
     return SamplingParams(
-        n=get("n", 1), max_tokens=get("max_tokens", 16), temperature=get("temperature", 1.0),
-        top_p=get("top_p", 1.0), top_k=get("top_k", 0), min_p=get("min_p", 0.0), seed=get("seed", None),
+        n=get("n", 1), max_tokens=get("max_tokens", 16),
+        **defaults.merge({name: get(name, None) for name in SAMPLING_FIELDS}), seed=get("seed", None),
         stop=list(options.stop), stop_token_ids=list(options.stop_token_ids), ignore_eos=options.ignore_eos,
         min_tokens=options.min_tokens, presence_penalty=get("presence_penalty", 0.0),
-        frequency_penalty=get("frequency_penalty", 0.0), repetition_penalty=get("repetition_penalty", 1.0),
+        frequency_penalty=get("frequency_penalty", 0.0),
         logprobs=get("logprobs", None))
 
 
@@ -107,7 +111,7 @@ class PagodaServicer(pagoda_pb2_grpc.PagodaServicer):
             try:
                 resolve_model_name(self.client, request.model or None)
                 prompt = self._prompt(request)
-                params = to_sampling_params(request.sampling)
+                params = to_sampling_params(request.sampling, generation_defaults_of(self.client))
                 request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
                 async for output in self.lifecycle.generate(self.client, prompt, params, request_id,
                                                             request.priority):

@@ -1,14 +1,16 @@
 """OpenAI request fields -> `SamplingParams`.
 
-OpenAI's defaults where a field is absent (temperature 1, top_p 1); `SamplingParams` validates the
-combination and its `ValueError` (naming the parameter and value) becomes a 400. The output
-constraint comes from whichever of response_format / structured_outputs / guided_* the request set
-(the request models allow at most one).
+A sampling field the request leaves unset takes the model's default (`--generation-config`, through
+the engine client's `generation_defaults`; `GenerationDefaults.merge`), else OpenAI's (temperature 1,
+top_p 1); `SamplingParams` validates the combination and its `ValueError` (naming the parameter and
+value) becomes a 400. The output constraint comes from whichever of response_format /
+structured_outputs / guided_* the request set (the request models allow at most one).
 """
 from __future__ import annotations
 
 from typing import Optional
 
+from ...generation_defaults import GenerationDefaults
 from ...sampling_params import SamplingParams
 from ...structured_output.backend import validate
 from ...structured_output.params import StructuredOutputsParams
@@ -53,19 +55,26 @@ def _constraint_of(request: _SamplingFields) -> tuple[str, Optional[StructuredOu
     return "", None
 
 
+def generation_defaults_of(client: object) -> GenerationDefaults:
+    """The engine client's model defaults; NOTE: an engine client written before `generation_defaults`
+    existed has none, and its requests get pagoda's own."""
+    defaults = getattr(client, "generation_defaults", None)
+    return defaults if isinstance(defaults, GenerationDefaults) else GenerationDefaults()
+
+
 def to_sampling_params(request: _SamplingFields, max_tokens: Optional[int], logprobs: Optional[int],
-                       prompt_logprobs: Optional[int] = None) -> SamplingParams:
-    """max_tokens None = up to max_model_len; logprobs = top-k per output token (None = off)."""
+                       prompt_logprobs: Optional[int] = None,
+                       defaults: GenerationDefaults = GenerationDefaults()) -> SamplingParams:
+    """max_tokens None = up to max_model_len (or the model's max_new_tokens, which the engine applies);
+    logprobs = top-k per output token (None = off); defaults = the model's sampling defaults."""
     logit_bias = {int(token): bias for token, bias in request.logit_bias.items()} if request.logit_bias else None
+    sampling = defaults.merge({"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
+                               "min_p": request.min_p, "repetition_penalty": request.repetition_penalty})
     return SamplingParams(
         n=request.n,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=0 if request.top_k is None else request.top_k,
-        min_p=0.0 if request.min_p is None else request.min_p,
+        **sampling,
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
-        repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
         logit_bias=logit_bias,
         seed=request.seed,
         stop=request.stop,

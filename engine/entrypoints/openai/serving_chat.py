@@ -38,7 +38,7 @@ from .reasoning import get_reasoning_parser
 from .reasoning.think import END as THINK_END
 from .reasoning.think import START as THINK_START
 from .reasoning.think import ReasoningStream, ThinkReasoningParser
-from .request_to_params import check_compiles, to_sampling_params
+from .request_to_params import check_compiles, generation_defaults_of, to_sampling_params
 from .streaming import SSE_DONE, close_all, merge_streams, run_until_disconnected, sse, start_streams
 
 
@@ -104,7 +104,7 @@ class ChatServer:
                                                        self.client.max_model_len, request, self.chat_template)
         max_tokens = request.max_completion_tokens or request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = to_sampling_params(request, max_tokens, logprobs)
+        params = to_sampling_params(request, max_tokens, logprobs, defaults=generation_defaults_of(self.client))
         tool_constraint = tools.constraint()
         if tool_constraint is not None:
             check_compiles(tool_constraint, "tools")

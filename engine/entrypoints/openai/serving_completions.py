@@ -20,7 +20,7 @@ from ...outputs import CompletionOutput, Logprob, RequestOutput
 from ..lifecycle import ServerLifecycle, cut_short, request_cut_error
 from .errors import bad_request, to_api_error
 from .protocol import CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse, UsageInfo, random_id
-from .request_to_params import to_sampling_params
+from .request_to_params import generation_defaults_of, to_sampling_params
 from .streaming import SSE_DONE, close_all, merge_streams, run_until_disconnected, sse, start_streams
 
 
@@ -48,7 +48,8 @@ class CompletionServer:
         # (the budget of 0 was spent). The prompt's logprobs come from prompt_logprobs as for any echo.
         max_tokens = 1 if echo_only else request.max_tokens
         echo_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-        params = to_sampling_params(request, max_tokens, request.logprobs, prompt_logprobs=echo_logprobs)
+        params = to_sampling_params(request, max_tokens, request.logprobs, prompt_logprobs=echo_logprobs,
+                                    defaults=generation_defaults_of(self.client))
         completion_id = random_id("cmpl")
         prompts = request.prompts()
         iterators = [
