@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -23,10 +23,10 @@ from pagoda.kernels.moe_layout import SWIGLU_ALPHA, SWIGLU_LIMIT
 
 from ..distributed.parallel_state import get_tp_rank, tp_partial_output
 from ..layers.attention import PagedAttention
-from ..layers.linear import LinearBase, RowParallelLinear
+from ..layers.linear import LinearBase
 from ..layers.moe import GPT_OSS_STACKED, FusedMoE
-from ..quantization.base import QuantizationConfig, UnquantizedLinearMethod, linear_method_for
-from .llama import ATTN_SLOT, MLP_SLOT, LlamaAttention
+from ..quantization.base import UnquantizedLinearMethod
+from .llama import MLP_SLOT, AttentionOptions
 from .qwen3_moe import MoeForCausalLM, expert_parallel_enabled
 
 logger = logging.getLogger(__name__)
@@ -59,30 +59,10 @@ class GptOssForCausalLM(MoeForCausalLM):
     expert_checkpoint_module = "mlp.experts.gate_up_proj"
     stacked_layout = GPT_OSS_STACKED
 
-    def __init__(self, config: Any, max_position: int, dtype: torch.dtype,
-                 quant_config: Optional[QuantizationConfig] = None) -> None:
-        super().__init__(config, max_position, dtype, quant_config)
-        for i, layer in enumerate(self.model.layers):
-            self._add_sinks_and_output_bias(layer.self_attn, f"model.layers.{i}.self_attn")
-
-    @property
-    def qkv_bias(self) -> bool:  # type: ignore[override]
-        return bool(getattr(self.config, "attention_bias", True))
-
-    def _add_sinks_and_output_bias(self, attn: LlamaAttention, prefix: str) -> None:
-        """gpt-oss's two additions to the Llama attention: the sinks (a PagedAttention with
-        use_sinks, same window and scale) and o_proj's bias. NOTE: both replace the modules the Llama
-        decoder built (small: one (hidden, heads * head_dim) matrix and the layer's attention
-        constants), which keeps that decoder free of gpt-oss switches."""
-        config = self.config
-        old = attn.attn
-        attn.attn = PagedAttention(old.num_heads, old.head_dim, old.num_kv_heads, old.scale,
-                                   sliding_window=old.sliding_window, use_sinks=True)
-        if self.qkv_bias:
-            attn.o_proj = RowParallelLinear(config.num_attention_heads * attn.head_dim, config.hidden_size,
-                                            bias=True, dtype=self.dtype, reduce_results=False,
-                                            partial_slot=ATTN_SLOT,
-                                            quant_method=linear_method_for(self.quant_config, f"{prefix}.o_proj"))
+    def attention_options(self) -> AttentionOptions:
+        """Biases on q/k/v and o (the config's attention_bias) and the attention sinks."""
+        bias = bool(getattr(self.config, "attention_bias", True))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias, sinks=True)
 
     # -- geometry ----------------------------------------------------------------------------------
     @classmethod

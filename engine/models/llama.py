@@ -12,6 +12,7 @@ rows the sampler needs (`compute_logits`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -47,8 +48,17 @@ def sliding_window_for(config: Any, layer_index: int) -> Optional[int]:
     return int(window)
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What a family changes in the Llama attention block (LlamaForCausalLM.attention_options)."""
+    qkv_bias: bool = False      # Qwen2, gpt-oss: bias on the q/k/v projections
+    qk_norm: bool = False       # Qwen3: RMSNorm on q and k, per head
+    o_bias: bool = False        # gpt-oss: bias on the output projection
+    sinks: bool = False         # gpt-oss: a learned logit per head in the softmax's denominator
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
+    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, options: AttentionOptions,
                  quant_config: Optional[QuantizationConfig], prefix: str,
                  sliding_window: Optional[int] = None) -> None:
         super().__init__()
@@ -56,22 +66,23 @@ class LlamaAttention(nn.Module):
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // num_heads
-        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, bias=qkv_bias, dtype=dtype,
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, bias=options.qkv_bias,
+                                          dtype=dtype,
                                           quant_method=linear_method_for(quant_config, f"{prefix}.qkv_proj"))
         self.num_heads = self.qkv_proj.num_heads          # per rank
         self.num_kv_heads = self.qkv_proj.num_kv_heads    # per rank
         # unreduced: the post-attention norm sums it over ranks (fused with the residual add)
-        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden, bias=False, dtype=dtype,
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden, bias=options.o_bias, dtype=dtype,
                                         reduce_results=False, partial_slot=ATTN_SLOT,
                                         quant_method=linear_method_for(quant_config, f"{prefix}.o_proj"))
         theta, scaling = rope_parameters(config)
         self.rotary = RotaryEmbedding.shared(self.head_dim, max_position, theta, scaling)
-        self.qk_norm = qk_norm
-        if qk_norm:
+        self.qk_norm = options.qk_norm
+        if options.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5,
-                                   sliding_window=sliding_window)
+                                   sliding_window=sliding_window, use_sinks=options.sinks)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
@@ -113,11 +124,11 @@ MLPFactory = Callable[[int, str], nn.Module]
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
+    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, options: AttentionOptions,
                  quant_config: Optional[QuantizationConfig], prefix: str, mlp: nn.Module,
                  sliding_window: Optional[int] = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, max_position, dtype, qkv_bias, qk_norm, quant_config,
+        self.self_attn = LlamaAttention(config, max_position, dtype, options, quant_config,
                                         f"{prefix}.self_attn", sliding_window)
         self.mlp = mlp          # LlamaMLP, or a family's own block (experts): (T, hidden) -> unreduced
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -138,13 +149,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, qkv_bias: bool, qk_norm: bool,
+    def __init__(self, config: Any, max_position: int, dtype: torch.dtype, options: AttentionOptions,
                  quant_config: Optional[QuantizationConfig], make_mlp: MLPFactory) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
                                                    embedding_method_for(quant_config, "model.embed_tokens"))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, max_position, dtype, qkv_bias, qk_norm, quant_config, f"model.layers.{i}",
+            LlamaDecoderLayer(config, max_position, dtype, options, quant_config, f"model.layers.{i}",
                               make_mlp(i, f"model.layers.{i}.mlp"), sliding_window_for(config, i))
             for i in range(config.num_hidden_layers)
         )
@@ -179,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.quant_config = quant_config
         self.dtype = dtype
-        self.model = LlamaModel(config, max_position, dtype, self.qkv_bias, self.qk_norm, quant_config, self.make_mlp)
+        self.model = LlamaModel(config, max_position, dtype, self.attention_options(), quant_config, self.make_mlp)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:        # the embedding's weight, quantized or not
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype,
@@ -187,6 +198,11 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype,
                                           embedding_method_for(quant_config, "lm_head"))
+
+    def attention_options(self) -> AttentionOptions:
+        """The family's attention switches (the class attributes qkv_bias / qk_norm; a family with
+        more, e.g. gpt-oss, overrides this)."""
+        return AttentionOptions(qkv_bias=self.qkv_bias, qk_norm=self.qk_norm)
 
     def make_mlp(self, layer_index: int, prefix: str) -> nn.Module:
         """The feed-forward block of decoder layer `layer_index` (a family with experts overrides this)."""
