@@ -38,7 +38,7 @@ from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowPa
 from ..layers.norm import GemmaRMSNorm
 from ..layers.rotary import RotaryEmbedding, rope_parameters
 from ..quantization.base import QuantizationConfig, linear_method_for
-from .llama import LlamaForCausalLM
+from .llama import LlamaAttention, LlamaForCausalLM
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
@@ -92,11 +92,15 @@ class GemmaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(LlamaAttention):
+    """Llama's attention forward (inherited) over Gemma's parts: Gemma norms on q and k, the scale
+    query_pre_attn_scalar ** -0.5, logit soft-capping, a rope table shared per attention type, and an
+    output projection that sums over TP ranks itself (a norm sits between it and the residual add)."""
+
     def __init__(self, config: Any, rotary: RotaryEmbedding, sliding_window: Optional[int],
                  logit_softcap: Optional[float], qk_norm: bool, dtype: torch.dtype,
                  quant_config: Optional[QuantizationConfig], prefix: str) -> None:
-        super().__init__()
+        nn.Module.__init__(self)          # NOTE: the parts below, not LlamaAttention's; its forward reads them
         hidden = config.hidden_size
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -116,20 +120,6 @@ class GemmaAttention(nn.Module):
         scalar = getattr(config, "query_pre_attn_scalar", None) or self.head_dim
         self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, float(scalar) ** -0.5,
                                    sliding_window=sliding_window, logit_softcap=logit_softcap)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)                                           # (T, (H + 2 Hkv) D)
-        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)              # (T, H, D)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)           # (T, Hkv, D)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, metadata)                                    # (T, H, D)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -61,6 +61,41 @@ def token_prompts(count: int = 10, vocab: int = 400, seed: int = 0) -> list[list
     return [[rng.randint(3, vocab - 1) for _ in range(n)] for n in lengths]
 
 
+def assert_outputs_match_transformers(outputs: list, model: Any, prompts: list[list[int]], max_new_tokens: int,
+                                      atol: float, top_prompt: int = -1) -> None:
+    """The engine's greedy `outputs` (generated with logprobs >= 2, EOS ignored) against transformers'
+    `model`: the same tokens with the same log-probabilities for every prompt, and, along the
+    continuation of prompts[top_prompt], the same top-2 alternatives at every position."""
+    import pytest
+    import torch
+
+    for prompt, output in zip(prompts, outputs, strict=True):
+        tokens, logprobs = hf_greedy_generate(model, prompt, max_new_tokens)
+        completion = output.outputs[0]
+        assert completion.token_ids == tokens, f"prompt of {len(prompt)} tokens"
+        ours = [entry[t].logprob for entry, t in zip(completion.logprobs, tokens)]
+        assert ours == pytest.approx(logprobs, abs=atol), f"prompt of {len(prompt)} tokens"
+    prompt, completion = prompts[top_prompt], outputs[top_prompt].outputs[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion.token_ids])).logits[0, len(prompt) - 1:-1]
+    top = torch.log_softmax(logits.float(), -1).topk(2)
+    for entry, values, ids in zip(completion.logprobs, top.values, top.indices):
+        for value, token in zip(values.tolist(), ids.tolist()):
+            assert entry[token].logprob == pytest.approx(value, abs=atol)
+
+
+def assert_same_outputs(actual: list, expected: list, atol: float) -> None:
+    """Two runs' greedy outputs (e.g. tensor-parallel vs one rank): the same tokens, log-probabilities
+    within `atol`."""
+    import pytest
+
+    for got, want in zip(actual, expected, strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for got_lp, want_lp, token in zip(got.outputs[0].logprobs, want.outputs[0].logprobs,
+                                          want.outputs[0].token_ids):
+            assert got_lp[token].logprob == pytest.approx(want_lp[token].logprob, abs=atol)
+
+
 def hf_greedy_generate(model: Any, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
     """transformers' greedy continuation of `prompt` (EOS ignored) and the log-probability of each
     token it generated (its cached decode), the reference the engine's outputs are checked against."""

@@ -25,7 +25,7 @@ import model_factory
 import pytest
 import torch
 import transformers
-from conftest import greedy, hf_greedy_generate
+from conftest import assert_outputs_match_transformers, assert_same_outputs, greedy
 
 from pagoda.engine import LLM, SamplingParams
 from pagoda.engine.layers.norm import GemmaRMSNorm
@@ -123,21 +123,7 @@ def hf_model(path: Path) -> Any:
 
 def assert_matches_transformers(llm: LLM, path: Path, prompts: list[list[int]]) -> None:
     outputs = generate(llm, prompts, greedy(MAX_TOKENS, logprobs=2))
-    model = hf_model(path)
-    for prompt, output in zip(prompts, outputs):
-        tokens, logprobs = hf_greedy_generate(model, prompt, MAX_TOKENS)
-        completion = output.outputs[0]
-        assert completion.token_ids == tokens, f"prompt of {len(prompt)} tokens"
-        ours = [entry[t].logprob for entry, t in zip(completion.logprobs, tokens)]
-        assert ours == pytest.approx(logprobs, abs=LOGPROB_ATOL), f"prompt of {len(prompt)} tokens"
-    # the top-2 alternatives at every generated position of the longest prompt
-    prompt, completion = prompts[-1], outputs[-1].outputs[0]
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion.token_ids])).logits[0, len(prompt) - 1:-1]
-    top = torch.log_softmax(logits.float(), -1).topk(2)
-    for entry, values, ids in zip(completion.logprobs, top.values, top.indices):
-        for value, token in zip(values.tolist(), ids.tolist()):
-            assert entry[token].logprob == pytest.approx(value, abs=LOGPROB_ATOL)
+    assert_outputs_match_transformers(outputs, hf_model(path), prompts, MAX_TOKENS, LOGPROB_ATOL)
     # plain greedy: the argmax of the raw logits (no logits gathered, no soft-cap) picks the same tokens
     plain = generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in plain] == [o.outputs[0].token_ids for o in outputs]
@@ -193,11 +179,7 @@ def test_tp2_equals_tp1(checkpoint, name):
         actual = generate(llm, prompts, params)
     finally:
         llm.shutdown()
-    for got, want in zip(actual, expected, strict=True):
-        tokens = want.outputs[0].token_ids
-        assert got.outputs[0].token_ids == tokens
-        for token, got_lp, want_lp in zip(tokens, got.outputs[0].logprobs, want.outputs[0].logprobs):
-            assert got_lp[token].logprob == pytest.approx(want_lp[token].logprob, abs=TP_LOGPROB_ATOL)
+    assert_same_outputs(actual, expected, TP_LOGPROB_ATOL)
 
 
 # -- pieces ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import model_factory
 import pytest
 import torch
 import transformers
-from conftest import greedy, hf_greedy_generate
+from conftest import assert_outputs_match_transformers, assert_same_outputs, greedy
 from safetensors.torch import save_file
 
 from pagoda.engine import LLM, EngineArgs
@@ -132,20 +132,8 @@ def generate(llm: LLM, prompt_ids: list[list[int]], max_tokens: int = MAX_TOKENS
 
 
 def assert_matches_transformers(outputs: list, model, prompt_ids: list[list[int]]) -> None:
-    for prompt, output in zip(prompt_ids, outputs, strict=True):
-        tokens, logprobs = hf_greedy_generate(model, prompt, MAX_TOKENS)
-        completion = output.outputs[0]
-        assert completion.token_ids == tokens, f"prompt of {len(prompt)} tokens"
-        ours = [entry[t].logprob for entry, t in zip(completion.logprobs, tokens)]
-        assert ours == pytest.approx(logprobs, abs=LOGPROB_ATOL)
-    # the top-2 alternatives at every position of the longest prompt's continuation
-    prompt, completion = prompt_ids[1], outputs[1].outputs[0]
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion.token_ids])).logits[0, len(prompt) - 1:-1]
-    top = torch.log_softmax(logits.float(), -1).topk(2)
-    for entry, values, ids in zip(completion.logprobs, top.values, top.indices):
-        for value, token in zip(values.tolist(), ids.tolist()):
-            assert entry[token].logprob == pytest.approx(value, abs=LOGPROB_ATOL)
+    # the top-2 alternatives along the longest prompt's continuation (the second)
+    assert_outputs_match_transformers(outputs, model, prompt_ids, MAX_TOKENS, LOGPROB_ATOL, top_prompt=1)
 
 
 # -- parity with transformers ----------------------------------------------------------------------
@@ -224,11 +212,7 @@ def test_two_ranks_equal_one(checkpoints, one_rank_outputs, name, expert_paralle
         actual = generate(llm, prompts(1), 8)
     finally:
         llm.shutdown()
-    for got, want in zip(actual, one_rank_outputs(name), strict=True):
-        assert got.outputs[0].token_ids == want.outputs[0].token_ids
-        for got_lp, want_lp, token in zip(got.outputs[0].logprobs, want.outputs[0].logprobs,
-                                          want.outputs[0].token_ids):
-            assert got_lp[token].logprob == pytest.approx(want_lp[token].logprob, abs=TP_LOGPROB_ATOL)
+    assert_same_outputs(actual, one_rank_outputs(name), TP_LOGPROB_ATOL)
 
 
 # -- refusals --------------------------------------------------------------------------------------

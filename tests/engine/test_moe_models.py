@@ -20,7 +20,7 @@ import model_factory
 import pytest
 import torch
 import transformers
-from conftest import greedy, hf_greedy_generate, token_prompts
+from conftest import assert_outputs_match_transformers, assert_same_outputs, greedy, token_prompts
 from safetensors.torch import save_file
 
 from pagoda.engine import LLM, EngineArgs
@@ -104,20 +104,7 @@ def test_greedy_tokens_and_top_logprobs_match_transformers(moe_checkpoint, famil
     assert isinstance(llm.engine.core.executor.runner.model, ARCHITECTURES[family])
     outputs = generate(llm, prompts)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    for prompt, output in zip(prompts, outputs):
-        tokens, logprobs = hf_greedy_generate(model, prompt, 10)
-        completion = output.outputs[0]
-        assert completion.token_ids == tokens, f"prompt of {len(prompt)} tokens"
-        ours = [entry[t].logprob for entry, t in zip(completion.logprobs, tokens)]
-        assert ours == pytest.approx(logprobs, abs=LOGPROB_ATOL)
-    # the top-2 alternatives at every position of one prompt's continuation
-    prompt, completion = prompts[-1], outputs[-1].outputs[0]
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion.token_ids])).logits[0, len(prompt) - 1:-1]
-    top = torch.log_softmax(logits.float(), -1).topk(2)
-    for entry, values, ids in zip(completion.logprobs, top.values, top.indices):
-        for value, token in zip(values.tolist(), ids.tolist()):
-            assert entry[token].logprob == pytest.approx(value, abs=LOGPROB_ATOL)
+    assert_outputs_match_transformers(outputs, model, prompts, 10, LOGPROB_ATOL)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
@@ -169,11 +156,7 @@ def test_two_ranks_equal_one(moe_checkpoint, one_rank_outputs, family, expert_pa
         actual = generate(llm, PARALLEL_PROMPTS, max_tokens=8)
     finally:
         llm.shutdown()
-    for got, want in zip(actual, one_rank_outputs(family), strict=True):
-        assert got.outputs[0].token_ids == want.outputs[0].token_ids
-        for got_lp, want_lp, token in zip(got.outputs[0].logprobs, want.outputs[0].logprobs,
-                                          want.outputs[0].token_ids):
-            assert got_lp[token].logprob == pytest.approx(want_lp[token].logprob, abs=TP_LOGPROB_ATOL)
+    assert_same_outputs(actual, one_rank_outputs(family), TP_LOGPROB_ATOL)
 
 
 def _layers(config, tp_size: int, expert_parallel: bool, quant_config=None):
