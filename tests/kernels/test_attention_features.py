@@ -413,16 +413,8 @@ def test_rejects_bad_features(path, device):
 
 FEATURE_LAUNCHES = '''
     from pagoda.kernels import attention_triton
-    from pagoda.kernels.metadata import AttentionMetadata
 
-    def metadata(query_lens, seq_lens):
-        qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-        qsl[1:] = torch.tensor(query_lens).cumsum(0)
-        return AttentionMetadata(
-            slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64), query_start_loc=qsl,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=torch.zeros(len(seq_lens), 64, dtype=torch.int32),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+    metadata = attention_metadata      # (the harness's)
 
     features = dict(sliding_window=4096, logit_softcap=50.0, sinks=torch.zeros(32))
     for cache_dtype in CACHE_DTYPES:

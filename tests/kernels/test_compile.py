@@ -16,16 +16,8 @@ from triton_compile import compile_launches
 LAUNCHES = '''
 
     from pagoda.kernels import activation_triton, attention_triton, cache_triton, norm_triton, rotary_triton
-    from pagoda.kernels.metadata import AttentionMetadata
 
-    def metadata(query_lens, seq_lens):
-        qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-        qsl[1:] = torch.tensor(query_lens).cumsum(0)
-        return AttentionMetadata(
-            slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64), query_start_loc=qsl,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=torch.zeros(len(seq_lens), 64, dtype=torch.int32),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+    metadata = attention_metadata      # (the harness's)
 
     for dtype, num_heads, num_kv_heads, head_dim in ((torch.bfloat16, 32, 8, 128), (torch.float32, 8, 8, 96)):
         cache = torch.zeros(64, 16, num_kv_heads, head_dim, dtype=dtype)
@@ -63,7 +55,6 @@ def test_kernels_compile_for_sm80_and_sm90():
 # the kernels that need FP8 hardware (e4m3 conversions): FP8 W8A8 and the FP8 KV cache, for sm_89 and sm_90
 FP8_LAUNCHES = '''
     from pagoda.kernels import attention_triton, cache_triton, fp8_triton, weight_only_triton
-    from pagoda.kernels.metadata import AttentionMetadata
 
     w = torch.zeros(4096, 4096, dtype=torch.float8_e4m3fn)
     for dtype in (torch.bfloat16, torch.float32):
@@ -76,10 +67,7 @@ FP8_LAUNCHES = '''
     cache = torch.zeros(64, 16, 8, 128, dtype=fp8)
     scale = torch.ones(1, dtype=torch.float32)
     cache_triton.reshape_and_cache(key, key, cache, cache, torch.arange(4), k_scale=scale, v_scale=scale)
-    qsl = torch.tensor([0, 1, 301], dtype=torch.int32)
-    prefill = AttentionMetadata(slot_mapping=torch.zeros(301, dtype=torch.int64), query_start_loc=qsl,
-                                seq_lens=torch.tensor([40, 500], dtype=torch.int32),
-                                block_tables=torch.zeros(2, 64, dtype=torch.int32), max_query_len=300, max_seq_len=500)
+    prefill = attention_metadata([1, 300], [40, 500])
     query = torch.zeros(301, 32, 128, dtype=bf16)
     attention_triton.paged_attention(query, cache, cache, prefill, 0.1, k_scale=scale, v_scale=scale)
 '''

@@ -3,7 +3,8 @@
 `compile_launches(launches, archs)` runs, in a subprocess without TRITON_INTERPRET, the Python code
 `launches` with every Triton launch replaced by a compile to a cubin for each architecture in
 `archs` (Triton's bundled ptxas), and returns the set of "kernel@sm_NN" compiled, or None when
-Triton's internals (the launch binder) have moved.
+Triton's internals (the launch binder) have moved. `launches` may call `attention_metadata(query_lens,
+seq_lens)` for a batch's attention metadata.
 """
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ HARNESS = textwrap.dedent('''
             compiled.append(f"{self.__name__}@sm_{arch}")
 
     jit.JITFunction.run = compile_instead_of_launch
+
+    def attention_metadata(query_lens, seq_lens):
+        """A batch's AttentionMetadata for attention launches: zero slots and block tables (compiling
+        reads shapes and dtypes only)."""
+        from pagoda.kernels.metadata import AttentionMetadata
+
+        qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+        qsl[1:] = torch.tensor(query_lens).cumsum(0)
+        return AttentionMetadata(
+            slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64), query_start_loc=qsl,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=torch.zeros(len(seq_lens), 64, dtype=torch.int32),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens))
 ''')
 
 
