@@ -29,14 +29,17 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagoda.engine.engine_client import resolve_model_name
+from pagoda.engine.entrypoints.console.status import (ClusterStatus, ModelStatus, ReplicaCounts, ReplicaStatus,
+                                                      replica_status, unknown_replica)
 from pagoda.engine.entrypoints.lifecycle import cut_short, request_cut_error
 from pagoda.engine.entrypoints.openai.errors import APIError, to_api_error
 from pagoda.engine.entrypoints.openai.request_body import parse_json_object
@@ -61,6 +64,24 @@ MAX_ATTEMPTS = 2
 # How long a finished request waits for channel batches still owed to it before it ends with an error
 # (they are sent before its LeaseEnd, so only a dead mailbox makes them late).
 CHANNEL_CATCH_UP_S = 30.0
+# A replica whose latest report is older than this is listed "unhealthy" without numbers in the
+# console's status: Serve's controller asks every replica for one every few seconds
+# (routing_stats_period_s), so a report this old means the replica stopped answering.
+STALE_REPORT_S = 30.0
+# How long the console's status waits for Serve's view of the deployments before going without it.
+SERVE_VIEW_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    """What Serve's controller says of one model deployment (for the console's replica counts)."""
+
+    target: int                                                   # the replicas Serve is scaling to
+    replica_states: dict[str, str] = field(default_factory=dict)  # replica id -> STARTING, RUNNING, STOPPING...
+
+
+# deployment name -> its view; the ingress's reads Serve's controller (ingress.ServeView)
+ServeViewSource = Callable[[], Awaitable[dict[str, DeploymentView]]]
 
 
 @dataclass(frozen=True)
@@ -100,9 +121,12 @@ class ClusterEngineClient:
     """Implements `EngineClient` by forwarding to the replicas of each model's deployment."""
 
     def __init__(self, routes: list[ModelRoute], app_name: str, token_channels: bool = True,
-                 mailbox_factory: Callable[[], Any] = ray_mailbox) -> None:
+                 mailbox_factory: Callable[[], Any] = ray_mailbox, serve_view: Optional[ServeViewSource] = None,
+                 stale_report_s: float = STALE_REPORT_S, clock: Callable[[], float] = time.time) -> None:
         """token_channels: outputs come through this ingress's mailbox (else over each request's
-        own stream); mailbox_factory makes the mailbox actor (tests pass an in-process one)."""
+        own stream); mailbox_factory makes the mailbox actor (tests pass an in-process one);
+        serve_view: Serve's targets and replica states for `cluster_status` (None: the reports
+        alone); clock: wall time, compared with the replicas' `reported_at`."""
         if not routes:
             raise ValueError("the cluster client needs at least one model")
         self.routes = {route.name: route for route in routes}
@@ -112,6 +136,9 @@ class ClusterEngineClient:
         self._token_channels = TokenChannels(mailbox_factory) if token_channels else None
         # tokenizes long prompts for their routing key, off the event loop
         self._tokenizer_thread = TokenizerThread("pagoda-ingress-tokenizer")
+        self.serve_view = serve_view
+        self.stale_report_s = stale_report_s
+        self._clock = clock
 
     # -- the EngineClient protocol ------------------------------------------------------------------
     @property
@@ -125,10 +152,7 @@ class ClusterEngineClient:
 
     @property
     def max_model_len(self) -> int:
-        route = self._route(_SCOPE.get().model)
-        if route.info is not None:
-            return route.info.max_model_len
-        return int(route.deployment.engine_args.get("max_model_len") or 0)
+        return self._max_model_len(self._route(_SCOPE.get().model))
 
     @property
     def model_format(self) -> dict[str, Optional[str]]:
@@ -289,6 +313,66 @@ class ClusterEngineClient:
                     "spec_accepted_tokens": stats.spec_decode_num_accepted_tokens,
                 })
         return rows
+
+    async def cluster_status(self) -> ClusterStatus:
+        """The console's status document: per model, Serve's replica counts and every replica's entry.
+
+        Entries come from the replicas' latest reports (no call to any replica: a slow or dead one
+        cannot hold the document up). A report older than `stale_report_s` gives an "unhealthy"
+        entry without numbers; a replica Serve lists but that has not reported yet, a "starting"
+        one; one Serve is stopping, "draining". Without Serve's view (`serve_view` None, failed or
+        late) the counts come from the reports: current = target = the replicas that reported.
+        """
+        views: dict[str, DeploymentView] = {}
+        if self.serve_view is not None:
+            try:
+                views = await asyncio.wait_for(self.serve_view(), SERVE_VIEW_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - the reports alone still make a document
+                logger.info("Serve's deployment view is unavailable (%s); replica counts from reports",
+                            type(error).__name__)
+        now = self._clock()
+        models = [self._model_status(route, views.get(route.deployment_name), now) for route in self.routes.values()]
+        return ClusterStatus(mode="ray", time=now, models=models)
+
+    def _model_status(self, route: ModelRoute, view: Optional[DeploymentView], now: float) -> ModelStatus:
+        reports = {report.replica_id: report for report in self.reports(route.name)}
+        serve_states = view.replica_states if view is not None else {}
+        entries = [self._replica_entry(replica_id, reports.get(replica_id), serve_states.get(replica_id), now)
+                   for replica_id in sorted(set(reports) | set(serve_states))]
+        if view is not None:
+            current = sum(1 for state in serve_states.values() if state == "RUNNING")
+            target = view.target
+        else:
+            current = target = len(reports)
+        deployment = route.deployment
+        low = deployment.num_replicas if not deployment.autoscaling else deployment.min_replicas
+        counts = ReplicaCounts(current=current, target=target, min=low, max=deployment.most_replicas)
+        return ModelStatus(name=route.name, max_model_len=self._max_model_len(route), replicas=counts,
+                           replica_stats=entries)
+
+    def _replica_entry(self, replica_id: str, report: Optional[ReplicaReport], serve_state: Optional[str],
+                       now: float) -> ReplicaStatus:
+        if report is None:
+            # listed by Serve, no report yet: starting (or stopping before it ever reported)
+            return unknown_replica(replica_id, "draining" if serve_state == "STOPPING" else "starting")
+        if now - report.reported_at > self.stale_report_s:
+            return unknown_replica(replica_id, "unhealthy")
+        if report.console is not None:
+            entry = ReplicaStatus.model_validate(report.console)
+        else:      # a replica that sends no console entry: its counters, no latencies
+            entry = replica_status(replica_id, "running", report.stats, None)
+        entry.replica = replica_id
+        if not report.healthy:
+            entry.state = "unhealthy"
+        elif serve_state == "STOPPING":
+            entry.state = "draining"
+        return entry
+
+    @staticmethod
+    def _max_model_len(route: ModelRoute) -> int:
+        if route.info is not None:
+            return route.info.max_model_len
+        return int(route.deployment.engine_args.get("max_model_len") or 0)
 
     def _route(self, model: Optional[str]) -> ModelRoute:
         if model and model in self.routes:

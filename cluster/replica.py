@@ -6,7 +6,8 @@
             <── Mailbox.put(items) ───────────────   every ready output of that ingress's requests
             <── LeaseEnd from generate ───────────   (the request's last outputs, when it is done)
     controller ── record_routing_stats() ────────> ReplicaReport (load, KV usage, cached prefix
-                                                   hashes, metrics exposition) -> every router
+                                                   hashes, metrics exposition, the console's entry
+                                                   with last-minute latencies) -> every router
     controller ── check_health() ────────────────> engine dead / step loop stalled -> raise
 
 TP=1 runs the model in the engine core ("uni"; on GPU the core is a process of its own, so the step
@@ -29,6 +30,7 @@ from typing import Any, AsyncIterator, Optional
 from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.config import EngineArgs
 from pagoda.engine.core.core_prestart import PrestartedCore
+from pagoda.engine.entrypoints.console.status import replica_status, rolling_of
 from pagoda.engine.errors import EngineDeadError
 from pagoda.engine.outputs import EngineStats
 from pagoda.engine.utils import startup_timeline
@@ -249,10 +251,13 @@ class LLMReplica:
     async def report(self) -> ReplicaReport:
         stats = await self.engine.get_stats()
         healthy = not self.engine.errored and self.watchdog.stalled_for(stats, time.monotonic()) is None
+        console = replica_status(self.replica_id, "running" if healthy else "unhealthy", stats,
+                                 rolling_of(self.engine, self.engine.model_names[0]))
         return ReplicaReport(
             replica_id=self.replica_id, model_name=self.deployment.name,
             stats=dataclasses.replace(stats, cached_prefix_hashes=[]), prefix_hashes=list(stats.cached_prefix_hashes),
-            healthy=healthy, metrics=await self.engine.render_metrics(), reported_at=time.time())
+            healthy=healthy, metrics=await self.engine.render_metrics(), reported_at=time.time(),
+            console=console.to_dict())
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Serve's hook, polled every `request_routing_stats_period_s`: the report every router reads."""

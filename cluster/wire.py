@@ -89,6 +89,9 @@ class ReplicaReport:
     healthy: bool
     metrics: bytes                       # the replica's Prometheus exposition (pagoda: metrics)
     reported_at: float                   # time.time() on the replica
+    # the replica's entry of the console's status document (`ReplicaStatus.to_dict()`: its counters
+    # and last-minute latencies); None from a replica that does not send one
+    console: Optional[dict[str, Any]] = None
 
     @property
     def load(self) -> int:
@@ -99,7 +102,7 @@ class ReplicaReport:
         stats = {name: getattr(self.stats, name) for name in _STAT_FIELDS}
         return {_REPORT_KEY: 1, "replica_id": self.replica_id, "model_name": self.model_name, "stats": stats,
                 "prefix_hashes": list(self.prefix_hashes), "healthy": self.healthy, "metrics": self.metrics,
-                "reported_at": self.reported_at}
+                "reported_at": self.reported_at, "console": self.console}
 
     @classmethod
     def from_routing_stats(cls, routing_stats: Optional[dict[str, Any]]) -> Optional["ReplicaReport"]:
@@ -109,7 +112,8 @@ class ReplicaReport:
         stats = EngineStats(**{name: value for name, value in routing_stats["stats"].items() if name in _STAT_FIELDS})
         return cls(replica_id=routing_stats["replica_id"], model_name=routing_stats["model_name"], stats=stats,
                    prefix_hashes=list(routing_stats["prefix_hashes"]), healthy=routing_stats["healthy"],
-                   metrics=routing_stats["metrics"], reported_at=routing_stats["reported_at"])
+                   metrics=routing_stats["metrics"], reported_at=routing_stats["reported_at"],
+                   console=routing_stats.get("console"))
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -7,6 +7,8 @@ Every series carries a `model_name` label. Two inputs feed them:
   they are at scrape time (the engine keeps the running totals, so nothing is double counted);
 - `observe(model_name, output, now)`: per-request latencies read from the stream of `RequestOutput`s
   (time to first token, inter-token latency, end-to-end latency, queue time) and finish reasons.
+  The same observations feed each model's `RollingStats` (rolling_stats.py: the last minute's TTFT,
+  inter-token latency and tokens per second, which the console reads through `rolling(model_name)`).
 
 Each `EngineMetrics` owns a private `CollectorRegistry` (never prometheus_client's global one), so
 several engines or apps can live in one process. An ingress that forwards to replicas can keep its
@@ -23,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .outputs import EngineStats, RequestOutput
+from .rolling_stats import RollingStats
 
 PREFIX = "pagoda:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -124,6 +127,14 @@ class EngineMetrics:
             PREFIX + "request_queue_time_seconds", "Time a request waited before it first ran, in seconds.",
             labels, buckets=_REQUEST_BUCKETS, registry=self.registry)
         self._timings: dict[tuple[str, str], _RequestTiming] = {}
+        self._rolling: dict[str, RollingStats] = {}
+
+    def rolling(self, model_name: str) -> RollingStats:
+        """The model's last-minute window (created empty on first use)."""
+        window = self._rolling.get(model_name)
+        if window is None:
+            window = self._rolling[model_name] = RollingStats()
+        return window
 
     def record_stats(self, model_name: str, stats: EngineStats) -> None:
         self._stats.stats[model_name] = stats
@@ -136,17 +147,23 @@ class EngineMetrics:
         metrics = output.metrics
         num_tokens = sum(len(completion.token_ids) for completion in output.outputs)
         if num_tokens > timing.num_tokens and metrics is not None:
+            rolling = self.rolling(model_name)
+            rolling.add_tokens(num_tokens - timing.num_tokens, now)
             token_time = metrics.last_token_time or now
             if timing.last_token_time is None:
-                first = metrics.first_token_time or token_time
-                self.time_to_first_token.labels(model_name).observe(max(0.0, first - metrics.arrival_time))
+                ttft = max(0.0, (metrics.first_token_time or token_time) - metrics.arrival_time)
+                self.time_to_first_token.labels(model_name).observe(ttft)
+                rolling.add_ttft(ttft, now)
             else:
-                self.inter_token_latency.labels(model_name).observe(max(0.0, token_time - timing.last_token_time))
+                itl = max(0.0, token_time - timing.last_token_time)
+                self.inter_token_latency.labels(model_name).observe(itl)
+                rolling.add_itl(itl, now)
             timing.num_tokens = num_tokens
             timing.last_token_time = token_time
         if not output.finished:
             return
         del self._timings[key]
+        self.rolling(model_name).add_finished()
         if metrics is not None:
             finished = metrics.finished_time or now
             self.e2e_request_latency.labels(model_name).observe(max(0.0, finished - metrics.arrival_time))

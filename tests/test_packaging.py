@@ -7,6 +7,7 @@ user typing the command there would.
 """
 from __future__ import annotations
 
+import fnmatch
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 def python_in_repo_root(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_the_console_files_are_package_data():
+    """Every file of the console's static folder matches a package-data pattern, so the wheel carries
+    it (the folder is found as a namespace package by setup.py's discovery, without an __init__)."""
+    tomllib = pytest.importorskip("tomllib")          # Python 3.11+
+    static = REPO / "engine" / "entrypoints" / "console" / "static"
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = "pagoda.engine.entrypoints.console.static"
+    allowed = patterns.get("*", []) + patterns.get(package, [])
+    files = [path for path in static.rglob("*") if path.is_file() and "__pycache__" not in path.parts]
+    assert any(path.name == "index.html" for path in files)
+    missing = [str(path.relative_to(static)) for path in files
+               if not any(fnmatch.fnmatch(path.name, pattern) for pattern in allowed)]
+    assert not missing, f"console files outside package-data: {missing}"
 
 
 def test_transformers_and_pagoda_import_from_the_repository_root():

@@ -69,7 +69,7 @@ def _is_file(value: str) -> bool:
 
 
 def add_chat_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of `pagoda serve` that shape chat requests (vLLM's names)."""
+    """The flags of `pagoda serve` that shape chat requests (vLLM's names), and --disable-console."""
     group = parser.add_argument_group("chat")
     group.add_argument("--chat-template", type=read_chat_template, default=None,
                        help="a Jinja chat template, or the file holding one, used instead of the tokenizer's")
@@ -82,6 +82,10 @@ def add_chat_flags(parser: argparse.ArgumentParser) -> None:
                             "chat template)")
     group.add_argument("--reasoning-parser", default=None, metavar="NAME",
                        help="split reasoning_content from content: qwen3, deepseek_r1 (default: none)")
+    # NOTE: here, as `pagoda serve` (standalone and Ray) adds these flags: the console is a server setting too
+    console = parser.add_argument_group("console")
+    console.add_argument("--disable-console", action="store_true",
+                         help="do not serve the web console at / (GET /v1/cluster/status stays)")
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +173,8 @@ def server_settings_from(args: argparse.Namespace) -> ServerSettings:
         chat_template=_optional(args, "chat_template"),
         trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
         enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
-        tool_call_parser=_optional(args, "tool_call_parser"), reasoning_parser=_optional(args, "reasoning_parser"))
+        tool_call_parser=_optional(args, "tool_call_parser"), reasoning_parser=_optional(args, "reasoning_parser"),
+        disable_console=bool(getattr(args, "disable_console", False)))
 
 
 def _optional(args: argparse.Namespace, name: str) -> Optional[str]:

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-# the settings that shape chat requests (a Ray ingress takes them too)
+# the settings that shape chat requests, and the console switch: a Ray ingress takes them from its app
+# config's `chat` section (NOTE: disable_console rides along there, the one section of server
+# settings the app config carries; it is not a chat setting as such)
 CHAT_SETTINGS = ("chat_template", "trust_request_chat_template", "enable_auto_tool_choice", "tool_call_parser",
-                 "reasoning_parser")
+                 "reasoning_parser", "disable_console")
 
 
 @dataclass
@@ -32,6 +34,8 @@ class ServerSettings:
     enable_auto_tool_choice: bool = False
     tool_call_parser: Optional[str] = None        # a name of the tool-parser registry (vLLM's names)
     reasoning_parser: Optional[str] = None        # a name of the reasoning-parser registry
+    # the web console's page (`/`, `/console/*`) off; `GET /v1/cluster/status` stays (it is an API)
+    disable_console: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:

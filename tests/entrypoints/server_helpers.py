@@ -83,7 +83,13 @@ def start_server(model_dir: Path, log_dir: Path, *flags: str, api_key: Optional[
         command += ["--grpc-port", str(grpc_port)]
     if api_key:
         command += ["--api-key", api_key]
-    log_path = log_dir / f"server-{port}.log"
+    return spawn_server(command, port, log_dir / f"server-{port}.log", api_key, grpc_port)
+
+
+def spawn_server(command: list[str], port: int, log_path: Path, api_key: Optional[str],
+                 grpc_port: Optional[int] = None) -> ServerProcess:
+    """Runs a `pagoda serve` `command` (listening on `port`, logging to `log_path`) and returns it
+    once /health answers; raises with the log when it exits or stays unhealthy."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
     server = ServerProcess(process, port, grpc_port, log_path, api_key)

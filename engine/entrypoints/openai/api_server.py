@@ -27,6 +27,7 @@ from ...engine_client import EngineClient, resolve_model_name
 from ...metrics import CONTENT_TYPE
 from ...processing.tokenizer import TokenizerThread, check_text_fits, encode_text, prompt_chars_limit
 from ...utils import startup_timeline
+from ..console.routes import ConsoleFiles, StatusSource, add_status_route
 from ..lifecycle import ServerLifecycle
 from ..settings import ServerSettings
 from .errors import APIError, bad_request, install_error_handlers, to_api_error
@@ -79,7 +80,10 @@ def _decode(tokenizer: Any, token_ids: list[int]) -> str:
 
 
 def build_app(engine_client: EngineClient, settings: ServerSettings,
-              lifecycle: Optional[ServerLifecycle] = None) -> FastAPI:
+              lifecycle: Optional[ServerLifecycle] = None, cluster_status: Optional[StatusSource] = None) -> FastAPI:
+    """The OpenAI app, plus the console (`GET /v1/cluster/status`; the page at `/` unless
+    `settings.disable_console`). cluster_status: builds the status document (the Ray ingress passes
+    its own); None = the standalone server's, from `engine_client`."""
     lifecycle = lifecycle if lifecycle is not None else ServerLifecycle()
     # chat templates, /tokenize and /detokenize of long inputs run here, off the event loop
     tokenizer_thread = TokenizerThread("pagoda-http-tokenizer")
@@ -180,9 +184,14 @@ def build_app(engine_client: EngineClient, settings: ServerSettings,
             raise bad_request(str(error), param="tokens") from None
         return JSONResponse({"prompt": text})
 
+    add_status_route(app, engine_client, cluster_status)
+
     # NOTE: added last = outermost. CORS must see preflights and decorate 401/413/503s as well.
     app.add_middleware(GuardMiddleware, lifecycle=lifecycle, api_key=settings.api_key,
                        max_request_body_bytes=settings.max_request_body_bytes)
+    if not settings.disable_console:
+        # outside the guard: the page is public (it asks for the key itself); see console/routes.py
+        app.add_middleware(ConsoleFiles)
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"])
