@@ -92,3 +92,21 @@ def test_dashboard_shows_both_replicas_of_a_ray_app(ray_app_url, page_factory):
     page.wait(lambda: any((page.number(f'tr[data-replica="{r}"] .tps') or 0) > 0 for r in shown), 20,
               "tokens/s above 0 on a replica row after a request")
     page.screenshot("dashboard-ray")
+
+
+def test_replica_counts_come_from_serves_controller(ray_app_url):
+    """The ingress reads Serve's own view (target and replica states) from the controller; this reads
+    the same answer from the test's side and checks the document agrees with it."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    from pagoda.cluster.ingress import deployment_views
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    views = deployment_views(ray.get(controller.get_serve_instance_details.remote()), APP_NAME)
+    [view] = [v for v in views.values() if len(v.replica_states) == 2]
+    assert view.target == 2 and set(view.replica_states.values()) == {"RUNNING"}, view
+    document = httpx.get(f"{ray_app_url}/v1/cluster/status", timeout=30).json()
+    [model] = [m for m in document["models"] if m["name"] == MODEL]
+    assert (model["replicas"]["current"], model["replicas"]["target"]) == (2, 2), model["replicas"]
+    assert sorted(view.replica_states) == replica_ids(ray_app_url)
