@@ -121,6 +121,8 @@ def app_args_from_flags(args: argparse.Namespace, has_gpus: bool) -> dict[str, A
         app["route_prefix"] = args.route_prefix
     if getattr(args, "ingress_replicas", None) is not None:
         app["ingress_replicas"] = args.ingress_replicas
+    if getattr(args, "disable_console", False):
+        app["console"] = False
     chat = {name: getattr(args, name) for name in CHAT_SETTINGS if getattr(args, name, None) not in (None, False)}
     if chat:
         app["chat"] = chat

@@ -207,6 +207,9 @@ class AppConfig(BaseModel):
     the streams it holds, some 10-15k events/s per CPU core: add one per ~10k streamed tokens/s."""
     route_prefix: str = "/"
     """Where the OpenAI API is mounted; must equal the Serve application's route_prefix."""
+    console: bool = True
+    """The web console's page at `/` (`pagoda serve --disable-console` sets False); the status
+    endpoint `GET /v1/cluster/status` is served either way."""
     chat: dict[str, Any] = Field(default_factory=dict)
     """How the ingress renders and reads chat requests: the chat fields of `ServerSettings`
     (chat_template, trust_request_chat_template, enable_auto_tool_choice, tool_call_parser,

@@ -54,7 +54,7 @@ class Ingress:
         app_name = serve.get_replica_context().app_name
         self.client = ClusterEngineClient(routes, app_name=app_name, serve_view=ServeView(app_name))
         self.settings = ServerSettings(api_key=api_key, max_request_body_bytes=config.max_request_body_bytes,
-                                       **config.chat)
+                                       disable_console=not config.console, **config.chat)
         # Fetch each always-on model's tokenizer now, not on its first request (this also starts
         # the handle's router, so `status()` and /metrics see the replicas from the start).
         self._warm_up = [asyncio.ensure_future(self._describe(route)) for route in routes

@@ -6,11 +6,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-# the settings that shape chat requests, and the console switch: a Ray ingress takes them from its app
-# config's `chat` section (NOTE: disable_console rides along there, the one section of server
-# settings the app config carries; it is not a chat setting as such)
+# the settings that shape chat requests: a Ray ingress takes them from its app config's `chat` section
 CHAT_SETTINGS = ("chat_template", "trust_request_chat_template", "enable_auto_tool_choice", "tool_call_parser",
-                 "reasoning_parser", "disable_console")
+                 "reasoning_parser")
 
 
 @dataclass

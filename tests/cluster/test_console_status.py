@@ -151,9 +151,10 @@ def test_the_ingress_serves_the_page_unless_disabled(report):
     app, _routers = _app({}, "console-page")
     page = _get(app, "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    # --disable-console reaches the ingress through the app config's chat section
-    config = AppConfig(models=[{"model": "x"}], chat={"disable_console": True})
-    app, _routers = _app({}, "console-off", settings=ServerSettings(api_key=API_KEY, **config.chat))
+    # --disable-console reaches the ingress as the app config's `console: false`
+    config = AppConfig(models=[{"model": "x"}], console=False)
+    app, _routers = _app({}, "console-off", settings=ServerSettings(api_key=API_KEY,
+                                                                    disable_console=not config.console))
     assert _get(app, "/", AUTH).status_code == 404
     assert _get(app, "/v1/cluster/status", AUTH).status_code == 200
 
@@ -179,6 +180,6 @@ def test_disable_console_flag_reaches_the_ray_app_config():
         return cluster_cli.app_args_from_flags(args, has_gpus=False)
 
     off = app_args("--disable-console")
-    assert off["chat"] == {"disable_console": True}
-    assert ServerSettings(**parse_app_args(off).chat).disable_console
-    assert "chat" not in app_args()
+    assert off["console"] is False and "chat" not in off
+    assert parse_app_args(off).console is False
+    assert "console" not in app_args() and parse_app_args(app_args()).console is True

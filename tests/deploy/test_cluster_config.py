@@ -157,5 +157,5 @@ def test_model_keys_are_the_documented_contract():
         "max_ongoing_requests", "max_queued_requests", "engine_args", "num_gpus_per_worker",
         "num_cpus_per_worker",
     }
-    assert APP_KEYS == {"api_key_env", "max_request_body_bytes", "route_prefix", "ingress_replicas", "chat"}
+    assert APP_KEYS == {"api_key_env", "max_request_body_bytes", "route_prefix", "ingress_replicas", "console", "chat"}
     assert ModelDeployment().max_ongoing_requests >= ModelDeployment().target_ongoing_requests
