@@ -41,7 +41,6 @@ if __package__ in (None, ""):          # run as a script (python bench/throughpu
 
 from bench.ceilings import (  # noqa: E402
     Ceilings,
-    FloorResult,
     batch1_roofline,
     ideal_floor,
     measure_allreduce_bus_bandwidth,
