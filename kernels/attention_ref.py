@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .kv_quant import check_scales, dequantize, is_fp8
+from .kv_quant import check_cache_pair, check_scales, dequantize, is_fp8
 from .metadata import AttentionMetadata
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -107,11 +107,7 @@ def check_inputs(
     if key_cache.dim() != 4:
         raise ValueError("key_cache must be (num_blocks, block_size, num_kv_heads, head_dim), "
                          f"got shape {tuple(key_cache.shape)}")
-    if value_cache.dtype != key_cache.dtype:
-        raise ValueError(f"value_cache dtype {value_cache.dtype} != key_cache dtype {key_cache.dtype}")
-    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
-        raise ValueError(f"value_cache shape/strides {tuple(value_cache.shape)}/{value_cache.stride()} must match "
-                         f"key_cache {tuple(key_cache.shape)}/{key_cache.stride()}")
+    check_cache_pair(key_cache, value_cache)
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = key_cache.shape[2]
     if key_cache.shape[3] != head_dim:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .e4m3_triton import round_to_e4m3
-from .kv_quant import check_scales, is_fp8
+from .kv_quant import check_cache_pair, check_scales, is_fp8
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CACHE_DTYPES = _DTYPES + (torch.float8_e4m3fn,)
@@ -125,11 +125,7 @@ def _check_inputs(
     if key_cache.dim() != 4 or key_cache.shape[2:] != key.shape[1:]:
         raise ValueError(f"key_cache must be (num_blocks, block_size, {key.shape[1]}, {key.shape[2]}), "
                          f"got shape {tuple(key_cache.shape)}")
-    if value_cache.dtype != key_cache.dtype:
-        raise ValueError(f"value_cache dtype {value_cache.dtype} != key_cache dtype {key_cache.dtype}")
-    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
-        raise ValueError(f"value_cache shape/strides {tuple(value_cache.shape)}/{value_cache.stride()} must match "
-                         f"key_cache {tuple(key_cache.shape)}/{key_cache.stride()}")
+    check_cache_pair(key_cache, value_cache)
     if slot_mapping.shape != (key.shape[0],):
         raise ValueError(f"slot_mapping must have shape ({key.shape[0]},), got {tuple(slot_mapping.shape)}")
     if slot_mapping.dtype not in (torch.int32, torch.int64):

@@ -31,6 +31,15 @@ def dequantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (x.float() * scale).to(dtype)
 
 
+def check_cache_pair(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    """A layer's K and V caches are read with one set of offsets: same dtype, shape and strides."""
+    if value_cache.dtype != key_cache.dtype:
+        raise ValueError(f"value_cache dtype {value_cache.dtype} != key_cache dtype {key_cache.dtype}")
+    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
+        raise ValueError(f"value_cache shape/strides {tuple(value_cache.shape)}/{value_cache.stride()} must match "
+                         f"key_cache {tuple(key_cache.shape)}/{key_cache.stride()}")
+
+
 def check_scales(cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]) -> None:
     """An FP8 cache needs both scales, one float32 element each, on the cache's device; other
     caches ignore them."""
