@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
 
-from pagoda.engine.async_engine import AsyncEngine
-from pagoda.engine.config import EngineArgs
 from pagoda.engine.core.core_prestart import PrestartedCore
 from pagoda.engine.entrypoints.console.status import replica_status, rolling_of
 from pagoda.engine.errors import EngineDeadError
@@ -39,9 +38,15 @@ from .config import ModelDeployment
 from .channels import ChannelRef
 from .wire import LeaseEnd, ModelInfo, OutputEncoder, ReplicaReport, ReplicaRequest, WireOutput
 
+if TYPE_CHECKING:
+    from pagoda.engine.config import EngineArgs
+
+# NOTE: this module is what a replica's process imports first (Serve unpickles `LLMReplica` by
+# reference), so it imports nothing that pulls in torch or transformers: the constructor spawns the
+# engine core process before it imports those, and the two imports overlap (core_prestart.py).
+
 logger = logging.getLogger(__name__)
 
-ENGINE_ARG_NAMES = frozenset(field.name for field in dataclasses.fields(EngineArgs))
 # Engine options the deployment sets itself (one name per concept: they live on ModelDeployment).
 _DEPLOYMENT_OWNED = frozenset({"model", "served_model_name", "tensor_parallel_size", "distributed_executor_backend"})
 # How long `check_health` waits for the engine thread to answer; a step may be running, so a slow
@@ -49,12 +54,32 @@ _DEPLOYMENT_OWNED = frozenset({"model", "served_model_name", "tensor_parallel_si
 _HEALTH_PROBE_TIMEOUT_S = 5.0
 
 
-def engine_args_for(deployment: ModelDeployment) -> EngineArgs:
+@functools.cache
+def engine_arg_names() -> frozenset[str]:
+    from pagoda.engine.config import EngineArgs
+
+    return frozenset(field.name for field in dataclasses.fields(EngineArgs))
+
+
+def core_gets_a_process(deployment: ModelDeployment) -> bool:
+    """Whether the replica's engine core runs in a process of its own, from the deployment alone (no
+    torch import): asked for in `engine_args`, else on with CUDA, as `engine_args_for` decides."""
+    engine_args = deployment.engine_args
+    asked = engine_args.get("engine_core_process")
+    if asked is not None:
+        return bool(asked)
+    return engine_args.get("device", "cuda" if deployment.num_gpus_per_worker > 0 else "cpu") == "cuda"
+
+
+def engine_args_for(deployment: ModelDeployment) -> "EngineArgs":
     """The engine options of one replica; ValueError names unknown or misplaced `engine_args` keys."""
-    unknown = sorted(set(deployment.engine_args) - ENGINE_ARG_NAMES)
+    from pagoda.engine.config import EngineArgs
+
+    names = engine_arg_names()
+    unknown = sorted(set(deployment.engine_args) - names)
     if unknown:
         raise ValueError(f"unknown engine_args {unknown} for model {deployment.name!r}; accepted: "
-                         f"{', '.join(sorted(ENGINE_ARG_NAMES - _DEPLOYMENT_OWNED))}")
+                         f"{', '.join(sorted(names - _DEPLOYMENT_OWNED))}")
     owned = sorted(set(deployment.engine_args) & _DEPLOYMENT_OWNED)
     if owned:
         raise ValueError(f"engine_args {owned} for model {deployment.name!r} are set by the deployment; "
@@ -135,18 +160,21 @@ class LLMReplica:
     def __init__(self, deployment: dict[str, Any], stall_timeout_s: float = 300.0) -> None:
         startup_timeline.mark("replica process to constructor")     # Ray's worker start, imports
         self.deployment = ModelDeployment.model_validate(deployment)
-        args = engine_args_for(self.deployment)
-        # NOTE: the core process starts first and imports the engine while this one reads the config
-        core_process = args.engine_core_process if args.engine_core_process is not None else args.device == "cuda"
-        prestarted = PrestartedCore() if core_process else None
+        # NOTE: the core process starts first, before this one imports torch and transformers (in
+        # engine_args_for), and imports the engine while this one reads the config
+        prestarted = PrestartedCore() if core_gets_a_process(self.deployment) else None
         try:
+            args = engine_args_for(self.deployment)
+            if prestarted is not None and not (args.engine_core_process is None or args.engine_core_process):
+                prestarted.close()             # (core_gets_a_process and engine_args_for agree; defensive)
+                prestarted = None
             self._build(args, prestarted, stall_timeout_s)
         except BaseException:
             if prestarted is not None:
                 prestarted.close()
             raise
 
-    def _build(self, args: EngineArgs, prestarted: Optional[PrestartedCore], stall_timeout_s: float) -> None:
+    def _build(self, args: "EngineArgs", prestarted: Optional[PrestartedCore], stall_timeout_s: float) -> None:
         if prestarted is not None and args.distributed_executor_backend != "ray":
             prestarted.send_args(args)         # the core builds its config as this replica builds its own
         config = args.create_config()
@@ -158,6 +186,8 @@ class LLMReplica:
             executor_class = RayExecutorInCore.here() if config.parallel.engine_core_process else RayExecutor
         # NOTE: admission control is Serve's (max_ongoing_requests per replica, max_queued_requests
         # at the router); the engine queues whatever Serve lets through.
+        from pagoda.engine.async_engine import AsyncEngine
+
         self.engine = AsyncEngine(config, max_queued_requests=None, executor_class=executor_class,
                                   prestarted_core=prestarted)
         startup_timeline.mark("engine core")

@@ -19,12 +19,14 @@ new plus what the decoder cannot rebuild on its own, and the decoder reproduces 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from pagoda.engine.generation_defaults import GenerationDefaults
 from pagoda.engine.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
-from pagoda.engine.processing.input_processor import PromptType
 from pagoda.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:        # (the input processor imports the tokenizer side: transformers, torch)
+    from pagoda.engine.processing.input_processor import PromptType
 
 
 @dataclass

@@ -10,13 +10,15 @@ Errors: `ValueError` (bad request, message names the value), `EngineOverloadedEr
 """
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Protocol, runtime_checkable
 
 from .errors import ModelNotFoundError
 from .generation_defaults import GenerationDefaults
 from .outputs import EngineStats, RequestOutput
-from .processing.input_processor import PromptType
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:     # (the input processor imports the tokenizer side: transformers, torch)
+    from .processing.input_processor import PromptType
 
 
 @runtime_checkable

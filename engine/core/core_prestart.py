@@ -24,8 +24,11 @@ the core's KV-cache size from its ready message, as with a config handed over.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import sys
+import types
 import weakref
 from multiprocessing.connection import Connection
 from typing import Any
@@ -41,7 +44,8 @@ class PrestartedCore:
         self.conn, child_conn = context.Pipe()
         self.process = context.Process(target=_prestarted_main, name="pagoda-engine-core",
                                        args=(child_conn, os.getpid()))
-        self.process.start()
+        with _parent_main_hidden():
+            self.process.start()
         child_conn.close()            # the core holds the only other end: EOF when it dies
         self._finalizer = weakref.finalize(self, stop_children, [(self.process, self.conn)], 0.0, 5.0)
         self._taken = False
@@ -74,6 +78,29 @@ class PrestartedCore:
         """Stops a prestarted core that will not be used (nothing once `take` handed it over)."""
         if not self._taken:
             self._finalizer()
+
+
+@contextlib.contextmanager
+def _parent_main_hidden():
+    """While a spawned child starts: it does not re-run the parent's main script.
+
+    NOTE: `spawn` makes the child import the parent's `__main__` (by module name, or by running its
+    file as `__mp_main__`) so that objects pickled from it resolve. This child's target lives in this
+    module, and what it receives later (engine arguments, configs) is defined in pagoda's modules, so it
+    never needs the parent's main; and that main can be costly: in a Ray Serve replica it is Ray's
+    worker bootstrap script, which imports Ray (seconds of a cold start on the critical path). The
+    preparation data is computed in `Process.start()`, so the stand-in is in place only for that call."""
+    main = sys.modules.get("__main__")
+    stand_in = types.ModuleType("__main__")
+    stand_in.__spec__ = None            # neither a module name nor a file to re-run
+    sys.modules["__main__"] = stand_in
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+        else:
+            del sys.modules["__main__"]
 
 
 class _BuildFromArgs:

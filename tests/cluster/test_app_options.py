@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,7 +15,7 @@ from pagoda.cluster import cli as cluster_cli
 from pagoda.cluster.app import ClusterTuning, build_app, deployment_names, replica_options
 from pagoda.cluster.config import ModelDeployment, parse_app_args
 from pagoda.cluster.metrics import merge_expositions
-from pagoda.cluster.replica import StepWatchdog, engine_args_for
+from pagoda.cluster.replica import StepWatchdog, core_gets_a_process, engine_args_for
 from pagoda.engine.entrypoints import cli as engine_cli
 from pagoda.engine.metrics import EngineMetrics
 from pagoda.engine.outputs import EngineStats
@@ -74,6 +77,30 @@ def test_engine_args_are_checked_before_any_replica_starts():
     # the reserved resources pick the device; an explicit engine_args device wins
     assert engine_args_for(ModelDeployment(num_gpus_per_worker=0)).device == "cpu"
     assert engine_args_for(ModelDeployment(num_gpus_per_worker=0, engine_args={"device": "cuda"})).device == "cuda"
+
+
+@pytest.mark.parametrize("deployment", [
+    ModelDeployment(), ModelDeployment(num_gpus_per_worker=0), ModelDeployment(tensor_parallel_size=2),
+    ModelDeployment(num_gpus_per_worker=0, engine_args={"device": "cuda"}),
+    ModelDeployment(engine_args={"engine_core_process": False}),
+    ModelDeployment(num_gpus_per_worker=0, engine_args={"engine_core_process": True}),
+    ModelDeployment(distributed_executor_backend="mp")])
+def test_replica_knows_before_importing_torch_whether_its_core_gets_a_process(deployment):
+    """The constructor spawns the core process from the deployment alone, before building EngineArgs;
+    both must agree (a GPU replica's core always gets a process)."""
+    args = engine_args_for(deployment)
+    expected = args.engine_core_process if args.engine_core_process is not None else args.device == "cuda"
+    assert core_gets_a_process(deployment) is expected
+
+
+def test_replica_module_imports_without_torch():
+    """Serve's replica process imports this module first: it must not pull in torch or transformers,
+    so that the engine core process, spawned in the constructor, imports them meanwhile."""
+    code = ("import sys, pagoda.cluster.replica; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_serve_run_can_call_the_builder_with_flat_string_args():

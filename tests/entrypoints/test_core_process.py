@@ -308,3 +308,36 @@ def test_a_prestarted_core_not_needed_is_stopped(tiny_model_dir):
         assert engine.core_client.pid is None or engine.core_client.pid == os.getpid()
     finally:
         engine.shutdown()
+
+
+PARENT_MAIN_SCRIPT = '''
+import multiprocessing, os, sys
+if __name__ == "__mp_main__":                 # a spawned child re-running this script
+    open(os.path.join(os.environ["MARKER_DIR"], "reran-" + str(os.getpid())), "w").close()
+if __name__ == "__main__":
+    from pagoda.engine import EngineArgs
+    from pagoda.engine.core.core_prestart import PrestartedCore
+    if sys.argv[1] == "prestarted":
+        prestarted = PrestartedCore()
+        prestarted.send_args(EngineArgs(model=sys.argv[2], engine_core_process=True))
+        prestarted.process.join(120)          # it cannot build that config: it reports and leaves
+        print("exitcode", prestarted.process.exitcode)
+    else:                                      # control: a plain spawned child does re-run it
+        child = multiprocessing.get_context("spawn").Process(target=os.getpid)
+        child.start(); child.join(60)
+        print("exitcode", child.exitcode)
+'''
+
+
+@pytest.mark.parametrize("mode,reruns", [("prestarted", 0), ("plain", 1)])
+def test_a_prestarted_core_does_not_rerun_the_parents_main_script(tmp_path, mode, reruns):
+    """A spawned child imports its parent's main script unless told otherwise; a Ray replica's main
+    is Ray's worker bootstrap (it imports Ray: seconds of a cold start). The prestarted core skips it."""
+    script = tmp_path / "parent_main.py"
+    script.write_text(PARENT_MAIN_SCRIPT)
+    env = {**os.environ, "MARKER_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(script), mode, str(tmp_path / "no-such-model")],
+                            capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "exitcode" in result.stdout and "exitcode None" not in result.stdout, result.stdout
+    assert len(list(tmp_path.glob("reran-*"))) == reruns, result.stderr[-2000:]
