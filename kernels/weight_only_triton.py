@@ -1,35 +1,47 @@
-"""Triton GEMM for weight-only quantized weights (`weight_only.GroupQuantWeight`): y = x @ W.T + bias,
-W dequantized in registers from its packed integers, never written out in full.
+"""Triton GEMM and GEMV for weight-only quantized weights (`weight_only.GroupQuantWeight`):
+y = x @ W.T + bias, W dequantized in registers from its packed integers, never written out in full.
 
 Per (BLOCK_N, BLOCK_K) tile of W, each program:
   1. loads the packed weight as int32 words (8 int4 or 4 int8 values each: byte j of a row holds
-     k = 2j and 2j+1, so on a little-endian device word w holds k = 8w .. 8w+7 in nibble order) and
-     splits them with shifts;
+     k = 2j and 2j+1, so on a little-endian device word w holds k = 8w .. 8w+7 in nibble order),
+     splits them with shifts and interleaves the pieces back into k order (`_unpack`: the values of
+     a word stay in the thread that loaded it, so the (BLOCK_N, BLOCK_K) tile needs no shuffle);
   2. turns each integer into float32 without an int->float conversion instruction (a quarter-rate
      one on recent GPUs, and there are two per byte of weight): `q | 0x4B000000` read as float32 is
      2^23 + q exactly, so `(2^23 + q) - (2^23 + z)` is q - z exactly;
-  3. applies the group's scale (and two-level super-scale, zero point, min) in float32, in the
-     reference's order, so the tile equals `weight_only.dequantize` bit for bit; then
-  4. multiplies: tl.dot on the tile cast to the activations' dtype (the reference's rounding point)
-     for M >= 2, or float32 multiply-adds for M == 1 (a tensor-core tile would be 1/16 used).
+  3. multiplies:
+     GEMV (M <= 8, `GemmConfig.block_m` < 16): float32 multiply-adds of (q - z) with each row of x,
+       summed over the tile's part of a group before the group's scale is applied (one multiply per
+       group and row instead of one per value: at batch 1 the dequantization's arithmetic, not the
+       weight stream, would otherwise bound the kernel), plus min * sum(x) where there are mins;
+     GEMM (M > 8): the group's scale (and super-scale, min) applied in float32 in the reference's
+       order, so the tile equals `weight_only.dequantize` bit for bit, cast to the activations'
+       dtype (the reference's rounding point) and fed to tl.dot.
 
 Shapes and why (the decode-time GEMMs are memory-bound, the weight is the traffic):
-- M == 1..64: few output tiles, so the K loop is split over SPLIT_K programs (partial sums added
-  atomically into a float32 buffer) until there are several programs per SM; otherwise batch-1
-  reads would come from a fraction of the SMs and fall far short of the DRAM bandwidth.
+- M <= 64: few output tiles, so the K loop is split over `split_k` programs until there are several
+  programs per SM; otherwise batch-1 reads would come from a fraction of the SMs. Each split writes
+  its float32 partial sums to a scratch buffer and bumps a per-tile counter; the split that arrives
+  last adds the partials in split order (the same sum on every run), adds the bias and writes the
+  output. One launch per GEMM: no zero-filled accumulator, no cast kernel after it (inside a CUDA
+  graph every extra kernel costs microseconds, and a decode step runs four GEMMs per layer). The
+  last split sets its counter back to 0, so the counters are zeroed once, when first allocated.
 - M > 64: wide tiles, no split; each weight tile is dequantized once per BLOCK_M rows of x.
-`pick_config` holds these heuristics; tests pass explicit configs to cover every path.
+`pick_config` takes a tuned table (weight_only_configs/<GPU name>.json, written by
+bench/tune_weight_only.py) where it has the shape, else the heuristics of `default_config`.
 
 A tile never straddles a group boundary it cannot handle: BLOCK_K is a multiple of the group size
 (several groups per tile: the tile is viewed as (BLOCK_N, groups, group)) or divides it (one group
 per tile); a format that fits neither (a group size not a multiple of 16) is not `supported` (the
-dispatch in weight_only.py then uses the torch reference).
+dispatch in weight_only.py then refuses it by name on a GPU).
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -41,17 +53,57 @@ import triton.language as tl
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAGIC = 8388608.0          # 2^23: float32 2^23 + q has q in its low mantissa bits
+GEMV_MAX_M = 8              # rows the GEMV takes; above, the tensor-core GEMM
+CONFIG_DIR = Path(__file__).resolve().parent / "weight_only_configs"
 
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch shape. block_m == 1 selects the multiply-add path (M must be 1)."""
+    """One launch shape. block_m < 16 (1, 2, 4 or 8, at least M) selects the GEMV; 16 and up the
+    tensor-core GEMM with BLOCK_M = block_m."""
     block_m: int
     block_n: int
     block_k: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+
+    @property
+    def gemv(self) -> bool:
+        return self.block_m < 16
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr):
+    """(R, W) int32 words -> (R, W * 32 / BITS) int32 values in k order, each still in its word's thread."""
+    if BITS == 4:
+        q0 = words & 0xF
+        q1 = (words >> 4) & 0xF
+        q2 = (words >> 8) & 0xF
+        q3 = (words >> 12) & 0xF
+        q4 = (words >> 16) & 0xF
+        q5 = (words >> 20) & 0xF
+        q6 = (words >> 24) & 0xF
+        q7 = (words >> 28) & 0xF
+        # interleave(a, b) = a0 b0 a1 b1 ...: three levels put value j of word w at 8w + j
+        return tl.interleave(tl.interleave(tl.interleave(q0, q4), tl.interleave(q2, q6)),
+                             tl.interleave(tl.interleave(q1, q5), tl.interleave(q3, q7)))
+    else:
+        q0 = words & 0xFF
+        q1 = (words >> 8) & 0xFF
+        q2 = (words >> 16) & 0xFF
+        q3 = (words >> 24) & 0xFF
+        return tl.interleave(tl.interleave(q0, q2), tl.interleave(q1, q3))
+
+
+@triton.jit
+def _load_tile(qw_ptr, offs_n, mask_n, k0, K, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Float32 2^23 + q of the (BLOCK_N, BLOCK_K) tile at k0 (0 past K)."""
+    PACK: tl.constexpr = 32 // BITS                # values per int32 word
+    offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
+                    mask=mask_n[:, None] & (offs_w < K // PACK)[None, :], other=0)
+    return (_unpack(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -76,21 +128,152 @@ def _group_params(scales_ptr, zeros_ptr, mins_ptr, sscales_ptr, smins_ptr, offs_
 
 
 @triton.jit
-def _weight_only_gemm_kernel(
+def _finish(acc, out_ptr, partial_ptr, counter_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
+            stride_om, tile_id, pid_k, splits, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Writes the (BLOCK_M, BLOCK_N) float32 sums `acc` (+ bias) to the output; through
+    the partial buffer (splits, M, N) when SPLIT, the last split of the tile adding them (module docstring)."""
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if not SPLIT:
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part_offs = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(partial_ptr + pid_k * M * N + part_offs, acc, mask=out_mask)
+        # NOTE: every thread's partial is stored before one thread's acquire-release increment
+        # publishes them; the last split reads them past L1 (.cg), which may hold an older call's lines
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            total = tl.zeros(acc.shape, tl.float32)
+            for split in range(splits):                   # in split order: the same sum on every run
+                total += tl.load(partial_ptr + split * M * N + part_offs, mask=out_mask, other=0.0,
+                                 cache_modifier=".cg")
+            if HAS_BIAS:
+                total = total + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + tile_id, 0)      # ready for the next call
+
+
+@triton.jit
+def _unpack_scaled(words, BITS: tl.constexpr):
+    """`_unpack` without most shifts: value j of a word comes out as q * 2^(BITS * (j % (PACK / 2))), masked
+    in place in the word's low or high half (one logic op per value instead of shift, mask, or)."""
+    hi = words >> 16
+    if BITS == 4:
+        return tl.interleave(tl.interleave(tl.interleave(words & 0xF, hi & 0xF), tl.interleave(words & 0xF00, hi & 0xF00)),
+                             tl.interleave(tl.interleave(words & 0xF0, hi & 0xF0),
+                                           tl.interleave(words & 0xF000, hi & 0xF000)))
+    else:
+        return tl.interleave(tl.interleave(words & 0xFF, hi & 0xFF), tl.interleave(words & 0xFF00, hi & 0xFF00))
+
+
+@triton.jit
+def _weight_only_gemv_kernel(
     x_ptr, qw_ptr, scales_ptr, zeros_ptr, mins_ptr, sscales_ptr, smins_ptr, perm_ptr, bias_ptr, out_ptr,
-    M, N, K, num_groups, k_tiles_per_split,
+    partial_ptr, counter_ptr,
+    M, N, K, num_groups, k_tiles_per_split, splits,
     stride_xm, stride_qn, stride_sn, stride_zn, stride_mn, stride_ssn, stride_smn, stride_om,
     zero_magic,                        # 2^23 + the constant zero point (when there are no zeros)
     BITS: tl.constexpr, GROUP: tl.constexpr, SUPER_GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_SUPER_SCALES: tl.constexpr,
     HAS_SUPER_MINS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,               # splits > 1 (a runtime count: one compiled kernel serves every split)
+):
+    """All M (<= BLOCK_M) rows of x against BLOCK_N weight rows over one K range; grid (N tiles, splits).
+
+    The tile holds 2^23 + q * 2^e (`_unpack_scaled`, e = BITS * (j % (PACK / 2)) for value j of a word,
+    at most 12 bits: exact in float32's mantissa); minus 2^23 + z * 2^e it is (q - z) * 2^e exactly, and
+    x is multiplied by 2^-e once per tile (shared by all BLOCK_N rows), so the products are (q - z) * x
+    exactly as without the scaling (powers of 2)."""
+    PACK: tl.constexpr = 32 // BITS
+    ONE_GROUP: tl.constexpr = BLOCK_K <= GROUP     # a tile lies in one group (else holds BLOCK_K // GROUP)
+    TILE_GROUPS: tl.constexpr = 1 if ONE_GROUP else BLOCK_K // GROUP
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)     # transposed: a row's sums stay in its threads
+    exponent = ((tl.arange(0, BLOCK_K) % PACK) % (PACK // 2)) * BITS
+    up = tl.exp2(exponent.to(tl.float32))                                    # 2^e per column
+    down = tl.exp2(-exponent.to(tl.float32))                                 # 2^-e
+    const_zero = (zero_magic - 8388608.0) * up + 8388608.0                   # 2^23 + z * 2^e
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    first_tile = pid_k * k_tiles_per_split
+    last_tile = tl.minimum(first_tile + k_tiles_per_split, k_tiles)
+    for tile in range(first_tile, last_tile):
+        k0 = tile * BLOCK_K
+        offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
+                        mask=mask_n[:, None] & (offs_w < K // PACK)[None, :], other=0)
+        f = (_unpack_scaled(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True)     # 2^23 + q * 2^e
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        if HAS_PERM:
+            x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+        else:
+            x_cols = offs_k
+        if ONE_GROUP:
+            # k0 < K and K is a multiple of GROUP: the group exists, only the rows need a mask
+            scale, zero, low = _group_params(
+                scales_ptr, zeros_ptr, mins_ptr, sscales_ptr, smins_ptr, offs_n, k0 // GROUP, k0 // SUPER_GROUP,
+                mask_n, stride_sn, stride_zn, stride_mn, stride_ssn, stride_smn,
+                zero_magic, HAS_ZEROS, HAS_MINS, HAS_SUPER_SCALES, HAS_SUPER_MINS)
+            if HAS_ZEROS:
+                d = f - ((zero - 8388608.0)[:, None] * up[None, :] + 8388608.0)    # (q - z) * 2^e
+            else:
+                d = f - const_zero[None, :]
+        else:
+            cols = k0 // GROUP + tl.arange(0, TILE_GROUPS)
+            scale, zero, low = _group_params(
+                scales_ptr, zeros_ptr, mins_ptr, sscales_ptr, smins_ptr, offs_n[:, None],
+                cols[None, :], (cols * GROUP // SUPER_GROUP)[None, :], mask_n[:, None] & (cols < num_groups)[None, :],
+                stride_sn, stride_zn, stride_mn, stride_ssn, stride_smn, zero_magic,
+                HAS_ZEROS, HAS_MINS, HAS_SUPER_SCALES, HAS_SUPER_MINS)
+            if HAS_ZEROS:
+                up3 = tl.reshape(up, (TILE_GROUPS, GROUP))
+                d = tl.reshape(f, (BLOCK_N, TILE_GROUPS, GROUP)) - \
+                    ((zero - 8388608.0)[:, :, None] * up3[None, :, :] + 8388608.0)
+            else:
+                d = tl.reshape(f - const_zero[None, :], (BLOCK_N, TILE_GROUPS, GROUP))
+        for row in tl.static_range(BLOCK_M):
+            row_k = tl.full((BLOCK_K,), row, tl.int32)                       # rows past M read as 0
+            xv = tl.load(x_ptr + row * stride_xm + x_cols, mask=mask_k & (row_k < M), other=0.0).to(tl.float32)
+            xs = xv * down
+            if ONE_GROUP:
+                part = tl.sum(d * xs[None, :], axis=1) * scale                  # (BLOCK_N,)
+                if HAS_MINS:
+                    part += low * tl.sum(xv, axis=0)
+            else:
+                sums = tl.sum(d * tl.reshape(xs, (TILE_GROUPS, GROUP))[None, :, :], axis=2) * scale
+                if HAS_MINS:
+                    sums += low * tl.sum(tl.reshape(xv, (TILE_GROUPS, GROUP)), axis=1)[None, :]
+                part = tl.sum(sums, axis=1)                                      # (BLOCK_N,)
+            acc += tl.where(offs_m[None, :] == row, part[:, None], 0.0)
+    _finish(tl.trans(acc), out_ptr, partial_ptr, counter_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
+            stride_om, pid_n, pid_k, splits, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _weight_only_gemm_kernel(
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, mins_ptr, sscales_ptr, smins_ptr, perm_ptr, bias_ptr, out_ptr,
+    partial_ptr, counter_ptr,
+    M, N, K, num_groups, k_tiles_per_split, splits,
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_mn, stride_ssn, stride_smn, stride_om,
+    zero_magic,                        # 2^23 + the constant zero point (when there are no zeros)
+    BITS: tl.constexpr, GROUP: tl.constexpr, SUPER_GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_SUPER_SCALES: tl.constexpr,
+    HAS_SUPER_MINS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,               # splits > 1 (a runtime count: one compiled kernel serves every split)
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,              # the interpreter: bf16 operands rounded, then a float32 dot
 ):
-    PACK: tl.constexpr = 32 // BITS                # values per int32 word
-    WORDS: tl.constexpr = BLOCK_K // PACK
-    MASK: tl.constexpr = (1 << BITS) - 1
     ONE_GROUP: tl.constexpr = BLOCK_K <= GROUP     # a tile lies in one group (else holds BLOCK_K // GROUP)
 
     # output tiles in GROUP_M-row bands, so neighbouring programs share weight tiles in L2
@@ -108,11 +291,7 @@ def _weight_only_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    shifts = tl.arange(0, PACK) * BITS
-    if BLOCK_M == 1:
-        acc1 = tl.zeros((BLOCK_N,), tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
 
     k_tiles = tl.cdiv(K, BLOCK_K)
     first_tile = pid_k * k_tiles_per_split
@@ -121,11 +300,7 @@ def _weight_only_gemm_kernel(
         k0 = tile * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        offs_w = k0 // PACK + tl.arange(0, WORDS)
-        words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
-                        mask=mask_n[:, None] & (offs_w < K // PACK)[None, :], other=0)
-        q = (words[:, :, None] >> shifts[None, None, :]) & MASK            # (BLOCK_N, WORDS, PACK)
-        f = (tl.reshape(q, (BLOCK_N, BLOCK_K)) | 0x4B000000).to(tl.float32, bitcast=True)   # 2^23 + q
+        f = _load_tile(qw_ptr, offs_n, mask_n, k0, K, stride_qn, BITS, BLOCK_K)     # 2^23 + q
         if ONE_GROUP:
             # k0 < K and K is a multiple of GROUP: the group exists, only the rows need a mask
             scale, zero, low = _group_params(
@@ -152,35 +327,28 @@ def _weight_only_gemm_kernel(
             x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
         else:
             x_cols = offs_k
-        if BLOCK_M == 1:
-            # NOTE: reduced every step (a few shuffles) rather than kept as a (BLOCK_N, BLOCK_K)
-            # accumulator: the registers go to more programs per SM, i.e. more loads in flight
-            xv = tl.load(x_ptr + pid_m * stride_xm + x_cols, mask=mask_k, other=0.0)
-            acc1 += tl.sum(w * xv.to(tl.float32)[None, :], axis=1)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(a.dtype).to(tl.float32)), acc, input_precision="ieee")
         else:
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            if UPCAST:
-                acc = tl.dot(a.to(tl.float32), tl.trans(w.to(a.dtype).to(tl.float32)), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision=DOT_PRECISION)
-    if BLOCK_M == 1:
-        acc = tl.reshape(acc1, (1, BLOCK_N))
+            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision=DOT_PRECISION)
+    _finish(acc, out_ptr, partial_ptr, counter_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
+            stride_om, pid, pid_k, splits, HAS_BIAS, SPLIT)
 
-    if HAS_BIAS:
-        if pid_k == 0:                                                    # added once over the splits
-            acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)                       # float32 partial sums
 
+# ---- launch configuration ------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """The device's SMs; 132 (an H100) off CUDA, where the interpreter runs the kernels."""
+    if device.type != "cuda":
+        return 132
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _fit_block_k(block_k: int, group: int, k: int) -> Optional[int]:
@@ -201,17 +369,25 @@ def supported(weight: Any) -> bool:
     return weight.bits in (4, 8) and k % 8 == 0 and _fit_block_k(64, weight.group_size, k) is not None
 
 
-def pick_config(m: int, n: int, k: int, weight: Any, device: torch.device) -> Optional[GemmConfig]:
-    """A launch shape for (M, N, K), or None where no tile fits the group size (not `supported`).
+def split_for(tiles: int, k_tiles: int, target_programs: int, min_tiles_per_split: int = 4) -> int:
+    """The power-of-2 split of K that brings `tiles` output tiles up to `target_programs` programs,
+    keeping at least `min_tiles_per_split` K tiles per split."""
+    split = 1
+    while tiles * split < target_programs and k_tiles // (2 * split) >= min_tiles_per_split:
+        split *= 2
+    return split
 
-    NOTE: a starting point for H100-class GPUs, not a tuned table: batch 1 multiply-adds 32 rows a
-    step (4 KiB of packed weight); up to 64 rows use 16/32/64-row tensor-core tiles; both split K
-    until there are about 4 (batch 1) or 2 programs per SM, keeping at least 4 K tiles per program.
+
+def default_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132) -> Optional[GemmConfig]:
+    """Heuristic launch shape for (M, N, K), or None where no tile fits the group size (not `supported`).
+
+    NOTE: a starting point for H100-class GPUs, not measured: the GEMV (M <= 8) streams 32 rows of 256
+    values a step (4 KiB of int4); up to 64 rows use 16/32/64-row tensor-core tiles; both split K
+    until there are about 4 (GEMV) or 2 programs per SM, keeping at least 4 K tiles per split.
     Larger M uses 64 or 128-row tiles, 128 columns wide unless that leaves SMs idle."""
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 8
-    if m == 1:
-        block_m, block_n, block_k, warps, stages, waves = 1, 32, 256 if weight.bits == 4 else 128, 4, 3, 4
+    if m <= GEMV_MAX_M:
+        block_m = triton.next_power_of_2(m)
+        block_n, block_k, warps, stages, waves = 32, 256 if bits == 4 else 128, 4, 3, 4
     elif m <= 64:
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
         block_n, block_k, warps, stages, waves = 64, 128, 4, 4, 2
@@ -219,16 +395,81 @@ def pick_config(m: int, n: int, k: int, weight: Any, device: torch.device) -> Op
         block_m = 64 if m <= 128 else 128
         block_n = 128 if triton.cdiv(m, block_m) * triton.cdiv(n, 128) >= sms else 64
         block_k, warps, stages, waves = 64, 4 if block_m == 64 else 8, 3, 0
-    fitted = _fit_block_k(block_k, weight.group_size, k)
+    fitted = _fit_block_k(block_k, group, k)
     if fitted is None:
         return None
-    split = 1
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, fitted)
-    while tiles * split < waves * sms and k_tiles // (2 * split) >= 4:
-        split *= 2
+    split = split_for(tiles, triton.cdiv(k, fitted), waves * sms)
     return GemmConfig(block_m, block_n, fitted, split, warps, stages)
 
+
+def shape_key(n: int, k: int, bits: int, group: int) -> str:
+    """A tuned table's key for one weight shape and format."""
+    return f"N={n},K={k},bits={bits},group={group}"
+
+
+def config_file(device_name: str, config_dir: Path = CONFIG_DIR) -> Path:
+    """Where one GPU model's tuned configs live: {shape_key: {M: GemmConfig fields}}."""
+    return Path(config_dir) / f"{device_name.replace(' ', '_')}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: Path) -> dict[str, dict[int, GemmConfig]]:
+    """The tuned table in `path` (read once), or {} when there is no such file."""
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return {shape: {int(m): GemmConfig(**entry) for m, entry in per_m.items()}
+                for shape, per_m in json.load(f).items()}
+
+
+def tuned_config(m: int, n: int, k: int, bits: int, group: int, device_name: str,
+                 config_dir: Path = CONFIG_DIR) -> Optional[GemmConfig]:
+    """The table's config of the smallest tuned M >= m for this shape (as kernels/moe_configs is
+    read), or None: no file, shape or M that large (the heuristics then decide), or an entry that
+    does not fit (a GEMV narrower than M, a tile across groups)."""
+    per_m = load_table(config_file(device_name, config_dir)).get(shape_key(n, k, bits, group))
+    fitting = [tuned for tuned in (per_m or {}) if tuned >= m]
+    if not fitting:
+        return None
+    config = per_m[min(fitting)]
+    if (config.gemv and config.block_m < m) or _fit_block_k(config.block_k, group, k) != config.block_k:
+        return None
+    return config
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick(m: int, n: int, k: int, bits: int, group: int, device: torch.device) -> Optional[GemmConfig]:
+    from .moe_triton import device_name          # one GPU naming for every tuned table
+
+    return tuned_config(m, n, k, bits, group, device_name(device)) or \
+        default_config(m, n, k, bits, group, num_sms(device))
+
+
+def pick_config(m: int, n: int, k: int, weight: Any, device: torch.device) -> Optional[GemmConfig]:
+    """The launch shape for (M, N, K): the tuned table's where it has one, else `default_config`'s.
+    Cached per shape: a call costs one dictionary lookup."""
+    return _pick(m, n, k, weight.bits, weight.group_size, device)
+
+
+# ---- split-K scratch -----------------------------------------------------------------------------
+
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per-output-tile arrival counters, all 0 between calls (the last split of each tile resets its own).
+
+    NOTE: one set per device, shared by every GEMM: the engine runs its forward pass on one stream, so
+    no two split GEMMs overlap. Grown by replacement; older sets stay alive because CUDA graphs captured
+    earlier point at them."""
+    held = _COUNTERS.setdefault(device, [])
+    if not held or held[-1].numel() < tiles:
+        held.append(torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+# ---- entry point ---------------------------------------------------------------------------------
 
 def _check(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor],
            out: Optional[torch.Tensor], m: int) -> None:
@@ -251,7 +492,7 @@ def _check(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor],
 def weight_only_linear(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor] = None,
                        out: Optional[torch.Tensor] = None, config: Optional[GemmConfig] = None) -> torch.Tensor:
     """(..., K) @ dequantize(weight).T + bias -> (..., N) in x's dtype; into `out` ((T, N)) when given.
-    `config` overrides `pick_config` (tests)."""
+    `config` overrides `pick_config` (tests, the tuner)."""
     n, k = weight.shape
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     m = x2.shape[0]
@@ -259,30 +500,23 @@ def weight_only_linear(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor
     result = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return result if out is not None else result.view(*x.shape[:-1], n)
-    if config is not None and _fit_block_k(config.block_k, weight.group_size, k) != config.block_k:
-        raise ValueError(f"config block_k={config.block_k} does not fit group_size {weight.group_size} (K={k})")
+    if config is not None:
+        if _fit_block_k(config.block_k, weight.group_size, k) != config.block_k:
+            raise ValueError(f"config block_k={config.block_k} does not fit group_size {weight.group_size} (K={k})")
+        if config.gemv and (config.block_m < m or config.block_m & (config.block_m - 1)):
+            raise ValueError(f"config block_m={config.block_m} selects the GEMV, which takes up to block_m rows "
+                             f"(a power of 2); got {m} rows")
     config = config or pick_config(m, n, k, weight, x.device)
     if config is None or not supported(weight):
         raise ValueError(f"the Triton GEMM does not take this weight ({weight.bits} bits, group_size "
                          f"{weight.group_size}, K={k}): see `supported`")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if config.block_m == 1 and m != 1:
-        raise ValueError(f"config block_m=1 is the single-row path; got {m} rows")
-    if config.split_k > 1:
-        # float32 partial sums: straight into `result` when it is float32, else a buffer copied once
-        target = result if result.dtype == torch.float32 else torch.empty(m, n, dtype=torch.float32,
-                                                                             device=x.device)
-        target.zero_()
-    else:
-        target = result
-    _launch(x2, weight, bias, target, config)
-    if target is not result:
-        result.copy_(target)
+    _launch(x2, weight, bias, result, config)
     return result if out is not None else result.view(*x.shape[:-1], n)
 
 
-def _launch(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor], target: torch.Tensor,
+def _launch(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor], out: torch.Tensor,
             config: GemmConfig) -> None:
     m = x.shape[0]
     n, k = weight.shape
@@ -295,22 +529,29 @@ def _launch(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor], target: 
     strides = [t.stride(0) if t is not None else 0 for t in optional]
     k_tiles = triton.cdiv(k, config.block_k)
     per_split = triton.cdiv(k_tiles, config.split_k)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), triton.cdiv(k_tiles, per_split))
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"      # fp16/bf16 dots ignore it
-    _weight_only_gemm_kernel[grid](
-        x, words, scales, zeros, mins, super_scales, super_mins,
-        weight.perm if weight.perm is not None else words, bias if bias is not None else words, target,
-        m, n, k, scales.shape[1], per_split,
-        x.stride(0), words.stride(0), scales.stride(0), *strides, target.stride(0),
-        _MAGIC + weight.zero,
-        BITS=weight.bits, GROUP=weight.group_size, SUPER_GROUP=weight.super_group,
-        HAS_ZEROS=weight.zeros is not None, HAS_MINS=weight.mins is not None,
-        HAS_SUPER_SCALES=weight.super_scales is not None, HAS_SUPER_MINS=weight.super_mins is not None,
-        HAS_PERM=weight.perm is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        GROUP_M=8, DOT_PRECISION=precision, UPCAST=_needs_upcast(x),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    splits = triton.cdiv(k_tiles, per_split)            # without empty ranges: every split arrives
+    tiles = triton.cdiv(n, config.block_n) * (1 if config.gemv else triton.cdiv(m, config.block_m))
+    if splits > 1:
+        partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        counters = _tile_counters(x.device, tiles)
+    else:
+        partial = counters = words                      # unused
+    common = dict(BITS=weight.bits, GROUP=weight.group_size, SUPER_GROUP=weight.super_group,
+                  HAS_ZEROS=weight.zeros is not None, HAS_MINS=weight.mins is not None,
+                  HAS_SUPER_SCALES=weight.super_scales is not None, HAS_SUPER_MINS=weight.super_mins is not None,
+                  HAS_PERM=weight.perm is not None, HAS_BIAS=bias is not None,
+                  BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=splits > 1,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    args = (x, words, scales, zeros, mins, super_scales, super_mins,
+            weight.perm if weight.perm is not None else words, bias if bias is not None else words, out,
+            partial, counters, m, n, k, scales.shape[1], per_split, splits,
+            x.stride(0), words.stride(0), scales.stride(0), *strides, out.stride(0), _MAGIC + weight.zero)
+    if config.gemv:
+        _weight_only_gemv_kernel[(triton.cdiv(n, config.block_n), splits)](*args, **common)
+    else:
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"      # fp16/bf16 dots ignore it
+        _weight_only_gemm_kernel[(tiles, splits)](*args, GROUP_M=8, DOT_PRECISION=precision,
+                                                  UPCAST=_needs_upcast(x), **common)
 
 
 def _needs_upcast(x: torch.Tensor) -> bool:
@@ -321,3 +562,8 @@ def _needs_upcast(x: torch.Tensor) -> bool:
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t with unit column stride (the kernel indexes columns directly); a copy only if it is not."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def config_json(config: GemmConfig) -> dict:
+    """A config as the tuned table stores it."""
+    return asdict(config)

@@ -205,9 +205,19 @@ class WeightOnlyLinearMethod(LinearMethod):
         return torch.argsort(local, stable=True).to(torch.int32)
 
     def quantized_weight(self, layer: nn.Module) -> GroupQuantWeight:
-        return GroupQuantWeight(layer.wo_qweight, self.bits, self.group, layer.wo_scales,
-                                zeros=getattr(layer, "wo_zeros", None), zero=self.zero,
-                                perm=getattr(layer, "wo_perm", None))
+        """The layer's weight as the GEMM takes it, built on first use and kept on the layer.
+
+        NOTE: kept while its tensors are the layer's buffers (an identity check, no device work): a
+        `module.to()` or `_apply` replaces the buffers, and the next call rebuilds it from the new ones."""
+        cached: Optional[GroupQuantWeight] = layer.__dict__.get("_wo_weight")
+        if cached is not None and cached.qweight is layer.wo_qweight and cached.scales is layer.wo_scales \
+                and cached.zeros is getattr(layer, "wo_zeros", None) and cached.perm is getattr(layer, "wo_perm", None):
+            return cached
+        weight = GroupQuantWeight(layer.wo_qweight, self.bits, self.group, layer.wo_scales,
+                                  zeros=getattr(layer, "wo_zeros", None), zero=self.zero,
+                                  perm=getattr(layer, "wo_perm", None))
+        layer.__dict__["_wo_weight"] = weight        # a plain attribute: not a buffer, not in state_dict
+        return weight
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
