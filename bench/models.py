@@ -34,6 +34,12 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
                        rope_theta=500000.0),
+    # Llama-3.2-1B (meta-llama/Llama-3.2-1B config.json, without its llama3 rope scaling): 1.24 B params,
+    # embedding tied; KV 32,768 bytes per token. Llama-3's 128,256-token vocabulary: a draft model for
+    # llama3-8b / llama3-70b (--speculative-config '{"method": "draft_model", "model": "llama3.2-1b-random", ...}').
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=8192,
+                        rope_theta=500000.0, tie_word_embeddings=True),
     # A few-million-parameter llama for CPU smoke runs of the harness. Its vocabulary exceeds 10,000 so
     # that W256's token ids (randint(0, 10000)) are valid.
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -71,6 +77,10 @@ SHAPES: dict[str, dict[str, Any]] = {
                         rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                       "original_max_position_embeddings": 4096, "truncate": False},
                         eos_token_id=200002, pad_token_id=199999),
+    # a one-layer draft for `tiny` (CPU smoke runs of --speculative-config with method draft_model)
+    "tiny-draft": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=64, vocab_size=16384, max_position_embeddings=4096,
+                       rope_theta=10000.0),
     # CPU smoke runs of the MoE, Gemma 3 and GPT-OSS paths (vocabularies over 10,000 for W256, as `tiny`):
     # 8 experts of 128, top-2; one sliding-window (64) layer + one global layer; both.
     "tiny-moe": dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=512, num_hidden_layers=2,

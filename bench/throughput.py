@@ -48,7 +48,7 @@ from bench.ceilings import (  # noqa: E402
     percent_of,
 )
 from bench.hf_baseline import HFRunResult, load_hf_model, run_hf_continuous, run_hf_static  # noqa: E402
-from bench.models import BenchModel, ModelShape, resolve_bench_model  # noqa: E402
+from bench.models import RANDOM_SUFFIX, BenchModel, ModelShape, resolve_bench_model  # noqa: E402
 from bench.workloads import WORKLOADS, BenchRequest, make_workload, total_output_tokens, total_prompt_tokens  # noqa: E402
 
 SHARED_PREFIX_LEN = 2048          # make_shared_prefix's default prefix
@@ -297,6 +297,10 @@ def run_pagoda(args: argparse.Namespace, bench_model: BenchModel, requests: Sequ
             llm.generate(warm, params(max_tokens), use_tqdm=False)
             print(f"[{label}] warm-up: {args.warmup_requests} requests in {time.perf_counter() - warm_start:.1f} s")
 
+        # a draft model in this process (uni executor): time its drafting and the verification after it
+        drafter = getattr(getattr(llm.engine.core.executor, "runner", None), "drafter", None) if variant else None
+        if drafter is not None:
+            drafter.enable_timing()
         before = llm.get_metrics()
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
         sampling = [params(r.output_len) for r in requests]
@@ -304,6 +308,7 @@ def run_pagoda(args: argparse.Namespace, bench_model: BenchModel, requests: Sequ
         outputs = llm.generate(prompts, sampling, use_tqdm=False)
         wall = time.perf_counter() - start
         after = llm.get_metrics()
+        draft_timing = drafter.timing() if drafter is not None else None
     finally:
         llm.shutdown()
         del llm
@@ -340,6 +345,19 @@ def run_pagoda(args: argparse.Namespace, bench_model: BenchModel, requests: Sequ
                      spec_acceptance_rate=accepted / drafts,
                      # tokens a verification step produced per request: the accepted drafts + the target's own
                      spec_mean_acceptance_length=1 + accepted / verifications if verifications else None)
+        if verifications and draft_timing is not None and draft_timing["steps"]:
+            # NOTE: a draft-model step costs the same whatever is accepted (K_i drafts, 1 + K_i verified
+            # rows), so at another acceptance the speculating steps yield E(a) / E(measured) times the
+            # tokens in the same time; the projection scales the whole run by it (prefill steps too,
+            # so it is an upper bound when prefill takes a large share of the run)
+            mean_drafts = drafts / verifications
+            measured = 1 + accepted / verifications
+            target = expected_tokens_per_verification(0.7, mean_drafts)
+            stats.update(spec_draft_step_ms=draft_timing["draft_ms"], spec_verify_step_ms=draft_timing["verify_ms"],
+                         spec_timed_steps=int(draft_timing["steps"]),
+                         spec_tokens_per_verification_at_70pct=target,
+                         spec_projected_output_tok_per_s_at_70pct=(
+                             total_output_tokens(requests) / wall * target / measured))
     return RunResult(label, wall, len(requests), total_prompt_tokens(requests), total_output_tokens(requests),
                      load_s=load_s, ttft_s=ttft, decode_tok_per_s=decode_tok_per_s, stats=stats)
 
@@ -424,10 +442,32 @@ def print_table(results: list[RunResult], floors: dict[str, float], workload: st
     print("'pagoda x' = pagoda's output tok/s / that run's (HF counts only each request's own output tokens)")
 
 
+def resolve_draft_shape(speculative_config: Optional[str], dtype: str) -> Optional[str]:
+    """--speculative-config whose draft `model` is a bench shape ("llama3.2-1b-random"): the same JSON
+    with that shape's config.json directory instead (random weights, like a random-weight target)."""
+    if speculative_config is None:
+        return None
+    value = json.loads(speculative_config)
+    draft = value.get("model") if isinstance(value, dict) else None
+    if isinstance(draft, str) and draft.endswith(RANDOM_SUFFIX):
+        value["model"] = resolve_bench_model(draft, dtype=dtype).model
+        return json.dumps(value)
+    return speculative_config
+
+
+def expected_tokens_per_verification(acceptance: float, num_drafts: float) -> float:
+    """Tokens a verification yields per request when each of its K drafts is accepted with probability
+    `acceptance` independently (until the first rejection), plus the target's own: sum of a^i, i <= K."""
+    if acceptance >= 1.0:
+        return num_drafts + 1
+    return (1 - acceptance ** (num_drafts + 1)) / (1 - acceptance)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = _device(args.device)
     dtype = _torch_dtype(args.dtype, device)
+    args.speculative_config = resolve_draft_shape(args.speculative_config, str(dtype).removeprefix("torch."))
     bench_model = resolve_bench_model(args.model, dtype=str(dtype).removeprefix("torch."), quantization=args.quantization)
     hf_config = _hf_config(bench_model)
     vocab_size = int(hf_config.vocab_size)

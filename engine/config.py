@@ -7,6 +7,7 @@ known only once the executor has sized the cache; `EngineConfig.finalize_capacit
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -16,6 +17,8 @@ from .generation_defaults import GenerationDefaults, load_generation_defaults, l
 from .model_loader.model_source import ModelSource, load_hf_config, resolve_model
 from .quantization.base import QuantizationConfig
 from .quantization.registry import resolve_quantization
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -108,20 +111,28 @@ DEFAULT_PROMPT_LOOKUP_MAX = 4
 class SpeculativeConfig:
     """Speculative decoding (engine/spec_decode), as vLLM's `--speculative-config` JSON.
 
-    method                  "ngram": drafts looked up in the request's own prompt and output
-                            ("draft_model" is parsed and refused: not available yet)
+    method                  "ngram": drafts looked up in the request's own prompt and output;
+                            "draft_model": drafts are a smaller model's greedy tokens, made on the worker
+                            (engine/spec_decode/draft_model.py)
     num_speculative_tokens  K >= 1: drafts verified per request and step (at most MAX_SPECULATIVE_TOKENS)
-    prompt_lookup_min/max   n-gram lengths matched, longest first (1 <= min <= max); one given sets
-                            the other's default around it
+    prompt_lookup_min/max   ngram only: n-gram lengths matched, longest first (1 <= min <= max); one
+                            given sets the other's default around it
     disable_by_batch_size   a step speculates only while fewer requests run; absent =
                             DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE; None (JSON null) or 0 = at any batch size
+    model                   draft_model only: the draft checkpoint, in any form the target's `model`
+                            accepts (a local directory, a GGUF file, a cached Hub id); its vocabulary
+                            must be the target's. `EngineArgs.create_config` resolves it into `draft`:
+                            the target's dtype, max_model_len, load_format and seed, the draft's own
+                            quantization (read from its checkpoint), sharded over the target's TP ranks.
     """
 
-    method: Literal["ngram"]
+    method: Literal["ngram", "draft_model"]
     num_speculative_tokens: int
     prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP_MIN
     prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP_MAX
     disable_by_batch_size: Optional[int] = DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE
+    model: Optional[str] = None
+    draft: Optional[ModelConfig] = None      # draft_model: set by `resolve_draft`
 
     @classmethod
     def parse(cls, value: Any) -> Optional["SpeculativeConfig"]:
@@ -153,8 +164,19 @@ class SpeculativeConfig:
             method = "ngram" if value["model"] in ("ngram", "[ngram]") else "draft_model"
         if method not in SPEC_METHODS:
             raise ValueError(f"speculative_config.method must be one of {list(SPEC_METHODS)}, got {method!r}")
+        draft_path = None
         if method == "draft_model":
-            raise ValueError("speculative_config.method 'draft_model' is not available yet: use 'ngram'")
+            draft_path = value.get("model")
+            if not isinstance(draft_path, str) or not draft_path.strip():
+                raise ValueError("speculative_config.model is required with method 'draft_model' (the draft "
+                                 f"checkpoint: a local path or a cached Hub id), got {draft_path!r}")
+            for key in ("prompt_lookup_min", "prompt_lookup_max"):
+                if key in value:
+                    raise ValueError(f"speculative_config.{key} does not apply to method 'draft_model' (it "
+                                     f"bounds the n-gram proposer's matches), got {value[key]!r}")
+        elif value.get("model", "ngram") not in ("ngram", "[ngram]"):
+            raise ValueError(f"speculative_config.model does not apply to method 'ngram' (it names a draft "
+                             f"model: use method 'draft_model'), got {value['model']!r}")
         if "num_speculative_tokens" not in value:
             raise ValueError("speculative_config.num_speculative_tokens is required (the drafts per step, >= 1)")
         if not integer("num_speculative_tokens") or not 1 <= value["num_speculative_tokens"] <= MAX_SPECULATIVE_TOKENS:
@@ -175,8 +197,76 @@ class SpeculativeConfig:
             if not integer("disable_by_batch_size") or limit < 0 or limit == 1:
                 raise bad("disable_by_batch_size", "an integer >= 2, or 0 / null for no limit")
             limit = limit or None
-        return cls(method="ngram", num_speculative_tokens=value["num_speculative_tokens"], prompt_lookup_min=low,
-                   prompt_lookup_max=high, disable_by_batch_size=limit)
+        return cls(method=method, num_speculative_tokens=value["num_speculative_tokens"], prompt_lookup_min=low,
+                   prompt_lookup_max=high, disable_by_batch_size=limit, model=draft_path)
+
+    def resolve_draft(self, target: ModelConfig, tensor_parallel_size: int, device: torch.device,
+                      download_dir: Optional[str] = None) -> None:
+        """draft_model: loads the draft's config into `draft` and checks it against the target (same
+        vocabulary, a split over the target's TP ranks); a no-op for n-gram. ValueError names
+        `speculative_config.model` and the value."""
+        if self.method != "draft_model":
+            return
+        assert self.model is not None
+        name = f"speculative_config.model={self.model!r}"
+        try:
+            source = resolve_model(self.model, download_dir=download_dir)
+            hf_config = load_hf_config(source)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{name} cannot be loaded: {error}") from None
+        from .models.llama import check_tensor_parallel
+        from .models.registry import check_architecture, get_model_class
+
+        archs = getattr(hf_config, "architectures", None) or ["<none>"]
+        try:
+            check_architecture(archs[0])
+            check_parallel = getattr(get_model_class(archs[0]), "check_parallel", None)
+            if check_parallel is not None:
+                # NOTE: the draft's experts are split like a dense model's (no expert parallelism for it)
+                check_parallel(hf_config, tensor_parallel_size, False)
+                from .models.qwen3_moe import EXPERT_PARALLEL_ATTR
+
+                setattr(hf_config, EXPERT_PARALLEL_ATTR, False)
+            else:
+                check_tensor_parallel(hf_config, tensor_parallel_size)
+        except ValueError as error:
+            raise ValueError(f"{name} cannot serve as a draft model here: {error}") from None
+        draft_vocab = int(getattr(hf_config, "vocab_size", -1))
+        if draft_vocab != target.vocab_size:
+            raise ValueError(f"{name} has a vocabulary of {draft_vocab} tokens, the target's has "
+                             f"{target.vocab_size}: a draft must share the target's vocabulary")
+        try:
+            quantization = resolve_quantization(None, hf_config, source, device)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+        self.draft = ModelConfig(source=source, hf_config=hf_config, dtype=target.dtype,
+                                 max_model_len=target.max_model_len, served_model_name=source.name,
+                                 load_format=target.load_format, quantization=quantization, skip_tokenizer_init=True,
+                                 seed=target.seed)
+        draft_params, target_params = approx_num_params(hf_config), approx_num_params(target.hf_config)
+        if draft_params > target_params:
+            logger.warning("the draft model %s (~%.2fB parameters) is larger than the target (~%.2fB): each "
+                           "draft costs more than the verification it is meant to save", self.model,
+                           draft_params / 1e9, target_params / 1e9)
+        draft_len = getattr(hf_config, "max_position_embeddings", None)
+        if draft_len is not None and draft_len < target.max_model_len:
+            logger.warning("the draft model %s was trained for %d positions, fewer than max_model_len=%d: its "
+                           "drafts past them are likely rejected (outputs stay exact)", self.model, draft_len,
+                           target.max_model_len)
+
+
+def approx_num_params(hf_config: Any) -> int:
+    """A dense transformer's parameter count from its config (embeddings, attention, MLP); enough to
+    compare a draft with its target."""
+    hidden = int(getattr(hf_config, "hidden_size", 0) or 0)
+    layers = int(getattr(hf_config, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(hf_config, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(hf_config, "head_dim", None) or hidden // heads)
+    intermediate = int(getattr(hf_config, "intermediate_size", 0) or 0)
+    vocab = int(getattr(hf_config, "vocab_size", 0) or 0)
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    return 2 * vocab * hidden + layers * (attention + 3 * hidden * intermediate)
 
 
 @dataclass
@@ -348,6 +438,8 @@ class EngineArgs:
                              "has no experts")
         else:
             check_tensor_parallel(hf_config, self.tensor_parallel_size)
+        if speculative is not None:
+            speculative.resolve_draft(model, self.tensor_parallel_size, device, self.download_dir)
         return EngineConfig(
             model=model,
             cache=CacheConfig(

@@ -73,8 +73,10 @@ class EngineCore:
         if config.speculative is not None:
             spec = config.speculative
             limit = spec.disable_by_batch_size
-            logger.info("speculative decoding: %s, up to %d draft tokens per step (n-grams of %d..%d), %s",
-                        spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
+            source = (f"n-grams of {spec.prompt_lookup_min}..{spec.prompt_lookup_max}" if spec.method == "ngram"
+                      else f"draft model {spec.model}")
+            logger.info("speculative decoding: %s, up to %d draft tokens per step (%s), %s",
+                        spec.method, spec.num_speculative_tokens, source,
                         f"while fewer than {limit} requests run" if limit else "at any batch size")
         freeze_startup_heap()          # no full GC pass over start-up objects between steps
         startup_timeline.mark("scheduler, GC freeze")

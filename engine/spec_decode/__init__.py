@@ -24,12 +24,20 @@ Where proposers run, and what they get:
 - on the host, in the engine core (`Proposer`, e.g. `NgramProposer`): the running requests' token ids,
   after the previous step's tokens are known. Under async scheduling such a step waits for the
   previous one (engine/core/engine_core.py says what that costs).
-- on the worker (not built yet: EAGLE / MTP heads, a draft model). Such a proposer runs in the
-  model runner right after verification, where it has what the host has not: the target's hidden
-  states at the accepted positions (EAGLE, MTP) or its own weights and a KV cache of its own,
-  paged with the target's block tables (draft model). It returns next step's drafts (and, for
-  rejection sampling, their probabilities) with the ModelRunnerOutput; the engine core hands them to
-  `Scheduler.schedule` exactly as it hands the host proposer's, so the scheduler does not change.
+- on the worker, inside the verifying step (`draft_model.py`, method "draft_model"): the host side
+  only reserves room (`DraftSlotsProposer` answers K placeholder drafts, which the scheduler trims
+  and gives slots to exactly as n-gram drafts); right before the target's forward pass the runner's
+  `DraftModelDrafter` runs a smaller model over each speculating request (a catch-up over its known
+  tokens, then K - 1 one-token steps) and writes its greedy tokens over the placeholders, on the
+  device, with no host sync; verification reads them from there. It keeps the draft's weights (the
+  target's dtype and TP split), a KV cache of its own paged with the TARGET's block ids (the KV
+  budget counts both models per block), each request's tokens by position on the device, and per
+  request how many positions of its own KV are right. Greedy drafts are a point-mass proposal, so
+  the verification above is exact for them; drafting from the draft's distribution with
+  `rejection_sample` is a later improvement.
+- (not built yet) EAGLE / MTP heads, which need the target's hidden states at the accepted
+  positions: they would run right after verification and return next step's drafts (and their
+  probabilities) with the ModelRunnerOutput, handed to `Scheduler.schedule` as the host proposer's.
 
 Not speculating: requests with structured output (their grammar advances token by token on the
 host), requests still in prefill, and a step whose batch has reached `disable_by_batch_size`. They are
@@ -39,6 +47,9 @@ row (penalties count the drafts before it); prompt logprobs come from the prefil
 may speculate.
 
 From which batch size speculation stops paying on a GPU is to be measured there
-(config.DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE). A verifying step is not a pure decode, so it runs
-without the decode CUDA graphs.
+(config.DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE). A verifying step is not a pure decode, so the decode
+CUDA graphs cannot replay it: it replays graphs of its own (engine/worker/verify_graphs.py), every
+sequence padded at the front to 1 + K rows, captured at start-up for batches below
+disable_by_batch_size (up to 64 without one); a step with a chunk of more than 1 + K tokens (a
+prefill), a larger batch or a context of <= 1 + K tokens runs eagerly.
 """

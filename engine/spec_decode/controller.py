@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from .draft_slots import DraftSlotsProposer
 from .ngram import NgramProposer
 from .proposer import Proposer
 
@@ -37,6 +38,8 @@ MAX_PAUSE_STEPS = 256
 def build_proposer(config: "SpeculativeConfig") -> Proposer:
     if config.method == "ngram":
         return NgramProposer(config)
+    if config.method == "draft_model":
+        return DraftSlotsProposer(config)      # the worker makes the drafts (draft_model.py)
     raise ValueError(f"speculative_config.method {config.method!r} has no proposer")
 
 

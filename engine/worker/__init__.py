@@ -4,6 +4,8 @@
     model_runner.py  ModelRunner: per-step device inputs, forward pass, sampling
     step_inputs.py   StepInputs (one step's device inputs), the host-side block table and pinned staging
     cuda_graphs.py   captured decode graphs for padded batch sizes
+    verify_graphs.py captured verification graphs (1 + K rows per sequence) for padded batch sizes
+    prompt_logprobs.py  the prompt tokens' logprobs from a prefill's logits
     sampler.py       temperature / top-k / top-p / min-p / penalties / seeds / logprobs
     step_profiler.py opt-in torch.profiler window over chosen steps
 """

@@ -4,7 +4,8 @@ A pure-decode step (one new token per sequence) has shapes that depend only on t
 the model forward is captured once per padded batch-size bucket and replayed: one graph launch
 instead of hundreds of kernel launches. Inputs live in static buffers; a batch of n sequences runs
 in the smallest bucket >= n, the padding rows writing nothing (slot -1) and reading one cached
-token (seq_len 1), their outputs ignored. Larger batches and mixed prefill steps run eagerly.
+token (seq_len 1), their outputs ignored. Larger batches and mixed prefill steps run eagerly, except
+speculative verification steps (a few tokens per sequence), which replay `verify_graphs.py`'s graphs.
 
 The decode attention kernel splits each context into a fixed number of partitions during capture
 (`AttentionMetadata.num_decode_splits`), so its grid does not depend on the current lengths.

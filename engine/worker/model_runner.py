@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Optional
 
 import numpy as np
@@ -28,15 +29,17 @@ import torch
 
 from pagoda.kernels.metadata import AttentionMetadata
 
-from ..config import EngineConfig
+from ..config import EngineConfig, ModelConfig
 from ..distributed.parallel_state import get_tp_rank, get_tp_size, tp_broadcast
 from ..models.registry import get_model_class
 from ..quantization.base import init_dummy_weights
+from ..spec_decode.draft_model import build_drafter
 from ..spec_decode.rejection import accepted_prefix
 from ..step import (GrammarOutput, ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput,
                     StepHandle)
 from ..utils import startup_timeline
 from .sampler import Sampler, SamplingRow, TokenMask
+from .prompt_logprobs import prompt_logprobs
 from .step_inputs import BlockTable, PinnedStaging, Placeholders, PromptRows, SamplingLayout, StepInputs
 from .step_profiler import StepProfiler
 
@@ -76,9 +79,12 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_cache: Optional[torch.Tensor] = None
         self.graphs = None            # DecodeGraphs once captured
+        self.verify_graphs = None     # VerifyGraphs once captured (speculative decoding)
         max_blocks_per_seq = -(-config.model.max_model_len // self.block_size)
         self.block_table = BlockTable(config.scheduler.max_num_seqs, max_blocks_per_seq)
         self.staging = PinnedStaging(self.device)
+        # method "draft_model": the draft model, its KV cache and graphs (else None)
+        self.drafter = build_drafter(self.config, self._load_model, self.block_table, self.staging, self.requests)
         # async scheduling: the last step's sampled ids stay on the device for the next step's input
         self.prev_sampled: Optional[torch.Tensor] = None
         self.prev_rows: dict[str, int] = {}
@@ -98,8 +104,8 @@ class ModelRunner:
         self._log_kv_cache_scales()
 
     # -- start-up ---------------------------------------------------------------------------------
-    def _load_model(self) -> torch.nn.Module:
-        mc = self.config.model
+    def _load_model(self, mc: Optional[ModelConfig] = None) -> torch.nn.Module:
+        mc = mc or self.config.model
         model_class = get_model_class(mc.architecture)
         max_position = max(mc.max_model_len, 1)
         with torch.device(self.device):
@@ -123,8 +129,8 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         layer = self.model.attention_layers()[0]
         element = self.kv_cache_dtype.itemsize           # 1 for FP8: twice the blocks of bf16 per byte
-        return (len(self.model.attention_layers()) * 2 * self.block_size * layer.num_kv_heads
-                * layer.head_dim * element)
+        target = len(self.model.attention_layers()) * 2 * self.block_size * layer.num_kv_heads * layer.head_dim
+        return target * element + (self.drafter.kv_bytes_per_block() if self.drafter is not None else 0)
 
     def determine_num_blocks(self) -> int:
         """Blocks that fit the KV budget: explicit bytes, 1 GiB on CPU, or profiled on GPU."""
@@ -146,6 +152,7 @@ class ModelRunner:
         num_blocks = num_seqs * -(-seq_len // self.block_size)
         self.allocate_kv_cache(num_blocks)
         kv_temp_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        kv_temp_bytes += self.drafter.kv_cache_bytes() if self.drafter is not None else 0
         tokens = num_seqs * seq_len
         blocks_per_seq = -(-seq_len // self.block_size)
         metadata = AttentionMetadata(
@@ -158,6 +165,8 @@ class ModelRunner:
         positions = torch.arange(seq_len, device=self.device).repeat(num_seqs)
         hidden = self.model(input_ids, positions, metadata)
         self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs:])
+        if self.drafter is not None:
+            self.drafter.profile_forward(input_ids, positions, metadata, self.config.scheduler.max_num_seqs)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - kv_temp_bytes
         self.kv_cache = None
@@ -179,6 +188,8 @@ class ModelRunner:
                                     first.head_dim, dtype=self.kv_cache_dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
+        if self.drafter is not None:
+            self.drafter.allocate_kv_cache(num_blocks)
 
     def _check_kv_cache_dtype(self) -> None:
         if self.kv_cache_dtype != torch.float8_e4m3fn or self.device.type != "cuda":
@@ -222,7 +233,10 @@ class ModelRunner:
             self._kv_scales_pending = False
 
     def capture_cuda_graphs(self) -> None:
-        """Decode graphs for padded batch sizes up to min(max_num_seqs, 512) (CUDA, not enforce_eager)."""
+        """Decode graphs for padded batch sizes up to min(max_num_seqs, 512) (CUDA, not enforce_eager);
+        with speculative decoding, verification graphs too (verify_graphs.py says which batches)."""
+        if self.drafter is not None:
+            self.drafter.capture_graphs()    # its own (it checks the same conditions)
         if self.device.type != "cuda" or self.config.enforce_eager:
             return
         from pagoda.kernels.backend import use_triton
@@ -237,6 +251,11 @@ class ModelRunner:
             max_blocks_per_seq=-(-max_model_len // self.block_size), max_model_len=max_model_len,
             hidden_size=self.config.model.hf_config.hidden_size, dtype=self.dtype, device=self.device)
         self.graphs.capture()
+        if self.config.speculative is not None:
+            from .verify_graphs import VerifyGraphs
+
+            self.verify_graphs = VerifyGraphs.for_target(self.model, self.config, pool=self.graphs.pool)
+            self.verify_graphs.capture()
 
     # -- one step ----------------------------------------------------------------------------------
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
@@ -253,6 +272,8 @@ class ModelRunner:
                               and params.structured_outputs is None))
         for item in scheduler_output.scheduled:
             self.block_table.append(self.requests[item.request_id].row, item.new_block_ids)
+        if self.drafter is not None:
+            self.drafter.update_states(scheduler_output)
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
         """The flattened batch as device tensors; vectorised over requests (see step_inputs.py).
@@ -365,10 +386,14 @@ class ModelRunner:
         inputs = self._prepare_inputs(scheduler_output)
         if inputs.placeholders is not None:
             inputs.input_ids[inputs.placeholders.dst] = self.prev_sampled[inputs.placeholders.src]
+        if self.drafter is not None:
+            self.drafter.propose(scheduler_output, inputs)    # the draft model's drafts into input_ids
         if self._kv_scales_pending:
             hidden = self._forward_setting_kv_scales(inputs)                                 # (T, hidden)
         elif self.graphs is not None and self.graphs.can_run(inputs.metadata):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)   # (T, hidden)
+        elif self.verify_graphs is not None and self.verify_graphs.can_run(inputs.metadata, scheduler_output.scheduled):
+            hidden = self.verify_graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)  # (T, hidden)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)         # (T, hidden)
         logits_indices, prompt_rows = inputs.logits_indices, inputs.prompt_rows
@@ -422,9 +447,7 @@ class ModelRunner:
         """greedy_sampled: the rows' argmax ids, already taken on every TP rank (then logits is None);
         grammar_output: the bitmask of the constrained rows."""
         layout = SamplingLayout.of(scheduler_output.scheduled)
-        drafts = ({item.request_id: item.token_ids[-item.num_spec_tokens:]
-                   for item in scheduler_output.scheduled if item.num_spec_tokens}
-                  if scheduler_output.num_spec_tokens else {})
+        drafts = self._verified_drafts(scheduler_output)
         row_index: list[int] = []          # row of `logits` for each sampling row
         cursor = 0
         for item in scheduler_output.scheduled:
@@ -447,7 +470,7 @@ class ModelRunner:
                 else:
                     items = {item.request_id: item for item in scheduler_output.scheduled}
                     rows = [row for r, state in zip(layout.request_ids, states)
-                            for row in self._sampling_rows(state, items[r])]
+                            for row in self._sampling_rows(state, items[r], drafts)]
                     mask = self._token_mask(grammar_output, layout) if grammar_output is not None else None
                     sampled, raw_logprobs = self.sampler.sample(sample_logits, rows, mask)
             if self._shares_sampled_ids and greedy_sampled is None:
@@ -490,7 +513,7 @@ class ModelRunner:
                     if state is not None:          # (dropped if it finished while this step ran)
                         state.output_token_ids.extend(emitted)
             if prompt_rows:
-                out.prompt_logprobs = self._prompt_logprobs(logits, prompt_rows)
+                out.prompt_logprobs = prompt_logprobs(logits, prompt_rows, self.requests)
             return out
 
         return StepHandle(resolve)
@@ -508,8 +531,18 @@ class ModelRunner:
         self.staging.end_step()
         return mask
 
+    def _verified_drafts(self, scheduler_output: SchedulerOutput) -> Mapping[str, list[int]]:
+        """request id -> the drafts its chunk verifies: the scheduled ones, or the draft model's."""
+        if not scheduler_output.num_spec_tokens:
+            return {}
+        if self.drafter is not None:
+            return self.drafter.drafts_of(scheduler_output)
+        return {item.request_id: item.token_ids[-item.num_spec_tokens:]
+                for item in scheduler_output.scheduled if item.num_spec_tokens}
+
     @staticmethod
-    def _sampling_rows(state: CachedRequestState, item: ScheduledRequest) -> list[SamplingRow]:
+    def _sampling_rows(state: CachedRequestState, item: ScheduledRequest,
+                       verified: Mapping[str, list[int]]) -> list[SamplingRow]:
         """One row per sampled position: the last token's, then one per draft (its position's
         seed, min_tokens and penalties, which count the drafts before it as output)."""
         params = state.data.sampling_params
@@ -518,7 +551,7 @@ class ModelRunner:
         num_spec = item.num_spec_tokens
         first_out = item.num_computed_tokens + len(item.token_ids) - num_spec - len(state.data.prompt_token_ids)
         penalties = params.needs_penalties
-        drafts = item.token_ids[len(item.token_ids) - num_spec:]
+        drafts = verified[item.request_id] if penalties and num_spec else []    # (a draft model's: a wait)
         rows = []
         for j in range(1 + num_spec):
             num_out = first_out + j
@@ -537,32 +570,3 @@ class ModelRunner:
                 num_logprobs=params.logprobs,
             ))
         return rows
-
-    def _prompt_logprobs(self, logits: torch.Tensor,
-                         prompt_rows: dict[str, PromptRows]) -> dict[str, tuple[int, list]]:
-        """Per request: (prompt index of the first entry, entries). Entry i is the distribution that
-        predicted prompt token i (None for token 0), so a chunk recomputed after a preemption
-        overwrites the same indices instead of duplicating them."""
-        result: dict[str, tuple[int, list]] = {}
-        for request_id, (first_row, count, start) in prompt_rows.items():
-            state = self.requests.get(request_id)
-            if state is None:
-                continue
-            if count == 0:
-                result[request_id] = (0, [None]) if start == 0 else (start + 1, [])
-                continue
-            k = state.data.sampling_params.prompt_logprobs or 0
-            prompt = state.data.prompt_token_ids
-            logprobs = torch.log_softmax(logits[first_row:first_row + count], dim=-1)   # (count, V)
-            targets = torch.tensor(prompt[start + 1:start + 1 + count], device=logprobs.device)
-            chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
-            top_vals, top_ids = (logprobs.topk(k, dim=-1) if k else (None, None))
-            entries: list[Optional[dict[int, float]]] = [None] if start == 0 else []
-            for j in range(count):
-                entry: dict[int, float] = {}
-                if top_ids is not None:
-                    entry.update(zip(top_ids[j].tolist(), top_vals[j].tolist()))
-                entry[prompt[start + 1 + j]] = chosen[j]
-                entries.append(entry)
-            result[request_id] = (0 if start == 0 else start + 1, entries)
-        return result
