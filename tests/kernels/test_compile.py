@@ -72,16 +72,20 @@ FP8_LAUNCHES = '''
     attention_triton.paged_attention(query, cache, cache, prefill, 0.1, k_scale=scale, v_scale=scale)
 '''
 
-# the weight-only GEMM (no FP8): sm_80 and sm_90, int4 and int8, the multiply-add and tensor-core paths
+# the weight-only kernels (no FP8): sm_80 and sm_90, int4 and int8; the GEMV (M <= 8, also split) and the
+# tensor-core GEMM (split at small M, whole at large M), with the configs pick_config would choose and explicit ones
 WEIGHT_ONLY_LAUNCHES = '''
-    from pagoda.kernels import weight_only_triton
+    from pagoda.kernels import weight_only_triton as wt
     from pagoda.kernels.weight_only import GroupQuantWeight
 
     for bits, group in ((4, 128), (8, 32)):
         weight = GroupQuantWeight(torch.zeros(4096, 4096 * bits // 8, dtype=torch.uint8), bits, group,
                                   torch.ones(4096, 4096 // group, dtype=torch.float16), zero=8)
         for m in (1, 16, 256):
-            weight_only_triton.weight_only_linear(torch.zeros(m, 4096, dtype=torch.bfloat16), weight)
+            wt.weight_only_linear(torch.zeros(m, 4096, dtype=torch.bfloat16), weight)
+        for m, config in ((1, wt.GemmConfig(1, 32, 256, 4)), (4, wt.GemmConfig(4, 16, 128, 1)),
+                          (8, wt.GemmConfig(16, 64, 128, 2))):
+            wt.weight_only_linear(torch.zeros(m, 4096, dtype=torch.bfloat16), weight, config=config)
 '''
 
 
@@ -96,8 +100,10 @@ def test_fp8_kernels_compile_for_sm89_and_sm90():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other kernel tests compile for real")
-def test_weight_only_gemm_compiles_for_sm80_and_sm90():
+def test_weight_only_kernels_compile_for_sm80_and_sm90():
     compiled = compile_launches(WEIGHT_ONLY_LAUNCHES, (80, 90))
     if compiled is None:
         pytest.skip("Triton internals moved")
-    assert {"_weight_only_gemm_kernel@sm_80", "_weight_only_gemm_kernel@sm_90"} <= compiled, compiled
+    expected = {f"{name}@sm_{arch}" for name in ("_weight_only_gemv_kernel", "_weight_only_gemm_kernel")
+                for arch in (80, 90)}
+    assert expected <= compiled, f"not compiled: {sorted(expected - compiled)}"
