@@ -46,6 +46,9 @@ if __package__ in (None, ""):          # run as a script: make `bench` importabl
 
 from bench.models import resolve_bench_model, server_engine_args  # noqa: E402
 
+# the packages whose imports are most of a cold start (a host without their bytecode compiles them in
+# every new process: imports several times slower than after a pip install, which compiles it)
+HEAVY_PACKAGES = ("torch", "transformers", "triton")
 SERVED_NAME = "bench"
 APP_NAME = "pagoda-startup"
 READY_TIMEOUT_S = 1800.0
@@ -289,6 +292,21 @@ def ray_driver(spec_json: str) -> int:
 
 
 # -- main ------------------------------------------------------------------------------------------
+def missing_bytecode(packages: Iterable[str] = HEAVY_PACKAGES) -> list[str]:
+    """The installed packages among `packages` whose `__init__` has no cached bytecode where this
+    interpreter looks for it (`__pycache__`, or PYTHONPYCACHEPREFIX when set); absent packages are skipped."""
+    import importlib.util
+
+    missing = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            continue
+        if not os.path.exists(importlib.util.cache_from_source(spec.origin)):
+            missing.append(name)
+    return missing
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3-8b-random", help="'default', a bench model name or a path")
@@ -319,6 +337,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         config = json.loads((Path(bench_model.model) / "config.json").read_text())
         add_word_tokenizer(Path(bench_model.model), int(config["vocab_size"]))
     engine_args = server_engine_args(bench_model, args.device, args.dtype, args.engine_arg)
+    uncompiled = missing_bytecode()
+    if uncompiled:
+        print(f"NOTE: no cached bytecode for {', '.join(uncompiled)}: every process of the first run compiles "
+              "their modules (set PYTHONPYCACHEPREFIX to a writable folder if their folders are read-only); "
+              "later runs read it back. Compare the later runs.", flush=True)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="pagoda-startup-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -336,7 +359,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\ntotal to first completion: median {statistics.median(totals):.1f} s over {len(totals)} run(s): "
           + ", ".join(f"{t:.1f}" for t in totals))
     if args.json is not None:
-        args.json.write_text(json.dumps({"model": args.model, "engine_args": engine_args,
+        args.json.write_text(json.dumps({"model": args.model, "engine_args": engine_args, "no_bytecode": uncompiled,
                                          "runs": [asdict(run) for run in runs]}, indent=2))
     return 0
 

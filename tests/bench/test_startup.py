@@ -17,7 +17,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repo root, for `import bench`
 
-from bench.startup import Phase, StartupRun, engine_flags, format_table, parse_timeline, process_roles  # noqa: E402
+from bench.startup import (Phase, StartupRun, engine_flags, format_table, missing_bytecode, parse_timeline,  # noqa: E402
+                           process_roles)
 from pagoda.engine.utils import startup_timeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,6 +101,19 @@ def test_parses_what_the_timeline_logs(monkeypatch, caplog):
     assert all(p.pid == os.getpid() and p.process == "MainProcess" for p in phases)
     assert abs(phases[1].wall_time - time.time()) < 60
     assert phases[1].duration_s == pytest.approx(phases[1].at_s, abs=0.06)
+
+
+def test_finds_packages_without_cached_bytecode(tmp_path, monkeypatch):
+    package = tmp_path / "uncompiled_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert missing_bytecode(["uncompiled_pkg", "no_such_package_here"]) == ["uncompiled_pkg"]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"})
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    assert missing_bytecode(["uncompiled_pkg"]) == []
 
 
 def test_engine_flags_spell_booleans_as_the_cli_does():
