@@ -1,18 +1,21 @@
-"""Sweeps the small-M FP8 GEMM's tiles (kernels/fp8_triton.py) on this GPU and prints, per layer shape
-and M, the fastest tiles next to what `small_m_config` picks, with the weight bandwidth each reaches.
+"""Sweeps the small-M FP8 GEMM's tiles (kernels/fp8_triton.py) on this GPU, prints per layer shape and
+M the fastest tiles next to what the heuristics (`small_m_config`) pick, with the weight bandwidth each
+reaches, and writes the fastest into the GPU's tuned table (kernels/fp8_configs/<GPU name>.json,
+{"N=..,K=..": {M: tiles}}), which `fp8_triton.pick_small_m_config` reads; other entries of the file are kept.
 
     python -m bench.tune_fp8                       # llama3-8b's four linear shapes, M = 1 and 16
-    python -m bench.tune_fp8 --shapes 4096x14336 --m 1
+    python -m bench.tune_fp8 --shapes 4096x14336 --m 1,2,4,8,16
 
-The best tiles are read off this table into `small_m_config`'s rules (there is no tuned-config file:
-the rule has to hold for shapes nobody tuned). Timing: triton.testing.do_bench medians (L2 flushed).
-Under TRITON_INTERPRET=1 it runs the same loop on tiny sizes with wall-clock timing: a check that the
-sweep works, not a measurement (tests/bench/test_tune_fp8.py).
+Shapes nobody tuned keep the heuristics, so the table's lessons belong in `small_m_config` too.
+Timing: triton.testing.do_bench medians (L2 flushed). Under TRITON_INTERPRET=1 it runs the same loop on
+tiny sizes with wall-clock timing: a check that the sweep works, not a measurement
+(tests/bench/test_tune_fp8.py, which writes to a temporary --output-dir).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +36,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--shapes", default=LLAMA3_8B_SHAPES, help="comma-separated NxK weight shapes")
     parser.add_argument("--m", default="1,16", help="comma-separated batch rows M (<= 16)")
     parser.add_argument("--top", type=int, default=3, help="fastest tiles printed per case")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where the JSON goes (default: the folder the kernel reads, kernels/fp8_configs)")
+    parser.add_argument("--device-name", default=None, help="the GPU name in the file name (default: this GPU's)")
     args = parser.parse_args(argv)
     try:
         args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
@@ -60,7 +66,7 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
-    from pagoda.kernels import fp8_triton
+    from pagoda.kernels import fp8_triton, tuned_configs
     from pagoda.kernels.fp8 import fp8_linear_ref, quantize_weight_per_channel
 
     args = parse_args(argv)
@@ -70,7 +76,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     measure = timer(device)
     results = []
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (interpreter)'}")
+    name = args.device_name or tuned_configs.device_name(device)
+    path = fp8_triton.config_file(name, args.output_dir)
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    print(f"device: {name}{'' if device.type == 'cuda' else ' (interpreter)'} -> {path}")
     for (n, k), m in itertools.product(args.shapes, args.m):
         w_q, w_scale = quantize_weight_per_channel(torch.randn(n, k, device=device, dtype=dtype))
         x = torch.randn(m, k, device=device, dtype=dtype)
@@ -98,6 +107,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             print(f"    {seconds * 1e6:7.1f} us ({gbps(seconds):5.0f} GB/s)  {config}")
         results.append(dict(n=n, k=k, m=m, picked_us=picked_s * 1e6, picked=picked,
                             best_us=ranked[0][0] * 1e6, best=ranked[0][1]))
+        best = {key: ranked[0][1][key] for key in fp8_triton.CONFIG_KEYS}
+        table.setdefault(fp8_triton.shape_key(n, k), {})[str(m)] = best
+        tuned_configs.write_table(path, table)        # after every case: an interrupted run keeps its work
+    fp8_triton._small_m.cache_clear()
+    print(f"wrote {len(results)} entries to {path}")
     return results
 
 

@@ -173,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if not torch.cuda.is_available() and not interpreted:
         sys.exit("bench.tune_moe needs a CUDA GPU (or TRITON_INTERPRET=1 to dry-run the search on CPU)")
-    from pagoda.kernels import moe_triton
+    from pagoda.kernels import moe_triton, tuned_configs
     from pagoda.kernels.moe import fused_moe_ref
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,10 +209,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
         print(f"  T={tokens:<5} M={tokens * args.top_k:<6} tuned {tuned_ms * 1e3:8.1f} us (GEMMs "
               f"{gemm_ms * 1e3:.1f})  default {default_ms * 1e3:8.1f} us  block_m {config.block_m}  "
               f"gate_up {config.gate_up}  down {config.down}" + (f"  ({failures} configs failed)" if failures else ""))
-        path.parent.mkdir(parents=True, exist_ok=True)        # after every T: an interrupted run keeps its work
-        entries = [f" {json.dumps(m)}: {json.dumps(table[m])}" for m in sorted(table, key=int)]
-        path.write_text("{\n" + ",\n".join(entries) + "\n}\n")        # one line per M
-    moe_triton.load_configs.cache_clear()
+        tuned_configs.write_table(path, table)       # after every T: an interrupted run keeps its work
     moe_triton.get_config.cache_clear()
     print(f"wrote {len(args.tokens)} entries ({len(table)} in all) to {path}")
     return path

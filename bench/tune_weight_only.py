@@ -176,14 +176,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         sys.exit("bench.tune_weight_only needs a CUDA GPU (or TRITON_INTERPRET=1 to dry-run the sweep on CPU)")
     import torch.nn.functional as F
 
+    from pagoda.kernels import tuned_configs
     from pagoda.kernels import weight_only_triton as wt
-    from pagoda.kernels.moe_triton import device_name
     from pagoda.kernels.weight_only import dequantize
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sms = wt.num_sms(device)
-    name = args.device_name or device_name(device)
+    name = args.device_name or tuned_configs.device_name(device)
     path = wt.config_file(name, args.output_dir or wt.CONFIG_DIR)
     table = json.loads(path.read_text()) if path.is_file() else {}
     bench = timer(device, args.warmup_ms, args.rep_ms)
@@ -251,11 +251,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                             heuristic_us=heuristic_s * 1e6, bf16_us=bf16_s * 1e6 if bf16_s else None,
                             gbps=gbps, configs=len(timings)))
         del weights, outs
-        path.parent.mkdir(parents=True, exist_ok=True)          # after every case: an interrupted run keeps its work
-        entries = [f" {json.dumps(shape)}: {json.dumps(dict(sorted(table[shape].items(), key=lambda e: int(e[0]))))}"
-                   for shape in sorted(table)]
-        path.write_text("{\n" + ",\n".join(entries) + "\n}\n")
-    wt.load_table.cache_clear()
+        tuned_configs.write_table(path, table)        # after every case: an interrupted run keeps its work
     wt._pick.cache_clear()
     print(f"wrote {len(results)} entries to {path}")
     return results

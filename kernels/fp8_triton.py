@@ -2,9 +2,11 @@
 
     x --quantize (one program per token)--> x_q (M, K) e4m3, x_scale (M, 1) float32
       M <= SMALL_M   our GEMM: each program streams BLOCK_N weight rows over all of K (or over one of
-                     SPLIT_K ranges of it, summed by a second kernel), widens the FP8 weights (and
-                     x_q) to fp16 in registers and multiplies on the tensor cores with float32
-                     accumulation; the scales, the bias and the cast are its epilogue
+                     SPLIT_K ranges of it, the last range's program adding them: one launch), widens
+                     the FP8 weights (and x_q) to fp16 in registers and multiplies on the tensor cores
+                     with float32 accumulation; the scales, the bias and the cast are its epilogue.
+                     Tiles from the GPU's tuned table (fp8_configs/<GPU>.json, bench/tune_fp8.py)
+                     where it has the shape, else `small_m_config`
       M >  SMALL_M   torch._scaled_mm with row-wise scales (cuBLAS FP8 tensor cores) where the GPU
                      has them (compute capability >= 8.9) and the output is bf16; else our GEMM
                      with taller tiles
@@ -28,12 +30,14 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import split_k_triton, tuned_configs
 from .e4m3_triton import round_to_e4m3
 from .kv_quant import FP8_DTYPE
 
@@ -46,6 +50,8 @@ SMALL_M = 16
 # decided when the module is imported, as @triton.jit itself decides interpreter or compiler then
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_QUANT_BLOCK = 8192        # elements of one token the quantization kernel holds at a time
+CONFIG_DIR = tuned_configs.config_dir("fp8")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")   # a GEMM launch's config
 
 
 @triton.jit
@@ -85,18 +91,21 @@ def _quantize_kernel(
 
 @triton.jit
 def _fp8_gemm_kernel(
-    out_ptr,        # (M, N) x's dtype, row stride stride_om; with SPLIT_K > 1: (SPLIT_K, M, N) float32 partials
+    out_ptr,        # (M, N) x's dtype, row stride stride_om
     x_ptr,          # (M, K) float8_e4m3fn contiguous
     x_scale_ptr,    # (M,) float32
     w_ptr,          # (N, K) float8_e4m3fn, row stride stride_wn
     w_scale_ptr,    # (N,) float32
     bias_ptr,       # (N,) or unused
+    partial_ptr,    # with SPLIT: (splits, M, N) float32 scratch; else unused
+    counter_ptr,    # with SPLIT: int32 arrival counters, one per (M, N) tile, 0 between calls; else unused
     M, N, K,
+    k_tiles_per_split, splits,  # BLOCK_K steps per K range; ranges (grid dim 2), none of them empty
     stride_wn, stride_om,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,      # programs along K, each over K / SPLIT_K (rounded up to BLOCK_K)
+    SPLIT: tl.constexpr,        # splits > 1 (a runtime count: one compiled kernel serves every split)
     HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -106,10 +115,9 @@ def _fp8_gemm_kernel(
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < M
     col_mask = cols < N
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_per_split
+    k_start = pid_k * k_tiles_per_split * BLOCK_K
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, tl.minimum(K, k_start + k_per_split), BLOCK_K):
+    for k0 in range(k_start, tl.minimum(K, k_start + k_tiles_per_split * BLOCK_K), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         x = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
@@ -117,50 +125,10 @@ def _fp8_gemm_kernel(
         w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None],
                     mask=col_mask[None, :] & k_mask[:, None], other=0.0)            # (BLOCK_K, BLOCK_N)
         acc = tl.dot(x.to(tl.float16), w.to(tl.float16), acc)
-    if SPLIT_K > 1:
-        # the partial sum of this K range, unscaled: _split_k_epilogue_kernel adds the ranges
-        tl.store(out_ptr + pid_k * M * N + rows[:, None] * N + cols[None, :], acc,
-                 mask=row_mask[:, None] & col_mask[None, :])
-    else:
-        _epilogue(acc, out_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, rows, cols, row_mask, col_mask,
-                  stride_om, HAS_BIAS)
-
-
-@triton.jit
-def _epilogue(acc, out_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, rows, cols, row_mask, col_mask,
-              stride_om, HAS_BIAS: tl.constexpr):
-    """out = acc * x_scale (per row) * w_scale (per column) (+ bias), cast to out's dtype."""
-    x_scale = tl.load(x_scale_ptr + rows, mask=row_mask, other=0.0)
-    w_scale = tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)
-    y = acc * x_scale[:, None] * w_scale[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
-
-
-@triton.jit
-def _split_k_epilogue_kernel(
-    out_ptr, partial_ptr,       # out (M, N) row stride stride_om; partial (SPLIT_K, M, N) float32
-    x_scale_ptr, w_scale_ptr, bias_ptr,
-    M, N, stride_om,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_mask = rows < M
-    col_mask = cols < N
-    mask = row_mask[:, None] & col_mask[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for split in range(SPLIT_K):          # in order: the sum is the same on every run
-        acc += tl.load(partial_ptr + split * M * N + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    _epilogue(acc, out_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, rows, cols, row_mask, col_mask,
-              stride_om, HAS_BIAS)
+    # epilogue: acc * x_scale (per row) * w_scale (per column) (+ bias), cast; split: the last range's program
+    split_k_triton.finish(acc, out_ptr, partial_ptr, counter_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, rows, cols,
+                          row_mask, col_mask, M, N, stride_om, pid_m * tl.num_programs(0) + pid_n, pid_k, splits,
+                          HAS_BIAS, True, SPLIT)
 
 
 # ---- launch configuration ------------------------------------------------------------------------
@@ -176,14 +144,15 @@ def _cuda_index(device: torch.device) -> int:
 
 
 def small_m_config(m: int, n: int, k: int, num_sms: int) -> dict:
-    """Tiles for M <= SMALL_M: all M rows in one 16-row tile, so every weight byte is read once.
+    """Heuristic tiles for M <= SMALL_M (where the GPU has no tuned table entry): all M rows in one
+    16-row tile, so every weight byte is read once.
 
     The weight stream needs many programs in flight on every SM (each keeps num_stages cp.async
     loads going), and a program that walks all of a long K is a long chain of dependent steps.
     BLOCK_N: the widest of 64, 32, 16 weight rows that still gives every SM about 4 programs.
     SPLIT_K: where even 16-row tiles give fewer programs than that (N = 4096: 256 programs on 132
     SMs), K is split into ranges of at least 1024 until there are ~4 programs an SM; the ranges'
-    float32 partial sums are added by a second small kernel (a (SPLIT_K, M, N) buffer: tiny at M <= 16).
+    float32 partial sums are added by the last range's program (`split_k_triton.finish`).
     BLOCK_K: 256 bytes of each weight row per step."""
     block_n = 16
     for candidate in (64, 32):
@@ -196,6 +165,47 @@ def small_m_config(m: int, n: int, k: int, num_sms: int) -> dict:
         split_k *= 2
     block_k = min(256, max(16, triton.next_power_of_2(k)))
     return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=4)
+
+
+def shape_key(n: int, k: int) -> str:
+    """A tuned table's key for one weight shape."""
+    return f"N={n},K={k}"
+
+
+def config_file(device_name: str, config_dir: Optional[Path] = None) -> Path:
+    """Where one GPU model's tuned small-M tiles live: {shape_key: {M: config}}, a config being
+    `small_m_config`'s dict (fp8_configs/<GPU>.json, written by bench/tune_fp8.py, or under `config_dir`)."""
+    return tuned_configs.table_file("fp8", device_name, directory=config_dir)
+
+
+def tuned_config(m: int, n: int, k: int, device_name: str, config_dir: Optional[Path] = None) -> Optional[dict]:
+    """The table's tiles of the smallest tuned M >= m for this shape, or None: no file, shape or M that
+    large, or an entry that is not a launch shape (the heuristics then decide)."""
+    per_m = tuned_configs.read_table(config_file(device_name, config_dir)).get(shape_key(n, k))
+    entry = tuned_configs.at_or_above(per_m, m)
+    if entry is None or set(entry) != set(CONFIG_KEYS):
+        return None
+    config = {key: int(entry[key]) for key in CONFIG_KEYS}
+    blocks = [config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
+    if any(b < 16 or b & (b - 1) for b in blocks) or min(config["SPLIT_K"], config["num_warps"],
+                                                           config["num_stages"]) < 1:
+        return None                             # tl.dot takes power-of-2 tiles of at least 16
+    return config
+
+
+@functools.lru_cache(maxsize=4096)
+def _small_m(m: int, n: int, k: int, device: torch.device) -> tuple:
+    config = tuned_config(m, n, k, tuned_configs.device_name(device))
+    if config is None:
+        num_sms = _device_info(_cuda_index(device))[1] if device.type == "cuda" else 132
+        config = small_m_config(m, n, k, num_sms)
+    return tuple(config.items())
+
+
+def pick_small_m_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    """The tiles for M <= SMALL_M: the GPU's tuned table's where it has the shape, else `small_m_config`'s.
+    Cached per shape (a fresh dict each call: callers may change it)."""
+    return dict(_small_m(m, n, k, device))
 
 
 def large_m_config(m: int, n: int, k: int) -> dict:
@@ -258,8 +268,7 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
         x_q, x_scale = quantize(x2d, input_scale)
         w_scale = w_scale.reshape(-1)
         if m <= SMALL_M:
-            num_sms = _device_info(_cuda_index(x.device))[1] if x.is_cuda else 132
-            _launch_gemm(result, x_q, x_scale, w_q, w_scale, bias, small_m_config(m, n, k, num_sms))
+            _launch_gemm(result, x_q, x_scale, w_q, w_scale, bias, pick_small_m_config(m, n, k, x.device))
         elif scaled_mm_supported(x2d, n, k):
             _scaled_mm(x_q, x_scale, w_q, w_scale, bias, result)
         else:
@@ -269,22 +278,22 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
 
 def _launch_gemm(out: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
                  w_scale: torch.Tensor, bias: Optional[torch.Tensor], config: dict) -> None:
+    """One launch of _fp8_gemm_kernel with `config` (CONFIG_KEYS); SPLIT_K > 1 splits K in the same launch
+    (fewer splits where K has fewer BLOCK_K steps than that: every split must have a K range)."""
     m, k = x_q.shape
     n = w_q.shape[0]
-    split_k = config["SPLIT_K"]
-    bias_arg = bias if bias is not None else w_scale
-    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), split_k)
-    if split_k == 1:
-        _fp8_gemm_kernel[grid](out, x_q, x_scale, w_q, w_scale, bias_arg, m, n, k, w_q.stride(0), out.stride(0),
-                               HAS_BIAS=bias is not None, **config)
-        return
-    partial = torch.empty(split_k, m, n, dtype=torch.float32, device=out.device)      # (SPLIT_K, M, N)
-    _fp8_gemm_kernel[grid](partial, x_q, x_scale, w_q, w_scale, bias_arg, m, n, k, w_q.stride(0), n,
-                           HAS_BIAS=bias is not None, **config)
-    block_n = 128
-    _split_k_epilogue_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, 16))](
-        out, partial, x_scale, w_scale, bias_arg, m, n, out.stride(0),
-        BLOCK_M=16, BLOCK_N=block_n, SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=4)
+    per_split, splits = split_k_triton.split_count(triton.cdiv(k, config["BLOCK_K"]), config["SPLIT_K"])
+    tiles_n, tiles_m = triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"])
+    if splits > 1:
+        partial = split_k_triton.partials(out.device, splits, m, n)
+        counters = split_k_triton.tile_counters(out.device, tiles_n * tiles_m)
+    else:
+        partial = counters = w_scale                    # unused
+    launch = {key: value for key, value in config.items() if key != "SPLIT_K"}
+    _fp8_gemm_kernel[(tiles_n, tiles_m, splits)](
+        out, x_q, x_scale, w_q, w_scale, bias if bias is not None else w_scale, partial, counters,
+        m, n, k, per_split, splits, w_q.stride(0), out.stride(0),
+        SPLIT=splits > 1, HAS_BIAS=bias is not None, **launch)
 
 
 def _scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -32,9 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuned_configs
 from .moe_layout import SWIGLU_ALPHA, SWIGLU_LIMIT, MoeAlignment, max_aligned_rows
+from .tuned_configs import device_name  # one GPU naming for every tuned table
 
-CONFIG_DIR = Path(__file__).resolve().parent / "moe_configs"
+CONFIG_DIR = tuned_configs.config_dir("moe")
 _ACTIVATION_CODES = {"silu": 0, "swigluoai": 1}
 
 
@@ -84,33 +85,20 @@ def default_config(num_experts: int, n: int, hidden_size: int, num_pairs: int, n
 
 
 def config_file(num_experts: int, n: int, hidden_size: int, device_name: str,
-                config_dir: Path = CONFIG_DIR) -> Path:
-    """Where the tuned configs of one shape on one GPU model live: a JSON object {M: MoeConfig}."""
-    return Path(config_dir) / f"E={num_experts},N={n},H={hidden_size},device={device_name.replace(' ', '_')}.json"
-
-
-@functools.lru_cache(maxsize=None)
-def load_configs(path: Path) -> Optional[dict[int, MoeConfig]]:
-    """The tuned table in `path` ({M: config}, read once), or None when there is no such file."""
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        return {int(m): MoeConfig.from_json(entry) for m, entry in json.load(f).items()}
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+                config_dir: Optional[Path] = None) -> Path:
+    """Where the tuned configs of one shape on one GPU model live: a JSON object {M: MoeConfig}
+    (moe_configs/E=..,N=..,H=..,device=<GPU>.json, or under `config_dir`)."""
+    return tuned_configs.table_file("moe", device_name, f"E={num_experts},N={n},H={hidden_size}", config_dir)
 
 
 @functools.lru_cache(maxsize=4096)
 def get_config(num_experts: int, n: int, hidden_size: int, num_pairs: int, device: torch.device,
-               config_dir: Path = CONFIG_DIR) -> MoeConfig:
+               config_dir: Optional[Path] = None) -> MoeConfig:
     """The tuned config of the smallest tuned M >= num_pairs (the largest one past the table's end),
     else `default_config`. Cached: the per-call cost is one dictionary lookup."""
-    table = load_configs(config_file(num_experts, n, hidden_size, device_name(device), config_dir))
+    table = tuned_configs.read_table(config_file(num_experts, n, hidden_size, device_name(device), config_dir))
     if table:
-        fitting = [m for m in table if m >= num_pairs]
-        return table[min(fitting) if fitting else max(table)]
+        return MoeConfig.from_json(tuned_configs.at_or_above(table, num_pairs) or tuned_configs.largest(table))
     return default_config(num_experts, n, hidden_size, num_pairs, num_sms(device))
 
 

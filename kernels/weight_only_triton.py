@@ -23,9 +23,10 @@ Shapes and why (the decode-time GEMMs are memory-bound, the weight is the traffi
   programs per SM; otherwise batch-1 reads would come from a fraction of the SMs. Each split writes
   its float32 partial sums to a scratch buffer and bumps a per-tile counter; the split that arrives
   last adds the partials in split order (the same sum on every run), adds the bias and writes the
-  output. One launch per GEMM: no zero-filled accumulator, no cast kernel after it (inside a CUDA
-  graph every extra kernel costs microseconds, and a decode step runs four GEMMs per layer). The
-  last split sets its counter back to 0, so the counters are zeroed once, when first allocated.
+  output (`split_k_triton.finish`, shared with the FP8 GEMM). One launch per GEMM: no zero-filled
+  accumulator, no cast kernel after it (inside a CUDA graph every extra kernel costs microseconds, and
+  a decode step runs four GEMMs per layer). The last split sets its counter back to 0, so the counters
+  are zeroed once, when first allocated; counters and scratch are allocated once per device.
 - M > 64: wide tiles, no split; each weight tile is dequantized once per BLOCK_M rows of x.
 `pick_config` takes a tuned table (weight_only_configs/<GPU name>.json, written by
 bench/tune_weight_only.py) where it has the shape, else the heuristics of `default_config`.
@@ -38,7 +39,6 @@ dispatch in weight_only.py then refuses it by name on a GPU).
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,13 +48,17 @@ import torch
 import triton
 import triton.language as tl
 
+from . import split_k_triton, tuned_configs
+from .split_k_triton import tile_counters as _tile_counters
+from .tuned_configs import read_table as load_table    # the tuned table of a path, read once ({} if none)
+
 # NOTE: `weight` arguments below are `weight_only.GroupQuantWeight`s, used by their fields only: this
 # module does not import weight_only (which dispatches here), so the two never import each other.
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAGIC = 8388608.0          # 2^23: float32 2^23 + q has q in its low mantissa bits
 GEMV_MAX_M = 8              # rows the GEMV takes; above, the tensor-core GEMM
-CONFIG_DIR = Path(__file__).resolve().parent / "weight_only_configs"
+CONFIG_DIR = tuned_configs.config_dir("weight_only")
 
 
 @dataclass(frozen=True)
@@ -125,35 +129,6 @@ def _group_params(scales_ptr, zeros_ptr, mins_ptr, sscales_ptr, smins_ptr, offs_
         if HAS_SUPER_MINS:
             low = tl.load(smins_ptr + offs_n * stride_smn + super_cols, mask=mask, other=0.0).to(tl.float32) * low
     return scale, zero, low
-
-
-@triton.jit
-def _finish(acc, out_ptr, partial_ptr, counter_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
-            stride_om, tile_id, pid_k, splits, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """Writes the (BLOCK_M, BLOCK_N) float32 sums `acc` (+ bias) to the output; through
-    the partial buffer (splits, M, N) when SPLIT, the last split of the tile adding them (module docstring)."""
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if not SPLIT:
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        part_offs = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(partial_ptr + pid_k * M * N + part_offs, acc, mask=out_mask)
-        # NOTE: every thread's partial is stored before one thread's acquire-release increment
-        # publishes them; the last split reads them past L1 (.cg), which may hold an older call's lines
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-        if arrived == splits - 1:
-            total = tl.zeros(acc.shape, tl.float32)
-            for split in range(splits):                   # in split order: the same sum on every run
-                total += tl.load(partial_ptr + split * M * N + part_offs, mask=out_mask, other=0.0,
-                                 cache_modifier=".cg")
-            if HAS_BIAS:
-                total = total + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(counter_ptr + tile_id, 0)      # ready for the next call
 
 
 @triton.jit
@@ -255,8 +230,9 @@ def _weight_only_gemv_kernel(
                     sums += low * tl.sum(tl.reshape(xv, (TILE_GROUPS, GROUP)), axis=1)[None, :]
                 part = tl.sum(sums, axis=1)                                      # (BLOCK_N,)
             acc += tl.where(offs_m[None, :] == row, part[:, None], 0.0)
-    _finish(tl.trans(acc), out_ptr, partial_ptr, counter_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
-            stride_om, pid_n, pid_k, splits, HAS_BIAS, SPLIT)
+    split_k_triton.finish(tl.trans(acc), out_ptr, partial_ptr, counter_ptr, bias_ptr, bias_ptr, bias_ptr,
+                          offs_m, offs_n, mask_m, mask_n, M, N, stride_om, pid_n, pid_k, splits, HAS_BIAS, False,
+                          SPLIT)
 
 
 @triton.jit
@@ -333,8 +309,8 @@ def _weight_only_gemm_kernel(
             acc = tl.dot(a.to(tl.float32), tl.trans(w.to(a.dtype).to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision=DOT_PRECISION)
-    _finish(acc, out_ptr, partial_ptr, counter_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
-            stride_om, pid, pid_k, splits, HAS_BIAS, SPLIT)
+    split_k_triton.finish(acc, out_ptr, partial_ptr, counter_ptr, bias_ptr, bias_ptr, bias_ptr, offs_m, offs_n,
+                          mask_m, mask_n, M, N, stride_om, pid, pid_k, splits, HAS_BIAS, False, SPLIT)
 
 
 # ---- launch configuration ------------------------------------------------------------------------
@@ -408,31 +384,22 @@ def shape_key(n: int, k: int, bits: int, group: int) -> str:
     return f"N={n},K={k},bits={bits},group={group}"
 
 
-def config_file(device_name: str, config_dir: Path = CONFIG_DIR) -> Path:
-    """Where one GPU model's tuned configs live: {shape_key: {M: GemmConfig fields}}."""
-    return Path(config_dir) / f"{device_name.replace(' ', '_')}.json"
-
-
-@functools.lru_cache(maxsize=None)
-def load_table(path: Path) -> dict[str, dict[int, GemmConfig]]:
-    """The tuned table in `path` (read once), or {} when there is no such file."""
-    if not path.is_file():
-        return {}
-    with open(path) as f:
-        return {shape: {int(m): GemmConfig(**entry) for m, entry in per_m.items()}
-                for shape, per_m in json.load(f).items()}
+def config_file(device_name: str, config_dir: Optional[Path] = None) -> Path:
+    """Where one GPU model's tuned configs live: {shape_key: {M: GemmConfig fields}}
+    (weight_only_configs/<GPU>.json, or under `config_dir`)."""
+    return tuned_configs.table_file("weight_only", device_name, directory=config_dir)
 
 
 def tuned_config(m: int, n: int, k: int, bits: int, group: int, device_name: str,
-                 config_dir: Path = CONFIG_DIR) -> Optional[GemmConfig]:
-    """The table's config of the smallest tuned M >= m for this shape (as kernels/moe_configs is
-    read), or None: no file, shape or M that large (the heuristics then decide), or an entry that
-    does not fit (a GEMV narrower than M, a tile across groups)."""
+                 config_dir: Optional[Path] = None) -> Optional[GemmConfig]:
+    """The table's config of the smallest tuned M >= m for this shape, or None: no file, shape or M
+    that large (the heuristics then decide), or an entry that does not fit (a GEMV narrower than M,
+    a tile across groups)."""
     per_m = load_table(config_file(device_name, config_dir)).get(shape_key(n, k, bits, group))
-    fitting = [tuned for tuned in (per_m or {}) if tuned >= m]
-    if not fitting:
+    entry = tuned_configs.at_or_above(per_m, m)
+    if entry is None:
         return None
-    config = per_m[min(fitting)]
+    config = GemmConfig(**entry)
     if (config.gemv and config.block_m < m) or _fit_block_k(config.block_k, group, k) != config.block_k:
         return None
     return config
@@ -440,9 +407,7 @@ def tuned_config(m: int, n: int, k: int, bits: int, group: int, device_name: str
 
 @functools.lru_cache(maxsize=4096)
 def _pick(m: int, n: int, k: int, bits: int, group: int, device: torch.device) -> Optional[GemmConfig]:
-    from .moe_triton import device_name          # one GPU naming for every tuned table
-
-    return tuned_config(m, n, k, bits, group, device_name(device)) or \
+    return tuned_config(m, n, k, bits, group, tuned_configs.device_name(device)) or \
         default_config(m, n, k, bits, group, num_sms(device))
 
 
@@ -450,23 +415,6 @@ def pick_config(m: int, n: int, k: int, weight: Any, device: torch.device) -> Op
     """The launch shape for (M, N, K): the tuned table's where it has one, else `default_config`'s.
     Cached per shape: a call costs one dictionary lookup."""
     return _pick(m, n, k, weight.bits, weight.group_size, device)
-
-
-# ---- split-K scratch -----------------------------------------------------------------------------
-
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Per-output-tile arrival counters, all 0 between calls (the last split of each tile resets its own).
-
-    NOTE: one set per device, shared by every GEMM: the engine runs its forward pass on one stream, so
-    no two split GEMMs overlap. Grown by replacement; older sets stay alive because CUDA graphs captured
-    earlier point at them."""
-    held = _COUNTERS.setdefault(device, [])
-    if not held or held[-1].numel() < tiles:
-        held.append(torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device))
-    return held[-1]
 
 
 # ---- entry point ---------------------------------------------------------------------------------
@@ -528,11 +476,10 @@ def _launch(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor], out: tor
     zeros, mins, super_scales, super_mins = (t if t is not None else words for t in optional)
     strides = [t.stride(0) if t is not None else 0 for t in optional]
     k_tiles = triton.cdiv(k, config.block_k)
-    per_split = triton.cdiv(k_tiles, config.split_k)
-    splits = triton.cdiv(k_tiles, per_split)            # without empty ranges: every split arrives
+    per_split, splits = split_k_triton.split_count(k_tiles, config.split_k)
     tiles = triton.cdiv(n, config.block_n) * (1 if config.gemv else triton.cdiv(m, config.block_m))
     if splits > 1:
-        partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        partial = split_k_triton.partials(x.device, splits, m, n)
         counters = _tile_counters(x.device, tiles)
     else:
         partial = counters = words                      # unused

@@ -199,6 +199,28 @@ def test_split_k_matches_reference(split_k, with_bias, device):
     assert_close_to_reference(out, expected)
 
 
+def test_split_k_is_one_launch_that_leaves_its_counters_at_zero(device):
+    """The last split of each tile adds the partials in split order: repeated calls give the same bits,
+    the counters are back at 0 and the scratch is the device's, not a new buffer per call."""
+    from pagoda.kernels import split_k_triton
+
+    w_q, w_scale, bias = random_layer(72, 256, device)
+    x = torch.randn(20, 256, device=device)                                 # 2 row tiles x 5 column tiles
+    x_q, x_scale = fp8_triton.quantize(x)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=4, num_warps=4, num_stages=1)
+    buffer = torch.full((20, 80), 7.0, device=device)
+    out = buffer[:, :72]                                                    # a row stride past N
+    fp8_triton._launch_gemm(out, x_q, x_scale, w_q, w_scale, bias, config)
+    first = out.clone()
+    scratch = split_k_triton.partials(device, 4, 20, 72).data_ptr()
+    fp8_triton._launch_gemm(out, x_q, x_scale, w_q, w_scale, bias, config)
+    assert torch.equal(out, first) and torch.all(buffer[:, 72:] == 7.0)
+    assert_close_to_reference(out, fp8_linear_ref(x, w_q, w_scale, bias=bias))
+    assert int(split_k_triton.tile_counters(device, 10)[:10].abs().sum()) == 0
+    assert split_k_triton.partials(device, 4, 20, 72).data_ptr() == scratch
+    assert split_k_triton.split_count(5, 4) == (2, 3) and split_k_triton.split_count(8, 4) == (2, 4)
+
+
 # ---- torch._scaled_mm ----------------------------------------------------------------------------
 
 def scaled_mm_case(m: int, device):
