@@ -224,9 +224,6 @@ class SpeculativeConfig:
             if check_parallel is not None:
                 # NOTE: the draft's experts are split like a dense model's (no expert parallelism for it)
                 check_parallel(hf_config, tensor_parallel_size, False)
-                from .models.qwen3_moe import EXPERT_PARALLEL_ATTR
-
-                setattr(hf_config, EXPERT_PARALLEL_ATTR, False)
             else:
                 check_tensor_parallel(hf_config, tensor_parallel_size)
         except ValueError as error:
@@ -428,11 +425,8 @@ class EngineArgs:
             raise bad("enable_expert_parallel", self.enable_expert_parallel, "True or False")
         check_parallel = getattr(get_model_class(model.architecture), "check_parallel", None)
         if check_parallel is not None:          # a mixture-of-experts family: its experts' split too
+            # NOTE: ParallelConfig carries the choice to every worker, whose model runner hands it to the model
             check_parallel(hf_config, self.tensor_parallel_size, self.enable_expert_parallel)
-            # NOTE: the model classes are built from the HF config: the switch travels on it to every worker
-            from .models.qwen3_moe import EXPERT_PARALLEL_ATTR
-
-            setattr(hf_config, EXPERT_PARALLEL_ATTR, self.enable_expert_parallel)
         elif self.enable_expert_parallel:
             raise ValueError(f"enable_expert_parallel=True needs a mixture-of-experts model; {model.architecture} "
                              "has no experts")

@@ -187,6 +187,30 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile_prologue(sorted_ids_ptr, block_expert_ptr, num_pairs, num_blocks, num_cols,
+                   PAIRS_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """What both expert GEMMs open with, for this program's tile (a block of BLOCK_M sorted pairs x
+    BLOCK_N of the `num_cols` output columns): its expert (< 0: a padding block or another rank's
+    experts, which the caller skips), the (token, expert) pairs of its rows and their mask, the input
+    row each reads (pair // PAIRS_PER_ROW: the token for gate-up, the pair itself for down; 0 where
+    masked), the output columns and their mask, the columns to load (column 0 repeats where masked,
+    so the loads need no mask) and the offsets along the reduced dimension."""
+    pid_m, pid_n = _tile(tl.program_id(0), num_blocks, tl.cdiv(num_cols, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    # NOTE: a block the caller skips has loaded its pair ids too (in bounds: sorted_ids has BLOCK_M rows
+    # per block): a helper cannot end its caller, and one small load costs less than a second helper
+    pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    mask_m = pair < num_pairs
+    row = tl.where(mask_m, pair // PAIRS_PER_ROW, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < num_cols
+    cols = tl.where(mask_n, offs_n, 0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    return expert, pair, mask_m, row, offs_n, mask_n, cols, offs_k
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
     num_pairs, num_blocks, N, H,
@@ -195,17 +219,10 @@ def _gate_up_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m, pid_n = _tile(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    expert, pair, mask_m, token, offs_n, mask_n, cols, offs_k = _tile_prologue(
+        sorted_ids_ptr, block_expert_ptr, num_pairs, num_blocks, N, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     if expert < 0:
         return
-    pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    mask_m = pair < num_pairs
-    token = tl.where(mask_m, pair // TOP_K, 0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    cols = tl.where(mask_n, offs_n, 0).to(tl.int64)                 # unmasked loads: column 0 repeats
-    offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
     g_ptrs = w_ptr + expert * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk   # (K, N)
     u_ptrs = g_ptrs + N * stride_wn
@@ -248,17 +265,10 @@ def _down_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m, pid_n = _tile(tl.program_id(0), num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    expert, pair, mask_m, row, offs_n, mask_n, cols, offs_k = _tile_prologue(
+        sorted_ids_ptr, block_expert_ptr, num_pairs, num_blocks, H, 1, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     if expert < 0:
         return
-    pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    mask_m = pair < num_pairs
-    row = tl.where(mask_m, pair, 0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < H
-    cols = tl.where(mask_n, offs_n, 0).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + expert * stride_we + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)

@@ -47,6 +47,14 @@ PROJECTIONS = ("w1", "w3", "w2")
 STACKED_SHARDS = ("w13", "w2")
 
 
+@dataclass(frozen=True)
+class MoeOptions:
+    """Construction-time choices of a mixture-of-experts model that do not come from its Hugging Face
+    config: the model runner builds one from the engine config (ParallelConfig) and hands it to the
+    MoE families (`MoeForCausalLM(..., moe_options=...)`), which pass it on to every FusedMoE."""
+    enable_expert_parallel: bool = False    # whole experts per TP rank (see the module docstring)
+
+
 def check_moe_parallel(num_experts: int, top_k: int, intermediate_size: int, tp_size: int,
                        enable_expert_parallel: bool) -> None:
     """Raises ValueError naming the value when the experts do not split over `tp_size` ranks."""

@@ -27,7 +27,7 @@ from ..layers.linear import LinearBase
 from ..layers.moe import GPT_OSS_STACKED, FusedMoE
 from ..quantization.base import UnquantizedLinearMethod
 from .llama import MLP_SLOT, AttentionOptions
-from .qwen3_moe import MoeForCausalLM, expert_parallel_enabled
+from .qwen3_moe import MoeForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class GptOssForCausalLM(MoeForCausalLM):
         config = self.config
         experts = FusedMoE(self.num_experts(config), config.num_experts_per_tok, config.hidden_size,
                            self.expert_intermediate_size(config), self.dtype, activation="swigluoai", bias=True,
-                           enable_expert_parallel=expert_parallel_enabled(config),
+                           enable_expert_parallel=self.moe_options.enable_expert_parallel,
                            stacked_layout=self.stacked_layout, partial_slot=MLP_SLOT)
         return GptOssMoeBlock(experts, self.dtype)
 

@@ -10,8 +10,9 @@ Checkpoint names: every expert's projections (`mlp.experts.<e>.gate_proj.weight`
 stacked tensor of all experts (`mlp.experts.gate_up_proj`, as transformers 5 holds them in memory)
 as shard `"w13"` / `"w2"`.
 
-Expert parallelism (`EngineArgs.enable_expert_parallel`) reaches the model on its Hugging Face
-config (`expert_parallel_enabled`), which every TP worker receives with the engine config.
+Expert parallelism (`EngineArgs.enable_expert_parallel`, held by ParallelConfig) reaches the model
+as the keyword `moe_options` (layers/moe.py `MoeOptions`), which the model runner builds for the
+MoE families (registry.py `is_moe_model`); the Hugging Face config stays the checkpoint's.
 """
 from __future__ import annotations
 
@@ -23,23 +24,16 @@ import torch
 import torch.nn as nn
 
 from ..distributed.parallel_state import get_tp_size
-from ..layers.moe import TRANSFORMERS_STACKED, FusedMoE, SparseMoeBlock, StackedLayout, check_moe_parallel
+from ..layers.moe import (TRANSFORMERS_STACKED, FusedMoE, MoeOptions, SparseMoeBlock, StackedLayout,
+                          check_moe_parallel)
 from ..quantization.base import QuantizationConfig, UnquantizedLinearMethod
 from .llama import MLP_SLOT, LlamaForCausalLM, LlamaMLP, check_tensor_parallel
-
-# NOTE: set by EngineArgs.create_config on the model's config (the model classes are built from the
-# Hugging Face config, the dtype and the quantization only); absent = tensor-parallel experts.
-EXPERT_PARALLEL_ATTR = "pagoda_enable_expert_parallel"
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\."
                          r"(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.(?P<kind>weight|bias)$")
 _STACKED = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$")
 _EXPERT_PARAM = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<leaf>w13_weight|w2_weight|w13_bias|w2_bias)$")
 _PROJECTION = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}
-
-
-def expert_parallel_enabled(config: Any) -> bool:
-    return bool(getattr(config, EXPERT_PARALLEL_ATTR, False))
 
 
 class MoeForCausalLM(LlamaForCausalLM):
@@ -57,9 +51,15 @@ class MoeForCausalLM(LlamaForCausalLM):
     stacked_layout: StackedLayout = TRANSFORMERS_STACKED
 
     def __init__(self, config: Any, max_position: int, dtype: torch.dtype,
-                 quant_config: Optional[QuantizationConfig] = None) -> None:
-        type(self).check_parallel(config, get_tp_size(), expert_parallel_enabled(config))
+                 quant_config: Optional[QuantizationConfig] = None, *,
+                 moe_options: MoeOptions = MoeOptions()) -> None:
+        if not isinstance(moe_options, MoeOptions):
+            raise ValueError(f"moe_options must be a MoeOptions, got {moe_options!r}")
+        type(self).check_parallel(config, get_tp_size(), moe_options.enable_expert_parallel)
         self._refuse_quantized_experts(config, quant_config)
+        # NOTE: set before the Llama constructor, which builds the layers through make_mlp (a plain
+        # value, so nn.Module accepts it before its own __init__)
+        self.moe_options = moe_options
         super().__init__(config, max_position, dtype, quant_config)
 
     # -- geometry ----------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ class MoeForCausalLM(LlamaForCausalLM):
             raise ValueError(f"hidden_act {act!r} is not supported for the experts (only 'silu')")
         experts = FusedMoE(self.num_experts(config), config.num_experts_per_tok, config.hidden_size,
                            self.expert_intermediate_size(config), self.dtype,
-                           enable_expert_parallel=expert_parallel_enabled(config),
+                           enable_expert_parallel=self.moe_options.enable_expert_parallel,
                            stacked_layout=self.stacked_layout, partial_slot=MLP_SLOT)
         shared = None
         if self.shared_expert:

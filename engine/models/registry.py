@@ -10,7 +10,7 @@ from .mixtral import MixtralForCausalLM
 from .phi3 import Phi3ForCausalLM
 from .qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
 from .qwen2_moe import Qwen2MoeForCausalLM
-from .qwen3_moe import Qwen3MoeForCausalLM
+from .qwen3_moe import MoeForCausalLM, Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -38,3 +38,9 @@ def check_architecture(architecture: str) -> None:
 def get_model_class(architecture: str) -> type[nn.Module]:
     check_architecture(architecture)
     return MODEL_REGISTRY[architecture]
+
+
+def is_moe_model(model_class: type[nn.Module]) -> bool:
+    """Whether `model_class` is a mixture-of-experts family: it takes the keyword `moe_options`
+    (layers/moe.py `MoeOptions`), which the dense families do not."""
+    return issubclass(model_class, MoeForCausalLM)

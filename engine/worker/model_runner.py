@@ -105,11 +105,21 @@ class ModelRunner:
 
     # -- start-up ---------------------------------------------------------------------------------
     def _load_model(self, mc: Optional[ModelConfig] = None) -> torch.nn.Module:
+        """The target model (`mc` None) or the draft model of speculative decoding (its ModelConfig)."""
+        from ..layers.moe import MoeOptions
+        from ..models.registry import is_moe_model
+
         mc = mc or self.config.model
         model_class = get_model_class(mc.architecture)
         max_position = max(mc.max_model_len, 1)
+        options = {}
+        if is_moe_model(model_class):
+            # NOTE: only the target's experts are expert-parallel; a draft's are split like a dense
+            # model's (SpeculativeConfig.resolve_draft checks that split)
+            options["moe_options"] = MoeOptions(enable_expert_parallel=(
+                mc is self.config.model and self.config.parallel.enable_expert_parallel))
         with torch.device(self.device):
-            model = model_class(mc.hf_config, max_position, self.dtype, mc.quantization)
+            model = model_class(mc.hf_config, max_position, self.dtype, mc.quantization, **options)
         if mc.load_format == "dummy":
             generator = torch.Generator(device=self.device)
             generator.manual_seed(mc.seed)

@@ -14,7 +14,10 @@ tensor- and expert-parallel splits against one rank.
 """
 from __future__ import annotations
 
+import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import model_factory
 import pytest
@@ -26,7 +29,8 @@ from safetensors.torch import save_file
 from pagoda.engine import LLM, EngineArgs
 from pagoda.engine.models.mixtral import MixtralForCausalLM
 from pagoda.engine.models.qwen2_moe import Qwen2MoeForCausalLM
-from pagoda.engine.models.qwen3_moe import EXPERT_PARALLEL_ATTR, Qwen3MoeForCausalLM
+from pagoda.engine.layers.moe import MoeOptions
+from pagoda.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 from pagoda.engine.quantization.fp8 import Fp8Config, Fp8LinearMethod, Fp8Scheme
 
 LOGPROB_ATOL = 2e-4
@@ -159,18 +163,25 @@ def test_two_ranks_equal_one(moe_checkpoint, one_rank_outputs, family, expert_pa
     assert_same_outputs(actual, one_rank_outputs(family), TP_LOGPROB_ATOL)
 
 
-def _layers(config, tp_size: int, expert_parallel: bool, quant_config=None):
-    """A model class built as rank 0 of `tp_size` (no collectives are needed to build one)."""
+@contextmanager
+def _as_rank_zero_of(tp_size: int):
+    """Models built inside are rank 0's of `tp_size` ranks (no collectives are needed to build one)."""
     from pagoda.engine.distributed import parallel_state
 
     saved = parallel_state._TP
     parallel_state._TP = parallel_state.TPGroup(rank=0, world_size=tp_size)
     try:
-        setattr(config, EXPERT_PARALLEL_ATTR, expert_parallel)
-        cls = ARCHITECTURES[config.model_type]
-        return cls(config, 64, torch.float32, quant_config)
+        yield
     finally:
         parallel_state._TP = saved
+
+
+def _layers(config, tp_size: int, expert_parallel: bool, quant_config=None):
+    """A model class built as rank 0 of `tp_size`."""
+    with _as_rank_zero_of(tp_size):
+        cls = ARCHITECTURES[config.model_type]
+        return cls(config, 64, torch.float32, quant_config,
+                   moe_options=MoeOptions(enable_expert_parallel=expert_parallel))
 
 
 def test_expert_parallel_ranks_hold_whole_experts():
@@ -211,9 +222,36 @@ def test_expert_parallel_splits_what_tensor_parallel_cannot(tmp_path):
     """Experts of 50 features do not split over 4 ranks; 4 whole experts do."""
     path = config_only(tmp_path, "mixtral", intermediate_size=50, num_attention_heads=4, num_key_value_heads=4,
                        head_dim=16)
-    config = EngineArgs(model=path, tensor_parallel_size=4, enable_expert_parallel=True).create_config()
+    config = EngineArgs(model=path, tensor_parallel_size=4, enable_expert_parallel=True,
+                        load_format="dummy").create_config()
     assert config.parallel.enable_expert_parallel
-    assert getattr(config.model.hf_config, EXPERT_PARALLEL_ATTR) is True
+    # the choice travels on ParallelConfig only: the checkpoint's config is left as it was
+    assert not [key for key in config.model.hf_config.to_dict() if "expert_parallel" in key]
+    # the model runner hands it to the model: built tensor-parallel, these experts would be refused
+    model = _runner_model(config, config.model)
+    assert model.model.layers[0].mlp.experts.num_local_experts == 1
+
+
+def _runner_model(config, model_config):
+    """The model the runner of rank 0 builds for `model_config` (the target's or a draft's)."""
+    from pagoda.engine.worker.model_runner import ModelRunner
+
+    runner = SimpleNamespace(config=config, device=torch.device("cpu"), dtype=torch.float32)
+    with _as_rank_zero_of(config.parallel.tensor_parallel_size):
+        return ModelRunner._load_model(runner, model_config)
+
+
+def test_the_runner_gives_expert_parallelism_to_the_target_only(tmp_path):
+    """A draft model's experts are split like a dense model's even when the target's are whole per rank."""
+    path = config_only(tmp_path, "qwen3_moe")
+    config = EngineArgs(model=path, tensor_parallel_size=2, enable_expert_parallel=True,
+                        load_format="dummy").create_config()
+    target = _runner_model(config, config.model).model.layers[0].mlp.experts
+    draft = _runner_model(config, dataclasses.replace(config.model)).model.layers[0].mlp.experts
+    assert target.expert_map.tolist() == [0, 1, 2, 3, -1, -1, -1, -1]
+    assert draft.expert_map is None and tuple(draft.w13_weight.shape) == (8, 2 * 16, 64)
+    dense = EngineArgs(model=path, tensor_parallel_size=2, load_format="dummy").create_config()
+    assert _runner_model(dense, dense.model).model.layers[0].mlp.experts.expert_map is None
 
 
 def test_expert_parallel_on_a_dense_model_is_refused(tiny_checkpoint):
