@@ -214,18 +214,12 @@ class SpeculativeConfig:
             hf_config = load_hf_config(source)
         except (ValueError, OSError) as error:
             raise ValueError(f"{name} cannot be loaded: {error}") from None
-        from .models.llama import check_tensor_parallel
-        from .models.registry import check_architecture, get_model_class
+        from .models.registry import check_parallel
 
         archs = getattr(hf_config, "architectures", None) or ["<none>"]
         try:
-            check_architecture(archs[0])
-            check_parallel = getattr(get_model_class(archs[0]), "check_parallel", None)
-            if check_parallel is not None:
-                # NOTE: the draft's experts are split like a dense model's (no expert parallelism for it)
-                check_parallel(hf_config, tensor_parallel_size, False)
-            else:
-                check_tensor_parallel(hf_config, tensor_parallel_size)
+            # NOTE: the draft's experts are split like a dense model's (no expert parallelism for it)
+            check_parallel(archs[0], hf_config, tensor_parallel_size, False)
         except ValueError as error:
             raise ValueError(f"{name} cannot serve as a draft model here: {error}") from None
         draft_vocab = int(getattr(hf_config, "vocab_size", -1))
@@ -417,21 +411,13 @@ class EngineArgs:
             seed=self.seed,
             generation_defaults=generation_defaults,
         )
-        from .models.llama import check_tensor_parallel
-        from .models.registry import check_architecture, get_model_class
+        from .models.registry import check_parallel
 
-        check_architecture(model.architecture)
         if not isinstance(self.enable_expert_parallel, bool):
             raise bad("enable_expert_parallel", self.enable_expert_parallel, "True or False")
-        check_parallel = getattr(get_model_class(model.architecture), "check_parallel", None)
-        if check_parallel is not None:          # a mixture-of-experts family: its experts' split too
-            # NOTE: ParallelConfig carries the choice to every worker, whose model runner hands it to the model
-            check_parallel(hf_config, self.tensor_parallel_size, self.enable_expert_parallel)
-        elif self.enable_expert_parallel:
-            raise ValueError(f"enable_expert_parallel=True needs a mixture-of-experts model; {model.architecture} "
-                             "has no experts")
-        else:
-            check_tensor_parallel(hf_config, self.tensor_parallel_size)
+        # NOTE: ParallelConfig carries the expert-parallel choice to every worker, whose model runner
+        # hands it to the model
+        check_parallel(model.architecture, hf_config, self.tensor_parallel_size, self.enable_expert_parallel)
         if speculative is not None:
             speculative.resolve_draft(model, self.tensor_parallel_size, device, self.download_dir)
         return EngineConfig(

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from .gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from .gpt_oss import GptOssForCausalLM
-from .llama import LlamaForCausalLM, MistralForCausalLM
+from .llama import LlamaForCausalLM, MistralForCausalLM, check_tensor_parallel
 from .mixtral import MixtralForCausalLM
 from .phi3 import Phi3ForCausalLM
 from .qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
@@ -44,3 +44,17 @@ def is_moe_model(model_class: type[nn.Module]) -> bool:
     """Whether `model_class` is a mixture-of-experts family: it takes the keyword `moe_options`
     (layers/moe.py `MoeOptions`), which the dense families do not."""
     return issubclass(model_class, MoeForCausalLM)
+
+
+def check_parallel(architecture: str, hf_config: object, tp_size: int, enable_expert_parallel: bool) -> None:
+    """Raises ValueError naming the value when the model cannot split over `tp_size` ranks: attention
+    heads and MLPs for every family, and the experts' split (or placement, `enable_expert_parallel`)
+    for a mixture-of-experts one; expert parallelism asked of a dense model is an error too."""
+    model_class = get_model_class(architecture)
+    if is_moe_model(model_class):
+        model_class.check_parallel(hf_config, tp_size, enable_expert_parallel)
+    elif enable_expert_parallel:
+        raise ValueError(f"enable_expert_parallel=True needs a mixture-of-experts model; {architecture} "
+                         "has no experts")
+    else:
+        check_tensor_parallel(hf_config, tp_size)

@@ -53,6 +53,8 @@ import torch
 
 from pagoda.kernels.metadata import AttentionMetadata
 
+from ..worker import paged_kv_cache
+
 if TYPE_CHECKING:
     from ..config import EngineConfig
     from ..step import SchedulerOutput
@@ -161,26 +163,19 @@ class DraftModelDrafter:
 
     # -- KV cache and graphs ----------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        layers = self.model.attention_layers()
-        first = layers[0]
-        return len(layers) * 2 * self.block_size * first.num_kv_heads * first.head_dim * self.dtype.itemsize
+        return paged_kv_cache.kv_bytes_per_block(self.model, self.block_size, self.dtype)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The target's num_blocks and block_size, the model dtype (an FP8 KV cache is the target's only)."""
-        layers = self.model.attention_layers()
-        first = layers[0]
-        self.kv_cache = torch.zeros(len(layers), 2, num_blocks, self.block_size, first.num_kv_heads,
-                                    first.head_dim, dtype=self.dtype, device=self.device)
-        for i, layer in enumerate(layers):
-            layer.kv_cache = self.kv_cache[i]
+        self.kv_cache = paged_kv_cache.allocate_kv_cache(self.model, num_blocks, self.block_size, self.dtype,
+                                                         self.device)
 
     def kv_cache_bytes(self) -> int:
-        return 0 if self.kv_cache is None else self.kv_cache.numel() * self.kv_cache.element_size()
+        return paged_kv_cache.cache_bytes(self.kv_cache)
 
     def release_kv_cache(self) -> None:
         self.kv_cache = None
-        for layer in self.model.attention_layers():
-            layer.kv_cache = torch.empty(0)
+        paged_kv_cache.release_kv_cache(self.model)
 
     def profile_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
                         num_rows: int) -> None:

@@ -2,6 +2,7 @@
 
     worker.py        Worker: one tensor-parallel rank (device, model, KV cache shard), any transport
     model_runner.py  ModelRunner: per-step device inputs, forward pass, sampling
+    paged_kv_cache.py   a model's paged KV cache: one allocation, a view per attention layer
     step_inputs.py   StepInputs (one step's device inputs), the host-side block table and pinned staging
     cuda_graphs.py   captured decode graphs for padded batch sizes
     verify_graphs.py captured verification graphs (1 + K rows per sequence) for padded batch sizes

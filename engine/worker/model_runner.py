@@ -31,7 +31,8 @@ from pagoda.kernels.metadata import AttentionMetadata
 
 from ..config import EngineConfig, ModelConfig
 from ..distributed.parallel_state import get_tp_rank, get_tp_size, tp_broadcast
-from ..models.registry import get_model_class
+from ..layers.moe import MoeOptions
+from ..models.registry import get_model_class, is_moe_model
 from ..quantization.base import init_dummy_weights
 from ..spec_decode.draft_model import build_drafter
 from ..spec_decode.rejection import accepted_prefix
@@ -39,6 +40,7 @@ from ..step import (GrammarOutput, ModelRunnerOutput, NewRequestData, ScheduledR
                     StepHandle)
 from ..utils import startup_timeline
 from .sampler import Sampler, SamplingRow, TokenMask
+from . import paged_kv_cache
 from .prompt_logprobs import prompt_logprobs
 from .step_inputs import BlockTable, PinnedStaging, Placeholders, PromptRows, SamplingLayout, StepInputs
 from .step_profiler import StepProfiler
@@ -106,9 +108,6 @@ class ModelRunner:
     # -- start-up ---------------------------------------------------------------------------------
     def _load_model(self, mc: Optional[ModelConfig] = None) -> torch.nn.Module:
         """The target model (`mc` None) or the draft model of speculative decoding (its ModelConfig)."""
-        from ..layers.moe import MoeOptions
-        from ..models.registry import is_moe_model
-
         mc = mc or self.config.model
         model_class = get_model_class(mc.architecture)
         max_position = max(mc.max_model_len, 1)
@@ -137,10 +136,9 @@ class ModelRunner:
         return self.config.cache.kv_cache_dtype or self.dtype
 
     def kv_bytes_per_block(self) -> int:
-        layer = self.model.attention_layers()[0]
-        element = self.kv_cache_dtype.itemsize           # 1 for FP8: twice the blocks of bf16 per byte
-        target = len(self.model.attention_layers()) * 2 * self.block_size * layer.num_kv_heads * layer.head_dim
-        return target * element + (self.drafter.kv_bytes_per_block() if self.drafter is not None else 0)
+        # FP8: one byte an element, twice the blocks of bf16 in the same bytes
+        target = paged_kv_cache.kv_bytes_per_block(self.model, self.block_size, self.kv_cache_dtype)
+        return target + (self.drafter.kv_bytes_per_block() if self.drafter is not None else 0)
 
     def determine_num_blocks(self) -> int:
         """Blocks that fit the KV budget: explicit bytes, 1 GiB on CPU, or profiled on GPU."""
@@ -161,7 +159,7 @@ class ModelRunner:
         num_seqs = max(1, num_tokens // seq_len)
         num_blocks = num_seqs * -(-seq_len // self.block_size)
         self.allocate_kv_cache(num_blocks)
-        kv_temp_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        kv_temp_bytes = paged_kv_cache.cache_bytes(self.kv_cache)
         kv_temp_bytes += self.drafter.kv_cache_bytes() if self.drafter is not None else 0
         tokens = num_seqs * seq_len
         blocks_per_seq = -(-seq_len // self.block_size)
@@ -180,8 +178,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - kv_temp_bytes
         self.kv_cache = None
-        for layer in self.model.attention_layers():
-            layer.kv_cache = torch.empty(0)
+        paged_kv_cache.release_kv_cache(self.model)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
@@ -191,13 +188,8 @@ class ModelRunner:
         return int(max(budget, 0) // self.kv_bytes_per_block())
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        layers = self.model.attention_layers()
-        first = layers[0]
-        # (layers, K/V, blocks, block_size, kv_heads, head_dim): one allocation, a view per layer
-        self.kv_cache = torch.zeros(len(layers), 2, num_blocks, self.block_size, first.num_kv_heads,
-                                    first.head_dim, dtype=self.kv_cache_dtype, device=self.device)
-        for i, layer in enumerate(layers):
-            layer.kv_cache = self.kv_cache[i]
+        self.kv_cache = paged_kv_cache.allocate_kv_cache(self.model, num_blocks, self.block_size,
+                                                         self.kv_cache_dtype, self.device)
         if self.drafter is not None:
             self.drafter.allocate_kv_cache(num_blocks)
 
