@@ -1,23 +1,16 @@
 """Kernel tests: Triton kernels against their torch references.
 
-Without CUDA the Triton kernels run in the Triton interpreter (numpy on CPU). `@triton.jit` picks
-interpreter or compiler when a `*_triton` module is imported, so the variable is set here, before
-the test modules import them, and any such module imported earlier (e.g. while collecting another
-test folder) is reloaded. The setting is process-wide; nothing outside these tests runs Triton on CPU.
+Without CUDA the Triton kernels run in the Triton interpreter (numpy on CPU): the root conftest sets
+TRITON_INTERPRET=1 before anything imports triton, so every `*_triton` module, whichever test folder
+imports it first, is interpreted; nothing is reloaded here.
 """
-import importlib
 import os
-import sys
 
 import pytest
 import torch
 
 ON_CUDA = torch.cuda.is_available()
-
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in [m for m in sys.modules if m.startswith("pagoda.kernels.") and m.endswith("_triton")]:
-        importlib.reload(sys.modules[_name])
+assert ON_CUDA or os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET=1 without CUDA"
 
 
 @pytest.fixture
