@@ -89,33 +89,26 @@ def main() -> None:
 
 
 def tune(at, query, key_cache, value_cache, metadata, kv_bytes: float) -> list[str]:
-    """One-split launches of the decode kernel over BLOCK_N x num_warps x num_stages; the best three."""
+    """One-split launches of the decode kernel over BLOCK_N x num_warps x num_stages (through the
+    shipped wrapper, `decode_attention(..., launch=)`); the best three."""
     import itertools
 
     import triton
 
-    heads, kv_heads = query.shape[1], key_cache.shape[2]
     results = []
     for block_n, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
         out = torch.empty_like(query)
+        variant = at.DecodeLaunch(block_n, num_warps=warps, num_stages=stages)
 
         def launch():
-            at._decode_kernel[(query.shape[0], kv_heads, 1)](
-                out, out, out, out, query, key_cache, value_cache,
-                metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
-                HEAD_DIM ** -0.5 * at._LOG2E, heads,
-                query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-                key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), metadata.block_tables.stride(0),
-                GROUP=heads // kv_heads, BLOCK_H=max(16, triton.next_power_of_2(heads // kv_heads)),
-                HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=block_n, NUM_SPLITS=1,
-                UPCAST=False, DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
+            at.decode_attention(query, key_cache, value_cache, metadata, HEAD_DIM ** -0.5, out=out, num_splits=1,
+                                launch=variant)
         try:
             ms = triton.testing.do_bench(launch, warmup=5, rep=30, return_mode="median")
         except Exception:  # noqa: BLE001 - a variant that does not compile (shared memory) is skipped
             continue
         results.append((ms, f"BN{block_n} w{warps} s{stages} {ms * 1000:.1f} us {kv_bytes / ms / 1e6:.0f} GB/s"))
     return [line for _, line in sorted(results)[:3]]
-
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ to the torch reference's time.
 Shapes: hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336, KV block 16, bf16.
 Decode: batch 1 / 32 / 256 x context 512 / 2k / 8k. Prefill: 8 x 512 fresh prompts (and 1 x 4096).
 A windowed layer with sinks (window 1024): decode 32 x 8k and prefill 1 x 4096 count only the window's work.
+FP8 (e4m3) KV cache: decode 32 x 2k and 256 x 1k / 2k, and the cache write, at 1 byte an element.
 Norm / rotary / silu / cache write: 256 and 8192 tokens. Weight-only (W4A16 g128 vs bf16): qkv, o,
 gate_up and down at M = 1 / 16 / 64 / 256; FP8 W8A8 vs bf16 likewise. Times are medians of triton.testing.do_bench,
 which flushes L2 between runs, so memory-bound numbers are DRAM numbers.
@@ -55,14 +56,16 @@ class Case:
 
 # ---- cases ---------------------------------------------------------------------------------------------
 
-def paged_batch(seqs: list[tuple[int, int]], num_blocks_alloc: int | None = None):
-    """(query, key_cache, value_cache, metadata) for (query_len, seq_len) sequences on shuffled blocks."""
+def paged_batch(seqs: list[tuple[int, int]], num_blocks_alloc: int | None = None, cache_dtype: torch.dtype = DTYPE):
+    """(query, key_cache, value_cache, metadata) for (query_len, seq_len) sequences on shuffled blocks;
+    an FP8 cache holds N(0, 1) values (read with scales of 1)."""
     from pagoda.kernels.metadata import AttentionMetadata
 
     blocks_per_seq = [-(-seq_len // BLOCK_SIZE) for _, seq_len in seqs]
     num_blocks = num_blocks_alloc or sum(blocks_per_seq)
-    key_cache = torch.empty(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE).normal_()
-    value_cache = torch.empty_like(key_cache).normal_()
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    key_cache = torch.empty(shape, device="cuda", dtype=DTYPE).normal_().to(cache_dtype)
+    value_cache = torch.empty(shape, device="cuda", dtype=DTYPE).normal_().to(cache_dtype)
     block_ids = torch.randperm(num_blocks, device="cuda", dtype=torch.int64)[:sum(blocks_per_seq)].int()
     block_tables = torch.zeros(len(seqs), max(blocks_per_seq), dtype=torch.int32, device="cuda")
     offset = 0
@@ -110,6 +113,16 @@ def attention_cases() -> Iterator[Case]:
             lambda q=q, kc=kc, vc=vc, md=md: paged_attention_ref(q, kc, vc, md, scale),
             flops=4 * causal_pairs * NUM_HEADS * HEAD_DIM,                     # QK^T and PV, 2 FLOPs per MAC
         )
+    # an FP8 (e4m3) KV cache: half the bytes of bf16 per token, so the same GB/s is half the time
+    fp8_scales = dict(k_scale=torch.ones(1, device="cuda"), v_scale=torch.ones(1, device="cuda"))
+    for batch, context in ((32, 2048), (256, 1024), (256, 2048)):
+        q, kc, vc, md = paged_batch([(1, context)] * batch, cache_dtype=torch.float8_e4m3fn)
+        yield Case(
+            "attention", "decode fp8 kv", f"batch {batch} ctx {context}",
+            lambda q=q, kc=kc, vc=vc, md=md: attention_triton.paged_attention(q, kc, vc, md, scale, **fp8_scales),
+            lambda q=q, kc=kc, vc=vc, md=md: paged_attention_ref(q, kc, vc, md, scale, **fp8_scales),
+            bytes_moved=batch * context * kv_bytes_per_token // DTYPE.itemsize + 2 * q.numel() * q.element_size(),
+        )
     # a windowed layer with sinks (gpt-oss / Mistral style, window 1024): only the window is read or computed
     window = 1024
     features = dict(sliding_window=window, sinks=torch.zeros(NUM_HEADS, device="cuda"))
@@ -146,6 +159,16 @@ def cache_cases() -> Iterator[Case]:
             lambda args=args: cache_triton.reshape_and_cache(*args),
             lambda args=args: reshape_and_cache_ref(*args),
             bytes_moved=2 * 2 * key.numel() * key.element_size() + slots.numel() * 8,
+        )
+        fp8_caches = (torch.zeros_like(key_cache, dtype=torch.float8_e4m3fn),
+                      torch.zeros_like(value_cache, dtype=torch.float8_e4m3fn))
+        scales = dict(k_scale=torch.ones(1, device="cuda"), v_scale=torch.ones(1, device="cuda"))
+        args = (key, value, *fp8_caches, slots)
+        yield Case(
+            "cache", "reshape_and_cache fp8", f"{tokens} tokens",
+            lambda args=args: cache_triton.reshape_and_cache(*args, **scales),
+            lambda args=args: reshape_and_cache_ref(*args, **scales),
+            bytes_moved=2 * key.numel() * (key.element_size() + 1) + slots.numel() * 8,   # bf16 in, e4m3 out
         )
 
 

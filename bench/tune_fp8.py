@@ -17,14 +17,15 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.timing import kernel_timer  # noqa: E402
 
 LLAMA3_8B_SHAPES = "6144x4096,4096x4096,28672x4096,4096x14336"      # (N, K): qkv, o, gate_up, down
 SPACE = dict(BLOCK_N=(16, 32, 64), BLOCK_K=(128, 256), SPLIT_K=(1, 2, 4, 8), num_warps=(4, 8), num_stages=(4,))
@@ -50,21 +51,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Seconds per call: do_bench on a GPU, a few wall-clock runs under the interpreter."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40) * 1e-3
-
-    def wall(fn: Callable[[], object]) -> float:
-        fn()
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    return wall
-
-
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     from pagoda.kernels import fp8_triton, tuned_configs
     from pagoda.kernels.fp8 import fp8_linear_ref, quantize_weight_per_channel
@@ -74,7 +60,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     space = SPACE if device.type == "cuda" else TINY_SPACE
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    measure = timer(device)
+    measure = kernel_timer(device)
     results = []
     name = args.device_name or tuned_configs.device_name(device)
     path = fp8_triton.config_file(name, args.output_dir)

@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -32,6 +31,8 @@ import torch
 
 if __package__ in (None, ""):                       # run as `python bench/tune_moe.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.timing import kernel_timer  # noqa: E402
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SHARED_MEMORY_BYTES = 227 * 1024                    # per block on H100 / H200 (sm_90); A100 has 163 KiB
@@ -106,20 +107,6 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def timer(device: torch.device, warmup_ms: int, rep_ms: int) -> Callable[[Callable[[], object]], float]:
-    """Milliseconds per call: do_bench's median on a GPU; one wall-clock run under the interpreter."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-
-    def wall(fn: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return wall
-
-
 def make_inputs(args: argparse.Namespace, tokens: int, device: torch.device, weights: dict) -> dict:
     dtype = getattr(torch, args.dtype)
     ids = torch.rand(tokens, args.experts, device=device).argsort(dim=1)[:, :args.top_k].to(torch.int32)
@@ -184,7 +171,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
                    w2=torch.randn(E, H, N, device=device, dtype=dtype) * N ** -0.5,
                    w13_bias=torch.randn(E, 2 * N, device=device, dtype=dtype) if args.bias else None,
                    w2_bias=torch.randn(E, H, device=device, dtype=dtype) if args.bias else None)
-    bench = timer(device, args.warmup_ms, args.rep_ms)
+    seconds = kernel_timer(device, args.warmup_ms, args.rep_ms)
+    bench = lambda fn: seconds(fn) * 1e3                    # noqa: E731 - milliseconds
     name = args.device_name or moe_triton.device_name(device)
     path = moe_triton.config_file(E, N, H, name, args.output_dir or moe_triton.CONFIG_DIR)
     table = json.loads(path.read_text()) if path.is_file() else {}

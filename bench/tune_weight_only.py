@@ -33,6 +33,8 @@ import torch
 if __package__ in (None, ""):                       # run as `python bench/tune_weight_only.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import kernel_timer  # noqa: E402
+
 LLAMA3_8B_SHAPES = "6144x4096,4096x4096,28672x4096,4096x14336"      # (N, K): qkv, o, gate_up, down
 DEFAULT_M = "1,2,4,8,16"
 ROTATION_BYTES = 128 << 20          # weight copies per graph: more than any L2
@@ -125,20 +127,6 @@ def rotated(calls: list[Callable[[], object]], device: torch.device) -> Callable
     return cuda_graphed(lambda: (run(), torch.empty(0, device=device))[1])
 
 
-def timer(device: torch.device, warmup_ms: int, rep_ms: int) -> Callable[[Callable[[], object]], float]:
-    """Seconds per run: do_bench's median on a GPU, one wall-clock run under the interpreter."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e-3
-
-    def wall(fn: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    return wall
-
-
 def _compile_worker(job: tuple) -> int:
     """Runs each config once on tiny inputs of the same specialization (fills Triton's disk cache)."""
     n, k, m, bits, group, configs = job
@@ -186,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     name = args.device_name or tuned_configs.device_name(device)
     path = wt.config_file(name, args.output_dir or wt.CONFIG_DIR)
     table = json.loads(path.read_text()) if path.is_file() else {}
-    bench = timer(device, args.warmup_ms, args.rep_ms)
+    bench = kernel_timer(device, args.warmup_ms, args.rep_ms)
     copy_bw = None
     if device.type == "cuda":
         from bench.ceilings import measure_ceilings

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -467,14 +467,15 @@ def decode_attention(
     k_scale: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
     *, sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None,
-    sinks: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None, launch: Optional[DecodeLaunch] = None,
 ) -> None:
     """Flash-decoding path for batches with at most one new token per sequence. Inputs pre-checked.
 
     `num_splits` (default: `metadata.num_decode_splits`, fixed by CUDA-graph capture, else
     `num_decode_splits` from the batch size and `max_seq_len`) only changes speed, never the result.
     A windowed layer splits only its window: the default count is then capped for the window's
-    length (a shape-only choice, so a captured graph's grid stays fixed).
+    length (a shape-only choice, so a captured graph's grid stays fixed). `launch` overrides the
+    tile width, warps and pipeline stages (bench/sweep_decode.py; None = `decode_launch`'s choice).
     """
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -499,6 +500,7 @@ def decode_attention(
     else:  # the kernel writes `out` directly; the partial pointers are never touched
         partial_out = partial_max = partial_sum = out
     fp8 = is_fp8(key_cache)
+    launch = launch or decode_launch(head_dim_pad, query.dtype)
     sinks_arg = out if sinks is None else sinks                              # unread unless SINKS
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, partial_out, partial_max, partial_sum,
@@ -511,11 +513,10 @@ def decode_attention(
         metadata.block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
-        BLOCK_N=_decode_block_n(head_dim_pad, query.dtype), NUM_SPLITS=num_splits, FP8_KV=fp8,
+        BLOCK_N=launch.block_n, NUM_SPLITS=num_splits, FP8_KV=fp8,
         SLIDING=sliding_window is not None, SOFTCAP=logit_softcap is not None, SINKS=sinks is not None,
         UPCAST=_needs_upcast(query), DOT_PRECISION=_dot_precision(query),
-        # NOTE: 3 stages measured 8% faster than 2 at batch 256 x 1k context on an H200 (bench/sweep_decode.py)
-        num_warps=4 if query.element_size() <= 2 else 8, num_stages=3,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -559,9 +560,19 @@ def _prefill_config(group: int, max_query_len: int, head_dim_pad: int, dtype: to
     return block_m, block_n, num_warps
 
 
-def _decode_block_n(head_dim_pad: int, dtype: torch.dtype) -> int:
-    """Context tokens per decode iteration: 64 for 16-bit inputs; fp32 tiles are twice the bytes."""
-    return 64 if dtype != torch.float32 else (32 if head_dim_pad <= 128 else 16)
+class DecodeLaunch(NamedTuple):
+    block_n: int          # context tokens per iteration
+    num_warps: int
+    num_stages: int       # software-pipeline depth of the K/V loads
+
+
+def decode_launch(head_dim_pad: int, dtype: torch.dtype) -> DecodeLaunch:
+    """The decode kernel's launch for queries of `dtype`: 64-token tiles for 16-bit queries (bf16,
+    fp16 or FP8 caches alike), narrower fp32 ones (twice the bytes); 3 stages measured 8% faster
+    than 2 at batch 256 x 1k context on an H200 (bench/sweep_decode.py, bf16 cache)."""
+    if dtype == torch.float32:
+        return DecodeLaunch(32 if head_dim_pad <= 128 else 16, num_warps=8, num_stages=3)
+    return DecodeLaunch(64, num_warps=4, num_stages=3)
 
 
 @functools.lru_cache(maxsize=None)

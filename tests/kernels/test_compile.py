@@ -70,6 +70,9 @@ FP8_LAUNCHES = '''
     prefill = attention_metadata([1, 300], [40, 500])
     query = torch.zeros(301, 32, 128, dtype=bf16)
     attention_triton.paged_attention(query, cache, cache, prefill, 0.1, k_scale=scale, v_scale=scale)
+    out = torch.empty(2, 32, 128, dtype=bf16)
+    attention_triton.decode_attention(query[:2], cache, cache, attention_metadata([1, 1], [40, 1000]), 0.1,
+                                      out=out, num_splits=4, k_scale=scale, v_scale=scale)
 '''
 
 # the weight-only kernels (no FP8): sm_80 and sm_90, int4 and int8; the GEMV (M <= 8, also split) and the
@@ -95,7 +98,7 @@ def test_fp8_kernels_compile_for_sm89_and_sm90():
     if compiled is None:
         pytest.skip("Triton internals moved")
     expected = {f"{name}@sm_{arch}" for name in ("_quantize_kernel", "_fp8_gemm_kernel", "_reshape_and_cache_kernel",
-                                                "_prefill_kernel") for arch in (89, 90)}
+                                                "_prefill_kernel", "_decode_kernel") for arch in (89, 90)}
     assert expected <= compiled, f"not compiled: {sorted(expected - compiled)}"
 
 
