@@ -16,7 +16,8 @@ Decode: batch 1 / 32 / 256 x context 512 / 2k / 8k. Prefill: 8 x 512 fresh promp
 A windowed layer with sinks (window 1024): decode 32 x 8k and prefill 1 x 4096 count only the window's work.
 FP8 (e4m3) KV cache: decode 32 x 2k and 256 x 1k / 2k, and the cache write, at 1 byte an element.
 Norm / rotary / silu / cache write: 256 and 8192 tokens. Weight-only (W4A16 g128 vs bf16): qkv, o,
-gate_up and down at M = 1 / 16 / 64 / 256; FP8 W8A8 vs bf16 likewise. Times are medians of triton.testing.do_bench,
+gate_up and down at M = 1 / 16 / 64 / 256, and GGUF Q6_K's 6-bit format at down, M = 1 / 16 / 256; FP8
+W8A8 vs bf16 likewise. Times are medians of triton.testing.do_bench,
 which flushes L2 between runs, so memory-bound numbers are DRAM numbers.
 MoE (fused_moe at Qwen3-30B-A3B's experts: 128 experts, top-8, hidden 2048, expert intermediate 768,
 uniform random routing): decode T = 1 / 16 / 64 / 128 / 256 reports the weight bandwidth, bytes of the
@@ -257,7 +258,7 @@ def weight_only_cases() -> Iterator[Case]:
     import torch.nn.functional as F
 
     from pagoda.kernels import weight_only_triton
-    from pagoda.kernels.weight_only import GroupQuantWeight, dequantize
+    from pagoda.kernels.weight_only import GroupQuantWeight, dequantize, pack_int6
 
     shapes = {"qkv_proj": (6144, HIDDEN), "o_proj": (HIDDEN, HIDDEN), "gate_up_proj": (2 * INTERMEDIATE, HIDDEN),
               "down_proj": (HIDDEN, INTERMEDIATE)}
@@ -282,6 +283,24 @@ def weight_only_cases() -> Iterator[Case]:
                 bytes_moved=dense.numel() * DTYPE.itemsize + io_bytes,
             )
         del dense
+    # GGUF Q6_K's format (6 bits in two planes, int8 scales per 16, fp16 per 256) at the down projection,
+    # which Q4_K_M files keep in Q6_K
+    n, k = shapes["down_proj"]
+    low, high = pack_int6(torch.randint(0, 64, (n, k), device="cuda", dtype=torch.uint8))
+    six = GroupQuantWeight(low, 6, 16, torch.randint(-32, 32, (n, k // 16), device="cuda", dtype=torch.int8),
+                           zero=32, super_scales=(torch.rand(n, k // 256, device="cuda") * 1e-4).half(),
+                           qweight_high=high)
+    dense = dequantize(six).to(DTYPE)
+    for m in (1, 16, 256):
+        x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+        config = weight_only_triton.pick_config(m, n, k, six, x.device)
+        yield Case(
+            "weight_only", "q6_k down_proj", f"M={m} {n}x{k} (split {config.split_k})",
+            lambda x=x, w=six: weight_only_triton.weight_only_linear(x, w),
+            lambda x=x, d=dense: F.linear(x, d),
+            bytes_moved=six.nbytes() + (m * k + m * n) * DTYPE.itemsize,
+        )
+    del dense
 
 
 def fp8_cases() -> Iterator[Case]:

@@ -55,7 +55,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=LLAMA3_8B_SHAPES, help="comma-separated NxK weight shapes")
     parser.add_argument("--m", default=DEFAULT_M, help="comma-separated batch rows M (1..64)")
-    parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 6, 8))
     parser.add_argument("--group-size", type=int, default=128, help="values per scale (GPTQ's g128 by default)")
     parser.add_argument("--space", default="full", choices=sorted(SPACES), help="search space size")
     parser.add_argument("--top", type=int, default=3, help="fastest configs printed per case")
@@ -104,14 +104,20 @@ def candidates(m: int, n: int, k: int, bits: int, group: int, space: str, sms: i
 
 
 def make_weight(n: int, k: int, bits: int, group: int, device: torch.device, copies: int = 1) -> list:
-    """`copies` random GPTQ-style weights: symmetric (zero 2^(bits-1)), float16 scales."""
+    """`copies` random GPTQ-style weights: symmetric (zero 2^(bits-1)), float16 scales; 6 bits in the
+    two planes of GGUF's Q6_K format."""
     from pagoda.kernels.weight_only import GroupQuantWeight
 
     weights = []
     for _ in range(copies):
-        qweight = torch.randint(0, 256, (n, k * bits // 8), device=device, dtype=torch.uint8)
+        high = None
+        if bits == 6:
+            qweight = torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8)
+            high = torch.randint(0, 256, (n, k // 4), device=device, dtype=torch.uint8)
+        else:
+            qweight = torch.randint(0, 256, (n, k * bits // 8), device=device, dtype=torch.uint8)
         scales = (torch.rand(n, k // group, device=device) * 2e-3 + 1e-3).half()
-        weights.append(GroupQuantWeight(qweight, bits, group, scales, zero=1 << (bits - 1)))
+        weights.append(GroupQuantWeight(qweight, bits, group, scales, zero=1 << (bits - 1), qweight_high=high))
     return weights
 
 
@@ -189,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     print(header)
     results = []
     for (n, k), m in itertools.product(args.shapes, args.m):
-        weight_bytes = n * k * args.bits // 8 + n * (k // args.group_size) * 2
+        weight_bytes = n * k * args.bits // 8 + n * (k // args.group_size) * 2           # 6 bits: 4 + 2 planes
         copies = max(1, min(32, -(-ROTATION_BYTES // weight_bytes))) if device.type == "cuda" else 1
         weights = make_weight(n, k, args.bits, args.group_size, device, copies)
         x = torch.randn(m, k, device=device, dtype=dtype)

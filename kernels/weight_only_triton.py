@@ -6,6 +6,8 @@ Per (BLOCK_N, BLOCK_K) tile of W, each program:
      k = 2j and 2j+1, so on a little-endian device word w holds k = 8w .. 8w+7 in nibble order),
      splits them with shifts and interleaves the pieces back into k order (`_unpack`: the values of
      a word stay in the thread that loaded it, so the (BLOCK_N, BLOCK_K) tile needs no shuffle);
+     6-bit weights load two such planes, the low 4 bits as int4 and the top 2 bits 16 to a word
+     (`_unpack2`), and join them (q = low | high << 4);
   2. turns each integer into float32 without an int->float conversion instruction (a quarter-rate
      one on recent GPUs, and there are two per byte of weight): `q | 0x4B000000` read as float32 is
      2^23 + q exactly, so `(2^23 + q) - (2^23 + z)` is q - z exactly;
@@ -101,13 +103,52 @@ def _unpack(words, BITS: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(qw_ptr, offs_n, mask_n, k0, K, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Float32 2^23 + q of the (BLOCK_N, BLOCK_K) tile at k0 (0 past K)."""
-    PACK: tl.constexpr = 32 // BITS                # values per int32 word
+def _unpack2(words):
+    """(R, W) int32 words of 2-bit values (value j of a word in bits 2j, 2j+1) -> (R, W * 16) int32
+    values in k order, as `_unpack` does for 4 and 8 bits (four levels of interleave)."""
+    q0 = words & 3
+    q1 = (words >> 2) & 3
+    q2 = (words >> 4) & 3
+    q3 = (words >> 6) & 3
+    q4 = (words >> 8) & 3
+    q5 = (words >> 10) & 3
+    q6 = (words >> 12) & 3
+    q7 = (words >> 14) & 3
+    q8 = (words >> 16) & 3
+    q9 = (words >> 18) & 3
+    q10 = (words >> 20) & 3
+    q11 = (words >> 22) & 3
+    q12 = (words >> 24) & 3
+    q13 = (words >> 26) & 3
+    q14 = (words >> 28) & 3
+    q15 = (words >> 30) & 3
+    # order(v_0 .. v_2n) = interleave(order(even v), order(odd v)); at 2 values, interleave itself
+    evens = tl.interleave(tl.interleave(tl.interleave(q0, q8), tl.interleave(q4, q12)),
+                          tl.interleave(tl.interleave(q2, q10), tl.interleave(q6, q14)))
+    odds = tl.interleave(tl.interleave(tl.interleave(q1, q9), tl.interleave(q5, q13)),
+                         tl.interleave(tl.interleave(q3, q11), tl.interleave(q7, q15)))
+    return tl.interleave(evens, odds)
+
+
+@triton.jit
+def _load_words(ptr, offs_n, mask_n, k0, K, stride_n, PACK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The int32 words holding k0 .. k0 + BLOCK_K of rows offs_n, PACK values a word (0 past K)."""
     offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-    words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
-                    mask=mask_n[:, None] & (offs_w < K // PACK)[None, :], other=0)
-    return (_unpack(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True)
+    return tl.load(ptr + offs_n[:, None] * stride_n + offs_w[None, :],
+                   mask=mask_n[:, None] & (offs_w < K // PACK)[None, :], other=0)
+
+
+@triton.jit
+def _load_tile(qw_ptr, qh_ptr, offs_n, mask_n, k0, K, stride_qn, stride_qhn, BITS: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """Float32 2^23 + q of the (BLOCK_N, BLOCK_K) tile at k0 (0 past K)."""
+    if BITS == 6:
+        low = _unpack(_load_words(qw_ptr, offs_n, mask_n, k0, K, stride_qn, 8, BLOCK_K), 4)
+        high = _unpack2(_load_words(qh_ptr, offs_n, mask_n, k0, K, stride_qhn, 16, BLOCK_K))
+        values = low | (high << 4)
+    else:
+        values = _unpack(_load_words(qw_ptr, offs_n, mask_n, k0, K, stride_qn, 32 // BITS, BLOCK_K), BITS)
+    return (values | 0x4B000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -146,10 +187,10 @@ def _unpack_scaled(words, BITS: tl.constexpr):
 
 @triton.jit
 def _weight_only_gemv_kernel(
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, mins_ptr, sscales_ptr, smins_ptr, perm_ptr, bias_ptr, out_ptr,
+    x_ptr, qw_ptr, qh_ptr, scales_ptr, zeros_ptr, mins_ptr, sscales_ptr, smins_ptr, perm_ptr, bias_ptr, out_ptr,
     partial_ptr, counter_ptr,
     M, N, K, num_groups, k_tiles_per_split, splits,
-    stride_xm, stride_qn, stride_sn, stride_zn, stride_mn, stride_ssn, stride_smn, stride_om,
+    stride_xm, stride_qn, stride_qhn, stride_sn, stride_zn, stride_mn, stride_ssn, stride_smn, stride_om,
     zero_magic,                        # 2^23 + the constant zero point (when there are no zeros)
     BITS: tl.constexpr, GROUP: tl.constexpr, SUPER_GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_SUPER_SCALES: tl.constexpr,
@@ -164,6 +205,7 @@ def _weight_only_gemv_kernel(
     x is multiplied by 2^-e once per tile (shared by all BLOCK_N rows), so the products are (q - z) * x
     exactly as without the scaling (powers of 2)."""
     PACK: tl.constexpr = 32 // BITS
+    SCALED: tl.constexpr = BITS != 6               # 6-bit values come whole from two planes: unscaled (e = 0)
     ONE_GROUP: tl.constexpr = BLOCK_K <= GROUP     # a tile lies in one group (else holds BLOCK_K // GROUP)
     TILE_GROUPS: tl.constexpr = 1 if ONE_GROUP else BLOCK_K // GROUP
     pid_n = tl.program_id(0)
@@ -173,7 +215,10 @@ def _weight_only_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)     # transposed: a row's sums stay in its threads
-    exponent = ((tl.arange(0, BLOCK_K) % PACK) % (PACK // 2)) * BITS
+    if SCALED:
+        exponent = ((tl.arange(0, BLOCK_K) % PACK) % (PACK // 2)) * BITS
+    else:
+        exponent = tl.zeros([BLOCK_K], tl.int32)
     up = tl.exp2(exponent.to(tl.float32))                                    # 2^e per column
     down = tl.exp2(-exponent.to(tl.float32))                                 # 2^-e
     const_zero = (zero_magic - 8388608.0) * up + 8388608.0                   # 2^23 + z * 2^e
@@ -183,10 +228,11 @@ def _weight_only_gemv_kernel(
     last_tile = tl.minimum(first_tile + k_tiles_per_split, k_tiles)
     for tile in range(first_tile, last_tile):
         k0 = tile * BLOCK_K
-        offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-        words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
-                        mask=mask_n[:, None] & (offs_w < K // PACK)[None, :], other=0)
-        f = (_unpack_scaled(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True)     # 2^23 + q * 2^e
+        if SCALED:
+            words = _load_words(qw_ptr, offs_n, mask_n, k0, K, stride_qn, PACK, BLOCK_K)
+            f = (_unpack_scaled(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True)     # 2^23 + q * 2^e
+        else:
+            f = _load_tile(qw_ptr, qh_ptr, offs_n, mask_n, k0, K, stride_qn, stride_qhn, BITS, BLOCK_K)  # 2^23 + q
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         if HAS_PERM:
@@ -237,10 +283,10 @@ def _weight_only_gemv_kernel(
 
 @triton.jit
 def _weight_only_gemm_kernel(
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, mins_ptr, sscales_ptr, smins_ptr, perm_ptr, bias_ptr, out_ptr,
+    x_ptr, qw_ptr, qh_ptr, scales_ptr, zeros_ptr, mins_ptr, sscales_ptr, smins_ptr, perm_ptr, bias_ptr, out_ptr,
     partial_ptr, counter_ptr,
     M, N, K, num_groups, k_tiles_per_split, splits,
-    stride_xm, stride_qn, stride_sn, stride_zn, stride_mn, stride_ssn, stride_smn, stride_om,
+    stride_xm, stride_qn, stride_qhn, stride_sn, stride_zn, stride_mn, stride_ssn, stride_smn, stride_om,
     zero_magic,                        # 2^23 + the constant zero point (when there are no zeros)
     BITS: tl.constexpr, GROUP: tl.constexpr, SUPER_GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr, HAS_MINS: tl.constexpr, HAS_SUPER_SCALES: tl.constexpr,
@@ -276,7 +322,7 @@ def _weight_only_gemm_kernel(
         k0 = tile * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        f = _load_tile(qw_ptr, offs_n, mask_n, k0, K, stride_qn, BITS, BLOCK_K)     # 2^23 + q
+        f = _load_tile(qw_ptr, qh_ptr, offs_n, mask_n, k0, K, stride_qn, stride_qhn, BITS, BLOCK_K)  # 2^23 + q
         if ONE_GROUP:
             # k0 < K and K is a multiple of GROUP: the group exists, only the rows need a mask
             scale, zero, low = _group_params(
@@ -339,10 +385,12 @@ def _fit_block_k(block_k: int, group: int, k: int) -> Optional[int]:
 
 
 def supported(weight: Any) -> bool:
-    """Whether this kernel takes `weight` (else the torch reference must): 4 or 8 bits, K a multiple
-    of 8 (whole int32 words per row) and a power-of-2 tile of 16 to 64 values that fits the groups."""
+    """Whether this kernel takes `weight` (else the torch reference must): 4, 6 or 8 bits, K a multiple
+    of 8 (whole int32 words per row; 16 for 6 bits, whose top-2-bit plane packs 16 a word) and a
+    power-of-2 tile of 16 to 64 values that fits the groups."""
     k = weight.shape[1]
-    return weight.bits in (4, 8) and k % 8 == 0 and _fit_block_k(64, weight.group_size, k) is not None
+    return (weight.bits in (4, 6, 8) and k % (16 if weight.bits == 6 else 8) == 0
+            and _fit_block_k(64, weight.group_size, k) is not None)
 
 
 def split_for(tiles: int, k_tiles: int, target_programs: int, min_tiles_per_split: int = 4) -> int:
@@ -426,8 +474,8 @@ def _check(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor],
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight {k}")
-    if weight.bits not in (4, 8):
-        raise ValueError(f"weight bits must be 4 or 8, got {weight.bits}")
+    if weight.bits not in (4, 6, 8):
+        raise ValueError(f"weight bits must be 4, 6 or 8, got {weight.bits}")
     if k % weight.group_size:
         raise ValueError(f"the weight's {k} input features are not a multiple of group_size {weight.group_size}")
     if bias is not None and bias.shape != (n,):
@@ -470,6 +518,10 @@ def _launch(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor], out: tor
     n, k = weight.shape
     qweight = weight.qweight if weight.qweight.is_contiguous() else weight.qweight.contiguous()
     words = qweight.view(torch.int32)                   # (N, K * bits / 32); see the module docstring
+    high = words                                        # unread unless 6 bits: their top-2-bit plane
+    if weight.bits == 6:
+        high = weight.qweight_high if weight.qweight_high.is_contiguous() else weight.qweight_high.contiguous()
+        high = high.view(torch.int32)                   # (N, K / 16)
     scales = _rows(weight.scales)
     optional = [_rows(t) if t is not None else None
                 for t in (weight.zeros, weight.mins, weight.super_scales, weight.super_mins)]
@@ -489,10 +541,11 @@ def _launch(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor], out: tor
                   HAS_PERM=weight.perm is not None, HAS_BIAS=bias is not None,
                   BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=splits > 1,
                   num_warps=config.num_warps, num_stages=config.num_stages)
-    args = (x, words, scales, zeros, mins, super_scales, super_mins,
+    args = (x, words, high, scales, zeros, mins, super_scales, super_mins,
             weight.perm if weight.perm is not None else words, bias if bias is not None else words, out,
             partial, counters, m, n, k, scales.shape[1], per_split, splits,
-            x.stride(0), words.stride(0), scales.stride(0), *strides, out.stride(0), _MAGIC + weight.zero)
+            x.stride(0), words.stride(0), high.stride(0), scales.stride(0), *strides, out.stride(0),
+            _MAGIC + weight.zero)
     if config.gemv:
         _weight_only_gemv_kernel[(triton.cdiv(n, config.block_n), splits)](*args, **common)
     else:

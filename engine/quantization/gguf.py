@@ -8,8 +8,8 @@ blocks, converted exactly (no re-quantization) into the one weight-only format t
     Q8_0         bits 8 (int8 + 128), group 32, fp16 scales, zero 128         8.5  / 8.5
     Q4_K         bits 4, group 32, uint8 6-bit sub-scales and sub-mins,       4.5  / 4.625
                  fp16 super_scales = d and super_mins = -dmin per 256
-    Q6_K         bits 8 (a 6-bit value per byte), group 16, zero 32,          6.56 / 8.56
-                 int8 sub-scales, fp16 super_scales = d per 256
+    Q6_K         bits 6 (a 4-bit and a 2-bit plane, as the file's ql / qh),   6.56 / 6.56
+                 group 16, zero 32, int8 sub-scales, fp16 super_scales = d per 256
     F32/F16/BF16 (norms, biases and the odd float weight) load as before, in the model dtype
 
 Loading: a layer's parameter `weight` is a flat uint8 buffer of this rank's raw blocks, one region per
@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pagoda.kernels.weight_only import GroupQuantWeight, dequantize, pack_int4, weight_only_linear
+from pagoda.kernels.weight_only import GroupQuantWeight, dequantize, pack_int4, pack_int6, weight_only_linear
 
 from ..layers.embedding import EmbeddingMethod
 from ..model_loader.gguf_index import read_gguf_index
@@ -52,7 +52,7 @@ SUPPORTED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # bytes one block takes once converted (qweight + scales + mins + super-scales): see the table above
 HELD_BYTES_PER_BLOCK = {"Q4_0": 16 + 2, "Q4_1": 16 + 2 + 2, "Q8_0": 32 + 2, "Q4_K": 128 + 8 + 8 + 2 + 2,
-                        "Q6_K": 256 + 16 + 2}
+                        "Q6_K": 128 + 64 + 16 + 2}
 # fp16 fields of a block (byte offsets) that `init_dummy` sets to a small scale: random bytes elsewhere
 _SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
 
@@ -291,12 +291,13 @@ def _convert(raw: torch.Tensor, kind: str, dtype: torch.dtype) -> Piece:
         high = ((qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qh.device).view(4, 1)) & 3)
         q = (low | (high.reshape(rows, -1, 2, 128) << 4)).reshape(rows, -1)
         scales = blocks[..., 192:208].contiguous().view(torch.int8).reshape(rows, -1)
-        return GroupQuantWeight(q.contiguous(), bits=8, group_size=16, scales=scales, zero=32,
-                                super_scales=_fp16(blocks[..., 208:210]), super_group=256)
+        qweight, qweight_high = pack_int6(q)
+        return GroupQuantWeight(qweight, bits=6, group_size=16, scales=scales, zero=32,
+                                super_scales=_fp16(blocks[..., 208:210]), super_group=256, qweight_high=qweight_high)
     raise ValueError(f"GGUF block type {kind!r} cannot be kept quantized; supported: {list(SUPPORTED_TYPES)}")
 
 
-_FIELDS = ("qweight", "scales", "zeros", "mins", "super_scales", "super_mins")
+_FIELDS = ("qweight", "qweight_high", "scales", "zeros", "mins", "super_scales", "super_mins")
 
 
 def _tensors(piece: Piece) -> dict[str, torch.Tensor]:

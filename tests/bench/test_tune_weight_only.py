@@ -41,9 +41,11 @@ def test_whole_default_sweep_is_bounded():
     assert len(configs) < 1000 and len(compiled) < 120                  # a few minutes on one H100
 
 
-def test_dry_run_writes_a_table_the_kernel_reads(tmp_path):
+@pytest.mark.parametrize("bits", [4, 6])
+def test_dry_run_writes_a_table_the_kernel_reads(tmp_path, bits):
     code = ("import json; from bench import tune_weight_only as t; print(json.dumps(t.main(['--shapes', '48x96', "
-            f"'--m', '1,3', '--group-size', '32', '--space', 'tiny', '--output-dir', '{tmp_path}'])))")
+            f"'--m', '1,3', '--group-size', '32', '--bits', '{bits}', '--space', 'tiny', "
+            f"'--output-dir', '{tmp_path}'])))")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -53,8 +55,8 @@ def test_dry_run_writes_a_table_the_kernel_reads(tmp_path):
     from pagoda.kernels import weight_only_triton as wt
 
     table = json.loads((tmp_path / "cpu.json").read_text())
-    assert set(table[wt.shape_key(48, 96, 4, 32)]) == {"1", "3"}
-    assert wt.tuned_config(1, 48, 96, 4, 32, "cpu", tmp_path) == wt.GemmConfig(**results[0]["best"])
+    assert set(table[wt.shape_key(48, 96, bits, 32)]) == {"1", "3"}
+    assert wt.tuned_config(1, 48, 96, bits, 32, "cpu", tmp_path) == wt.GemmConfig(**results[0]["best"])
 
 
 def test_bad_arguments_are_named():

@@ -261,7 +261,7 @@ def test_fused_layer_of_two_block_types(tmp_path, v_kind):
     load_layer(layer, weights, names, ["q", "k", "v"])
     pieces = layer.quant_method.pieces
     assert [tuple(p.shape) for p in pieces] == [(12, K), (4, K)], "q+k one GEMM, v another"
-    assert pieces[0].bits == 4 and (pieces[1].bits == 8 if v_kind == "Q6_K" else pieces[1].dtype == torch.float32)
+    assert pieces[0].bits == 4 and (pieces[1].bits == 6 if v_kind == "Q6_K" else pieces[1].dtype == torch.float32)
     expected = torch.cat([weights[name].load() for name in names])
     assert torch.equal(layer_weight(layer), expected)
     x = torch.randn(5, K)
@@ -334,7 +334,7 @@ def test_engine_kept_quantized_equals_dequantized_and_transformers(model_files, 
 
 
 # -- (c) what stays resident ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["Q4_0", "q4_1-q8_0-tied", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("name", ["Q4_0", "q4_1-q8_0-tied", "Q8_0", "Q4_K", "Q6_K", "q4_k_m"])
 def test_resident_weights_are_the_files_size(model_files, name):
     path = model_files(name)
     file_bytes = sum(t.n_bytes for t in read_gguf_index(path).tensors)
@@ -345,16 +345,17 @@ def test_resident_weights_are_the_files_size(model_files, name):
     assert held < dequantized / 3                 # float32 would take 32 bits a weight
 
 
-def test_resident_q6_k_is_8_56_bits_a_weight(model_files):
-    """Q6_K is held a value per byte: 8 + 8/16 (int8 scale per 16) + 16/256 (fp16 d) = 8.5625 bits a
-    weight, against the file's 6.5625."""
+def test_resident_q6_k_is_the_files_6_56_bits_a_weight(model_files):
+    """Q6_K is held as in the file: a 4-bit and a 2-bit plane, an int8 scale per 16 values and an fp16
+    d per 256: 4 + 2 + 8/16 + 16/256 = 6.5625 bits a weight, exactly the file's."""
     path = model_files("Q6_K")
     tensors = read_gguf_index(path).tensors
     q6_values = sum(t.n_elements for t in tensors if t.tensor_type.name == "Q6_K")
     float_bytes = sum(t.n_bytes for t in tensors if t.tensor_type.name == "F32")
     model = build_model(path, GGUFConfig.from_file(path))
-    assert held_weight_bytes(model) == q6_values * 8.5625 / 8 + float_bytes
+    assert held_weight_bytes(model) == q6_values * 6.5625 / 8 + float_bytes
     assert sum(t.n_bytes for t in tensors if t.tensor_type.name == "Q6_K") == q6_values * 6.5625 / 8
+    assert GGUFConfig.from_file(path).held_bytes() == q6_values * 6.5625 / 8
 
 
 # -- (d) tensor parallelism ----------------------------------------------------------------------------

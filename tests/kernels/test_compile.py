@@ -89,6 +89,12 @@ WEIGHT_ONLY_LAUNCHES = '''
         for m, config in ((1, wt.GemmConfig(1, 32, 256, 4)), (4, wt.GemmConfig(4, 16, 128, 1)),
                           (8, wt.GemmConfig(16, 64, 128, 2))):
             wt.weight_only_linear(torch.zeros(m, 4096, dtype=torch.bfloat16), weight, config=config)
+    # 6 bits (GGUF Q6_K): a 4-bit and a 2-bit plane, int8 sub-scales of 16 values under fp16 super-scales
+    six = GroupQuantWeight(torch.zeros(4096, 2048, dtype=torch.uint8), 6, 16, torch.ones(4096, 256, dtype=torch.int8),
+                           zero=32, super_scales=torch.ones(4096, 16, dtype=torch.float16),
+                           qweight_high=torch.zeros(4096, 1024, dtype=torch.uint8))
+    for m in (1, 16, 256):
+        wt.weight_only_linear(torch.zeros(m, 4096, dtype=torch.bfloat16), six)
 '''
 
 

@@ -8,7 +8,7 @@ largest magnitude: float32 1e-5; bfloat16 one bf16 unit (2^-8) of that magnitude
 Formats (`make_weight`): zeros per group (GPTQ / AWQ / asymmetric compressed-tensors; int16 for
 GPTQ int8's 1..256), a constant zero (symmetric), float mins (GGUF Q4_1), uint8 sub-scales and
 sub-mins with float16 super-scales (Q4_K), int8 sub-scales of 16-value groups with a constant zero
-32 (Q6_K); group sizes 32, 128 and one group per row (per-channel); M = 1 (multiply-add path), 3 and
+32 (Q6_K, 6 bits in a 4-bit and a 2-bit plane); group sizes 32, 128 and one group per row (per-channel); M = 1 (multiply-add path), 3 and
 33 (tensor-core path); with and without bias; float32 and bfloat16 activations.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 
 from pagoda.kernels import weight_only_triton
 from pagoda.kernels.backend import use_backend
-from pagoda.kernels.weight_only import GroupQuantWeight, dequantize, pack_int4, weight_only_linear, \
-    weight_only_linear_ref
+from pagoda.kernels.weight_only import GroupQuantWeight, dequantize, pack_int4, pack_int6, unpack, \
+    weight_only_linear, weight_only_linear_ref
 from pagoda.kernels.weight_only_triton import GemmConfig, _launch
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2}
@@ -28,7 +28,11 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2}
 def make_weight(n: int, k: int, bits: int, group: int, variant: str, device, seed: int = 0) -> GroupQuantWeight:
     gen = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
-    qweight = pack_int4(q) if bits == 4 else q
+    high = None
+    if bits == 6:
+        qweight, high = pack_int6(q)
+    else:
+        qweight = pack_int4(q) if bits == 4 else q
     groups = k // group
     scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.002).half()
     fields: dict = {}
@@ -50,13 +54,15 @@ def make_weight(n: int, k: int, bits: int, group: int, variant: str, device, see
         fields.update(zero=32, super_scales=(torch.rand(n, k // 256, generator=gen) * 1e-3).half())
     else:
         raise AssertionError(variant)
-    weight = GroupQuantWeight(qweight, bits, group, scales, **fields)
+    weight = GroupQuantWeight(qweight, bits, group, scales, qweight_high=high, **fields)
+    assert torch.equal(unpack(weight), q.to(torch.int32))             # the packing round-trips
     return _to(weight, device)
 
 
 def _to(weight: GroupQuantWeight, device) -> GroupQuantWeight:
-    moved = {f: getattr(weight, f).to(device) for f in ("qweight", "scales", "zeros", "mins", "super_scales",
-                                                         "super_mins", "perm") if getattr(weight, f) is not None}
+    moved = {f: getattr(weight, f).to(device) for f in ("qweight", "qweight_high", "scales", "zeros", "mins",
+                                                         "super_scales", "super_mins", "perm")
+             if getattr(weight, f) is not None}
     return GroupQuantWeight(**{**weight.__dict__, **moved})
 
 
@@ -71,6 +77,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 FORMATS = [
     (4, 128, "zeros"), (4, 32, "constant"), (4, None, "constant"), (4, 32, "mins"), (4, 32, "super"),
     (8, 128, "constant"), (8, 32, "zeros16"), (8, None, "zeros"), (8, 16, "super_int8"),
+    (6, 16, "super_int8"), (6, 32, "zeros"), (6, None, "constant"),
 ]
 
 
@@ -105,6 +112,45 @@ def test_explicit_tilings(m, config, dtype, device):
     bias = torch.randn(n, device=device).to(dtype)
     assert_close(weight_only_triton.weight_only_linear(x, weight, bias, config=config),
                  weight_only_linear_ref(x, weight, bias))
+
+
+SIX_BIT_CONFIGS = CONFIGS + [
+    pytest.param(1, GemmConfig(1, 16, 16, split_k=2), id="m1-16-wide-tiles"),     # one top-bits word a row
+    pytest.param(2, GemmConfig(2, 32, 256), id="m2-wide-gemv"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,config", SIX_BIT_CONFIGS)
+def test_six_bit_planes_on_every_tiling(m, config, dtype, device):
+    """6-bit values (Q6_K's format) joined from their two planes on GEMV and GEMM tiles of every width,
+    split or not, with 16-value groups under super-scales."""
+    n, k = 48, 512
+    weight = make_weight(n, k, 6, 16, "super_int8", device, seed=4)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype)
+    assert_close(weight_only_triton.weight_only_linear(x, weight, bias, config=config),
+                 weight_only_linear_ref(x, weight, bias))
+
+
+def test_six_bit_layout_and_its_invariants():
+    q = torch.arange(64, dtype=torch.uint8).view(2, 32)               # every 6-bit value once
+    low, high = pack_int6(q)
+    assert low.shape == (2, 16) and high.shape == (2, 8)
+    # byte j of the top plane holds the top bits of k = 4j .. 4j+3, two bits each from bit 0
+    assert int(high[0, 0]) == 0 and int(high[1, 0]) == (2 | 2 << 2 | 2 << 4 | 2 << 6)
+    weight = GroupQuantWeight(low, 6, 32, torch.ones(2, 1), qweight_high=high)
+    assert weight.shape == (2, 32) and weight.nbytes() == 2 * 16 + 2 * 8 + 2 * 4
+    assert torch.equal(unpack(weight), q.to(torch.int32))
+    with pytest.raises(ValueError, match="qweight_high goes with bits=6"):
+        GroupQuantWeight(low, 6, 32, torch.ones(2, 1))
+    with pytest.raises(ValueError, match="qweight_high goes with bits=6"):
+        GroupQuantWeight(low, 4, 32, torch.ones(2, 1), qweight_high=high)
+    with pytest.raises(ValueError, match="bits must be 4, 6 or 8, got 5"):
+        GroupQuantWeight(low, 5, 32, torch.ones(2, 1))
+    narrow = GroupQuantWeight(*pack_int6(torch.zeros(2, 40, dtype=torch.uint8))[:1], 6, 8, torch.ones(2, 5),
+                              qweight_high=pack_int6(torch.zeros(2, 40, dtype=torch.uint8))[1])
+    assert not weight_only_triton.supported(narrow)          # K = 40: the top plane's words need K % 16 == 0
 
 
 def test_super_scales_on_split_and_wide_tiles(device):
