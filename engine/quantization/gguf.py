@@ -10,7 +10,14 @@ blocks, converted exactly (no re-quantization) into the one weight-only format t
                  fp16 super_scales = d and super_mins = -dmin per 256
     Q6_K         bits 6 (a 4-bit and a 2-bit plane, as the file's ql / qh),   6.56 / 6.56
                  group 16, zero 32, int8 sub-scales, fp16 super_scales = d per 256
+    Q5_0         bits 6 (5 used), group 32, fp16 scales, zero 16              5.5  / 6.5
+    Q5_1         bits 6 (5 used), group 32, fp16 scales, fp16 mins            6.0  / 7.0
+    Q5_K         bits 6 (5 used), group 32, as Q4_K's scales and mins          5.5  / 6.625
     F32/F16/BF16 (norms, biases and the odd float weight) load as before, in the model dtype
+
+The 5-bit types (Q5_K_M files, and the Q5_0 / Q5_1 that llama.cpp writes where a tensor's rows are
+not whole 256-blocks) ride on the 6-bit planes: one bit a value more than the file, still ~2.5x
+smaller than bf16. Other block types (Q2_K, Q3_K, IQ*) are refused by name.
 
 Loading: a layer's parameter `weight` is a flat uint8 buffer of this rank's raw blocks, one region per
 fused shard (q/k/v, gate/up): a column-parallel layer reads its rows, a row-parallel one its blocks
@@ -47,14 +54,16 @@ from .base import (LinearMethod, ParamLayout, QuantizationConfig, UnquantizedLin
 
 # block type -> (values per block, bytes per block), as gguf.GGML_QUANT_SIZES
 BLOCK_SIZES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210),
-               "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2)}
-SUPPORTED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
+               "Q5_0": (32, 22), "Q5_1": (32, 24), "Q5_K": (256, 176), "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2)}
+SUPPORTED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K")
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # bytes one block takes once converted (qweight + scales + mins + super-scales): see the table above
 HELD_BYTES_PER_BLOCK = {"Q4_0": 16 + 2, "Q4_1": 16 + 2 + 2, "Q8_0": 32 + 2, "Q4_K": 128 + 8 + 8 + 2 + 2,
-                        "Q6_K": 128 + 64 + 16 + 2}
+                        "Q6_K": 128 + 64 + 16 + 2, "Q5_0": 16 + 8 + 2, "Q5_1": 16 + 8 + 2 + 2,
+                        "Q5_K": 128 + 64 + 8 + 8 + 2 + 2}
 # fp16 fields of a block (byte offsets) that `init_dummy` sets to a small scale: random bytes elsewhere
-_SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
+_SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,),
+                  "Q5_1": (0, 2), "Q5_K": (0, 2)}
 
 
 class GGUFConfig(QuantizationConfig):
@@ -255,6 +264,12 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-2)
 
 
+def _bits(packed: torch.Tensor) -> torch.Tensor:
+    """(..., n) uint8 -> (..., n, 8): bit j of byte b at [b, j], low bit first."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return (packed[..., None] >> shifts) & 1
+
+
 def _convert(raw: torch.Tensor, kind: str, dtype: torch.dtype) -> Piece:
     """(rows, blocks * type_size) raw bytes of one block type -> the format (see the module docstring).
     GGUF orders the values of a block by nibble (all low nibbles, then all high ones); the format packs
@@ -273,16 +288,33 @@ def _convert(raw: torch.Tensor, kind: str, dtype: torch.dtype) -> Piece:
     if kind == "Q8_0":
         q = (blocks[..., 2:] ^ 0x80).reshape(rows, -1)              # int8 + 128 (flip the sign bit)
         return GroupQuantWeight(q.contiguous(), bits=8, group_size=32, scales=_fp16(blocks[..., 0:2]), zero=128)
-    if kind == "Q4_K":
+    if kind in ("Q4_K", "Q5_K"):
         packed = blocks[..., 4:16].reshape(rows, -1, 3, 4)           # 8 six-bit scales and mins in 12 bytes
         low, high, rest = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]
         scales = torch.cat([low & 0x3F, (rest & 0x0F) | ((low >> 2) & 0x30)], dim=-1).reshape(rows, -1)
         mins = torch.cat([high & 0x3F, (rest >> 4) | ((high >> 2) & 0x30)], dim=-1).reshape(rows, -1)
-        # 4 chunks of 32 bytes: a chunk's low nibbles are sub-block 2c, its high nibbles sub-block 2c + 1
-        q = _nibbles(blocks[..., 16:].reshape(rows, -1, 4, 32)).reshape(rows, -1)
-        return GroupQuantWeight(pack_int4(q), bits=4, group_size=32, scales=scales, mins=mins,
-                                super_scales=_fp16(blocks[..., 0:2]), super_mins=-_fp16(blocks[..., 2:4]),
-                                super_group=256)
+        fields = dict(group_size=32, scales=scales, mins=mins, super_scales=_fp16(blocks[..., 0:2]),
+                      super_mins=-_fp16(blocks[..., 2:4]), super_group=256)
+        if kind == "Q4_K":
+            # 4 chunks of 32 bytes: a chunk's low nibbles are sub-block 2c, its high nibbles sub-block 2c + 1
+            q = _nibbles(blocks[..., 16:].reshape(rows, -1, 4, 32)).reshape(rows, -1)
+            return GroupQuantWeight(pack_int4(q), bits=4, **fields)
+        # Q5_K: the low 4 bits as Q4_K's (after 32 bytes qh); bit s of qh[l] is value l of sub-block s's 5th bit
+        low4 = _nibbles(blocks[..., 48:].reshape(rows, -1, 4, 32)).reshape(rows, -1, 8, 32)
+        top = _bits(blocks[..., 16:48]).transpose(-1, -2)                       # (N, blocks, 8 sub-blocks, 32)
+        qweight, qweight_high = pack_int6((low4 | (top << 4)).reshape(rows, -1))
+        return GroupQuantWeight(qweight, bits=6, qweight_high=qweight_high, **fields)
+    if kind in ("Q5_0", "Q5_1"):
+        # d (, m), 4 bytes qh: bit j of the little-endian word is value j's 5th bit, 16 bytes of nibbles
+        head = 2 if kind == "Q5_0" else 4
+        low4 = _nibbles(blocks[..., head + 4:])                                # (N, blocks, 2, 16): values 0-15, 16-31
+        top = _bits(blocks[..., head : head + 4]).reshape(rows, -1, 2, 16)      # bit j of byte b: value 8b + j
+        qweight, qweight_high = pack_int6((low4 | (top << 4)).reshape(rows, -1))
+        if kind == "Q5_0":
+            return GroupQuantWeight(qweight, bits=6, group_size=32, scales=_fp16(blocks[..., 0:2]), zero=16,
+                                    qweight_high=qweight_high)
+        return GroupQuantWeight(qweight, bits=6, group_size=32, scales=_fp16(blocks[..., 0:2]),
+                                mins=_fp16(blocks[..., 2:4]), qweight_high=qweight_high)
     if kind == "Q6_K":
         # each half of 128 values: the low 4 bits from 64 bytes (low nibbles: values 0-63, high: 64-127),
         # the top 2 bits from 32 bytes (bits 0-1: values 0-31, 2-3: 32-63, ...)

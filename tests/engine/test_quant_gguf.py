@@ -2,9 +2,10 @@
 whose dequantization equals gguf's bit for bit, per block type and per tensor-parallel slice; engines
 on such files agree with the dequantized path and with transformers; the weights stay small.
 
-Files are written here with gguf.GGUFWriter: converted from tiny random checkpoints (Q4_0, Q4_1, Q8_0
-quantized by gguf.quants.quantize), and for Q4_K / Q6_K, which gguf cannot quantize, random valid
-blocks (random bytes with small, finite fp16 scales), gguf.quants.dequantize being the reference.
+Files are written here with gguf.GGUFWriter: converted from tiny random checkpoints (Q4_0, Q4_1, Q8_0,
+Q5_0, Q5_1 quantized by gguf.quants.quantize), and for Q4_K / Q5_K / Q6_K, which gguf cannot quantize,
+random valid blocks (random bytes with small, finite fp16 scales), gguf.quants.dequantize being the
+reference.
 
 Tolerances: the kept-quantized engine multiplies by the very float32 weights the dequantized engine
 holds, so its logprobs agree to 1e-5; against transformers (another implementation on the same
@@ -37,10 +38,12 @@ from pagoda.engine.quantization.gguf import GGUFConfig
 from pagoda.engine.quantization.registry import resolve_quantization
 from pagoda.kernels.weight_only import dequantize
 
-KINDS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+KINDS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"]
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")               # gguf cannot quantize these: random valid blocks
 # block type -> (values, bytes) per block and the byte offsets of its fp16 scale fields
 LAYOUT = {"Q4_0": (32, 18, (0,)), "Q4_1": (32, 20, (0, 2)), "Q8_0": (32, 34, (0,)),
-          "Q4_K": (256, 144, (0, 2)), "Q6_K": (256, 210, (208,))}
+          "Q4_K": (256, 144, (0, 2)), "Q6_K": (256, 210, (208,)), "Q5_0": (32, 22, (0,)),
+          "Q5_1": (32, 24, (0, 2)), "Q5_K": (256, 176, (0, 2))}
 K = 512                                        # input features of the layer-level tensors: 2 K-quant blocks
 LOGPROB_ATOL_SAME_WEIGHTS = 1e-5
 LOGPROB_ATOL_HF = 2e-4
@@ -59,13 +62,15 @@ def random_blocks(kind: str, rows: int, columns: int, rng: np.random.Generator) 
     """uint8 (rows, bytes) of valid `kind` blocks: random bits, fp16 scales small (weights ~0.05) and finite."""
     block_size, type_size, scale_offsets = LAYOUT[kind]
     blocks = rng.integers(0, 256, size=(rows, columns // block_size, type_size), dtype=np.uint8)
-    magnitude = {"Q4_0": 6e-3, "Q4_1": 6e-3, "Q8_0": 4e-4, "Q4_K": 1e-4, "Q6_K": 4e-5}[kind]
+    magnitude = {"Q4_0": 6e-3, "Q4_1": 6e-3, "Q8_0": 4e-4, "Q4_K": 1e-4, "Q6_K": 4e-5, "Q5_0": 3e-3,
+                 "Q5_1": 3e-3, "Q5_K": 5e-5}[kind]
     for offset in scale_offsets:
         scale = rng.uniform(0.5, 1.0, size=(rows, columns // block_size, 1)) * magnitude
-        if kind == "Q4_1" and offset == 2:          # the block's min: centre the values on zero
-            scale = -7.5 * blocks[..., 0:2].copy().view(np.float16).astype(np.float64)
-        if kind == "Q4_K" and offset == 2:          # dmin, subtracted: centre the values on zero
-            scale = scale * 8
+        if kind in ("Q4_1", "Q5_1") and offset == 2:     # the block's min: centre the values on zero
+            middle = 7.5 if kind == "Q4_1" else 15.5
+            scale = -middle * blocks[..., 0:2].copy().view(np.float16).astype(np.float64)
+        if kind in ("Q4_K", "Q5_K") and offset == 2:     # dmin, subtracted: centre the values on zero
+            scale = scale * (8 if kind == "Q4_K" else 16)
         blocks[..., offset : offset + 2] = scale.astype(np.float16).view(np.uint8)
     return blocks.reshape(rows, -1)
 
@@ -87,7 +92,7 @@ def write_layer_file(path: Path, tensors: dict[str, tuple[str, np.ndarray]]) -> 
 
 def write_model_file(hf_dir: Path, path: Path, type_of, seed: int = 0) -> Path:
     """`hf_dir` converted as model_factory.write_tiny_gguf does, each 2-D tensor in `type_of(gguf name)`:
-    gguf's own quantizer where it has one, random valid blocks for Q4_K / Q6_K."""
+    gguf's own quantizer where it has one, random valid blocks for the K-quants."""
     rng = np.random.default_rng(seed)
     add_tensor = gguf.GGUFWriter.add_tensor
 
@@ -95,7 +100,7 @@ def write_model_file(hf_dir: Path, path: Path, type_of, seed: int = 0) -> Path:
         kind = type_of(name) if tensor.ndim == 2 else "F32"
         if kind == "F32":
             return add_tensor(writer, name, tensor, *args, **kwargs)
-        if kind in ("Q4_K", "Q6_K"):
+        if kind in K_QUANTS:
             blocks = random_blocks(kind, tensor.shape[0], tensor.shape[1], rng)
         else:
             blocks = gguf.quants.quantize(tensor, gguf.GGMLQuantizationType[kind])
@@ -109,6 +114,16 @@ def write_model_file(hf_dir: Path, path: Path, type_of, seed: int = 0) -> Path:
 def q4_k_m(name: str) -> str:
     """Like llama.cpp's Q4_K_M: Q6_K for v, down and the output, Q4_K elsewhere (q/k/v mix two types)."""
     return "Q6_K" if any(part in name for part in ("attn_v", "ffn_down", "output.")) else "Q4_K"
+
+
+def q5_k_m(name: str) -> str:
+    """Like llama.cpp's Q5_K_M: Q6_K for v, down and the output, Q5_K elsewhere."""
+    return "Q6_K" if any(part in name for part in ("attn_v", "ffn_down", "output.")) else "Q5_K"
+
+
+def q5_mixed(name: str) -> str:
+    """Q5_0 and Q5_1 (llama.cpp's fallbacks where rows are not whole 256-blocks), the embedding Q8_0."""
+    return "Q8_0" if name.startswith("token_embd") else ("Q5_1" if "ffn" in name else "Q5_0")
 
 
 def q4_k_m_q8_0_embedding(name: str) -> str:
@@ -134,6 +149,8 @@ def model_files(tiny_checkpoint, tmp_path_factory):
         "Q8_0": (TinyModelSpec(), lambda name: "Q8_0"),
         "Q4_K": (K_SPEC, lambda name: "Q4_K"),
         "Q6_K": (K_SPEC, lambda name: "Q6_K"),
+        "q5_k_m": (K_SPEC, q5_k_m),
+        "q5_0-q5_1": (TinyModelSpec(), q5_mixed),
     }
     built = {}
 
@@ -285,11 +302,11 @@ def test_registry_keeps_gguf_quantized_on_cuda_or_when_asked(model_files):
 
 
 def test_unsupported_block_type_names_the_tensor(tmp_path):
-    data = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
-    tensors = {"blk.0.ffn_up.weight": ("Q5_0", gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q5_0))}
-    path = write_layer_file(tmp_path / "q5.gguf", tensors)
-    message = (r"GGUF tensor 'blk\.0\.ffn_up\.weight' in .*q5\.gguf' has block type Q5_0, which cannot be kept "
-               r"quantized; supported: \['Q4_0', 'Q4_1', 'Q8_0', 'Q4_K', 'Q6_K'\]")
+    q3_k = np.random.default_rng(0).integers(0, 256, size=(4, 110), dtype=np.uint8)      # one 256-block a row
+    tensors = {"blk.0.ffn_up.weight": ("Q3_K", q3_k)}
+    path = write_layer_file(tmp_path / "q3.gguf", tensors)
+    message = (r"GGUF tensor 'blk\.0\.ffn_up\.weight' in .*q3\.gguf' has block type Q3_K, which cannot be kept "
+               r"quantized; supported: \['Q4_0', 'Q4_1', 'Q8_0', 'Q4_K', 'Q6_K', 'Q5_0', 'Q5_1', 'Q5_K'\]")
     with pytest.raises(ValueError, match=message):
         GGUFConfig.from_file(path)
 
@@ -314,7 +331,7 @@ def chosen_logprobs(output) -> list[float]:
     return [entry[token].logprob for entry, token in zip(completion.logprobs, completion.token_ids)]
 
 
-@pytest.mark.parametrize("name", ["q4_1-q8_0-tied", "q4_k_m", "qwen2-q4_k_m"])
+@pytest.mark.parametrize("name", ["q4_1-q8_0-tied", "q4_k_m", "qwen2-q4_k_m", "q5_k_m", "q5_0-q5_1"])
 def test_engine_kept_quantized_equals_dequantized_and_transformers(model_files, name):
     path = model_files(name)
     prompts = token_prompts(4)
@@ -343,6 +360,22 @@ def test_resident_weights_are_the_files_size(model_files, name):
     assert abs(held - file_bytes) <= 0.10 * file_bytes, (held, file_bytes)
     dequantized = held_weight_bytes(build_model(path, None))
     assert held < dequantized / 3                 # float32 would take 32 bits a weight
+
+
+@pytest.mark.parametrize("name,kinds", [("q5_k_m", {"Q5_K": 6.625, "Q6_K": 6.5625}),
+                                        ("q5_0-q5_1", {"Q5_0": 6.5, "Q5_1": 7.0, "Q8_0": 8.5})])
+def test_resident_five_bit_types_take_one_bit_a_weight_more(model_files, name, kinds):
+    """Q5_0 / Q5_1 / Q5_K ride on the 6-bit planes: exactly one bit a value more than the file."""
+    path = model_files(name)
+    tensors = read_gguf_index(path).tensors
+    float_bytes = sum(t.n_bytes for t in tensors if t.tensor_type.name == "F32")
+    values = {kind: sum(t.n_elements for t in tensors if t.tensor_type.name == kind) for kind in kinds}
+    assert all(values.values()), values
+    model = build_model(path, GGUFConfig.from_file(path))
+    assert held_weight_bytes(model) == sum(values[kind] * bits / 8 for kind, bits in kinds.items()) + float_bytes
+    assert GGUFConfig.from_file(path).held_bytes() == held_weight_bytes(model) - float_bytes
+    file_bytes = sum(t.n_bytes for t in tensors if t.tensor_type.name in kinds)
+    assert held_weight_bytes(model) - float_bytes <= 1.25 * file_bytes
 
 
 def test_resident_q6_k_is_the_files_6_56_bits_a_weight(model_files):
