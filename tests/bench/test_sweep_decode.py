@@ -3,9 +3,6 @@ interpreter (a subprocess: the interpreter is chosen when Triton kernels are imp
 an FP8 cache: every variant goes through the shipped wrapper and agrees with the shipped launch."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,18 +12,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))                                  # the repo root, for `import bench`
 
 from bench import sweep_decode  # noqa: E402
+from interpreted import run_main  # noqa: E402
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 def test_sweep_runs_every_variant_through_the_wrapper(kv_cache_dtype):
-    code = ("import json; from bench import sweep_decode; print(json.dumps(sweep_decode.main(["
-            f"'--shapes', '2x40,1x100', '--kv-cache-dtype', '{kv_cache_dtype}'])))")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "failed" not in done.stderr, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results, _, stderr = run_main("bench.sweep_decode", ["--shapes", "2x40,1x100", "--kv-cache-dtype", kv_cache_dtype])
+    assert "failed" not in stderr, stderr[-2000:]
     assert [(r["batch"], r["context"], r["kv_cache_dtype"]) for r in results] == [
         (2, 40, kv_cache_dtype), (1, 100, kv_cache_dtype)]
     for result in results:

@@ -4,8 +4,6 @@ every tile's result against the reference and writes a table the kernel's lookup
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,22 +13,18 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))                                  # the repo root, for `import bench`
 
 from bench import tune_fp8  # noqa: E402
+from interpreted import run_main  # noqa: E402
 
 
 def test_sweep_runs_on_a_tiny_shape_and_writes_a_table_the_kernel_reads(tmp_path):
     (tmp_path / "cpu.json").write_text(json.dumps({"N=8,K=16": {"4": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16,
                                                                       "SPLIT_K": 1, "num_warps": 4,
                                                                       "num_stages": 1}}}))
-    code = ("import json; from bench import tune_fp8; print(json.dumps(tune_fp8.main(['--shapes', '48x96', "
-            f"'--m', '1,3', '--top', '1', '--output-dir', '{tmp_path}'])))")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results, stdout, _ = run_main("bench.tune_fp8", ["--shapes", "48x96", "--m", "1,3", "--top", "1",
+                                                     "--output-dir", str(tmp_path)], timeout_s=300)
     assert [(r["n"], r["k"], r["m"]) for r in results] == [(48, 96, 1), (48, 96, 3)]
     assert all(r["best_us"] > 0 and r["best"]["SPLIT_K"] in (1, 2) for r in results)
-    assert "48x96 M=1: small_m_config" in done.stdout
+    assert "48x96 M=1: small_m_config" in stdout
 
     from pagoda.kernels import fp8_triton
 

@@ -3,8 +3,6 @@ Triton interpreter (a subprocess) whose JSON the kernel's lookup reads back."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))                                  # the repo root, for `import bench`
 
 from bench import tune_weight_only  # noqa: E402
+from interpreted import run_main  # noqa: E402
 
 
 def test_sweep_covers_the_sms_and_fits_the_groups():
@@ -43,14 +42,9 @@ def test_whole_default_sweep_is_bounded():
 
 @pytest.mark.parametrize("bits", [4, 6])
 def test_dry_run_writes_a_table_the_kernel_reads(tmp_path, bits):
-    code = ("import json; from bench import tune_weight_only as t; print(json.dumps(t.main(['--shapes', '48x96', "
-            f"'--m', '1,3', '--group-size', '32', '--bits', '{bits}', '--space', 'tiny', "
-            f"'--output-dir', '{tmp_path}'])))")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results, _, _ = run_main("bench.tune_weight_only", ["--shapes", "48x96", "--m", "1,3", "--group-size", "32",
+                                                        "--bits", str(bits), "--space", "tiny",
+                                                        "--output-dir", str(tmp_path)], timeout_s=300)
     assert [(r["n"], r["k"], r["m"]) for r in results] == [(48, 96, 1), (48, 96, 3)]
     from pagoda.kernels import weight_only_triton as wt
 
