@@ -93,11 +93,13 @@ class ParallelConfig:
 
 
 # -- speculative decoding ----------------------------------------------------------------------------
-# The batch size from which a step stops speculating (SpeculativeConfig.disable_by_batch_size when
-# the user gives none). NOTE: a placeholder until measured on the GPU: a small batch leaves a decode
-# step memory-bound, so verifying K more tokens per request costs little, while a large one makes it
-# compute-bound and the rejected drafts' work shows. The crossover depends on the model, the GPU and
-# the acceptance rate; set it from throughput runs with and without speculation at growing batch sizes.
+# When the user gives no disable_by_batch_size, whether a step speculates is measured, not guessed: a
+# small batch leaves a decode step memory-bound, so verifying K more tokens per request costs little,
+# while a large one makes it compute-bound and the rejected drafts' work shows. The crossover depends on
+# the model, the GPU and the acceptance rate, so the engine times its own verification and decode
+# graphs at start-up and speculates only where the acceptance it observes pays for the measured cost
+# (engine/spec_decode/step_costs.py). Where nothing can be timed (no CUDA graphs: the CPU, eager mode,
+# a draft model, whose drafting the graphs do not include), a step speculates only below this batch size.
 DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE = 16
 MAX_SPECULATIVE_TOKENS = 16              # K per step; more only adds rejected work at n-gram acceptance rates
 SPEC_METHODS = ("ngram", "draft_model")
@@ -117,8 +119,10 @@ class SpeculativeConfig:
     num_speculative_tokens  K >= 1: drafts verified per request and step (at most MAX_SPECULATIVE_TOKENS)
     prompt_lookup_min/max   ngram only: n-gram lengths matched, longest first (1 <= min <= max); one
                             given sets the other's default around it
-    disable_by_batch_size   a step speculates only while fewer requests run; absent =
-                            DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE; None (JSON null) or 0 = at any batch size
+    disable_by_batch_size   a step speculates only while fewer requests run; None (JSON null) or 0 =
+                            at any batch size; absent (`auto_cutoff`): measured where it can be
+                            (`measured_cutoff`), else DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE
+    auto_cutoff             set when disable_by_batch_size is absent (the engine chooses)
     model                   draft_model only: the draft checkpoint, in any form the target's `model`
                             accepts (a local directory, a GGUF file, a cached Hub id); its vocabulary
                             must be the target's. `EngineArgs.create_config` resolves it into `draft`:
@@ -132,6 +136,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP_MAX
     disable_by_batch_size: Optional[int] = DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE
     model: Optional[str] = None
+    auto_cutoff: bool = False
     draft: Optional[ModelConfig] = None      # draft_model: set by `resolve_draft`
 
     @classmethod
@@ -198,7 +203,15 @@ class SpeculativeConfig:
                 raise bad("disable_by_batch_size", "an integer >= 2, or 0 / null for no limit")
             limit = limit or None
         return cls(method=method, num_speculative_tokens=value["num_speculative_tokens"], prompt_lookup_min=low,
-                   prompt_lookup_max=high, disable_by_batch_size=limit, model=draft_path)
+                   prompt_lookup_max=high, disable_by_batch_size=limit, model=draft_path,
+                   auto_cutoff="disable_by_batch_size" not in value)
+
+    @property
+    def measured_cutoff(self) -> bool:
+        """Whether the engine measures per step where speculation stops paying (module note above):
+        the user set no limit, and the drafts cost nothing beyond the verification (n-gram lookup; a
+        draft model's forward passes are not in the timed graphs)."""
+        return self.auto_cutoff and self.method == "ngram"
 
     def resolve_draft(self, target: ModelConfig, tensor_parallel_size: int, device: torch.device,
                       download_dir: Optional[str] = None) -> None:

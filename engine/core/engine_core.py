@@ -16,8 +16,8 @@ many tokens it yields is known only after verification (no placeholder can stand
 trade-off: while speculation is on, the host work of each step (update, proposal, scheduling, input
 preparation) no longer overlaps the device's previous step, a few percent of a step on a GPU; the
 accepted drafts are meant to more than pay for it. It ends as soon as no running request may
-speculate (batch at disable_by_batch_size, requests paused for low acceptance, constrained or in
-prefill): plain steps keep today's overlap.
+speculate (a batch where it does not pay by the measured step costs, or at disable_by_batch_size;
+requests paused for low acceptance, constrained or in prefill): plain steps keep today's overlap.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class EngineCore:
         self.executor = (executor_class or executor_class_for(config))(config)
         num_blocks = self.executor.determine_num_blocks()
         config.finalize_capacity(num_blocks)
-        self.executor.initialize_cache(num_blocks)
+        step_costs = self.executor.initialize_cache(num_blocks)
         startup_timeline.mark("KV allocation")      # (TP workers' graph capture included: they log theirs)
         self.scheduler = Scheduler(config.scheduler, config.cache)
         self.structured = StructuredOutputManager(config.model.vocab_size, self._load_tokenizer)
@@ -66,18 +66,22 @@ class EngineCore:
         self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
         self.spec = (SpecDecodeController(config.speculative, config.model.max_model_len)
                      if config.speculative is not None else None)
+        if self.spec is not None:
+            self.spec.use_step_costs(step_costs)
         self._prefix_summary_cache: list[int] = []
         self._prefix_summary_time = float("-inf")
         logger.info("KV cache: %d blocks of %d tokens; max_model_len %d", num_blocks,
                     config.cache.block_size, config.model.max_model_len)
-        if config.speculative is not None:
+        if self.spec is not None:
             spec = config.speculative
             limit = spec.disable_by_batch_size
             source = (f"n-grams of {spec.prompt_lookup_min}..{spec.prompt_lookup_max}" if spec.method == "ngram"
                       else f"draft model {spec.model}")
+            costs = self.spec.step_costs
             logger.info("speculative decoding: %s, up to %d draft tokens per step (%s), %s",
                         spec.method, spec.num_speculative_tokens, source,
-                        f"while fewer than {limit} requests run" if limit else "at any batch size")
+                        f"where the observed acceptance pays for the measured {costs.describe()}" if costs
+                        else f"while fewer than {limit} requests run" if limit else "at any batch size")
         freeze_startup_heap()          # no full GC pass over start-up objects between steps
         startup_timeline.mark("scheduler, GC freeze")
 

@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Optional
 
 from ..config import EngineConfig
+from ..spec_decode.step_costs import StepCosts
 from ..step import GrammarOutput, ModelRunnerOutput, SchedulerOutput, StepHandle
 
 
@@ -25,7 +26,9 @@ class Executor(ABC):
         """KV blocks every rank can hold (the minimum over ranks)."""
 
     @abstractmethod
-    def initialize_cache(self, num_blocks: int) -> None: ...
+    def initialize_cache(self, num_blocks: int) -> Optional[StepCosts]:
+        """Allocates the KV cache and captures the graphs on every rank; returns the speculation step
+        costs rank 0 measured (spec_decode/step_costs.py), or None."""
 
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
@@ -66,8 +69,8 @@ class WorkerGroupExecutor(Executor):
         # Every rank holds the same block ids, so the smallest rank decides.
         return min(self._collective_rpc("determine_num_blocks", timeout_s=self.startup_timeout_s))
 
-    def initialize_cache(self, num_blocks: int) -> None:
-        self._collective_rpc("initialize_cache", num_blocks, timeout_s=self.startup_timeout_s)
+    def initialize_cache(self, num_blocks: int) -> Optional[StepCosts]:
+        return self._collective_rpc("initialize_cache", num_blocks, timeout_s=self.startup_timeout_s)[0]
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         replies = self._collective_rpc("execute_model", scheduler_output,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import EngineConfig
-
+from ..spec_decode.step_costs import StepCosts
 from ..step import GrammarOutput, ModelRunnerOutput, SchedulerOutput, StepHandle
 from ..worker.model_runner import ModelRunner
 from .base import Executor
@@ -18,9 +18,9 @@ class UniprocExecutor(Executor):
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
 
-    def initialize_cache(self, num_blocks: int) -> None:
+    def initialize_cache(self, num_blocks: int) -> Optional[StepCosts]:
         self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_cuda_graphs()
+        return self.runner.capture_cuda_graphs()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         output = self.runner.execute_model(scheduler_output)

@@ -40,16 +40,20 @@ Where proposers run, and what they get:
   probabilities) with the ModelRunnerOutput, handed to `Scheduler.schedule` as the host proposer's.
 
 Not speculating: requests with structured output (their grammar advances token by token on the
-host), requests still in prefill, and a step whose batch has reached `disable_by_batch_size`. They are
+host), requests still in prefill, and a step at a batch size where speculation does not pay (below).
+They are
 still served exactly, in the same steps as speculating requests. Requests with n > 1, penalties,
 logit_bias, min_tokens, logprobs or a seed do speculate, each draft position sampled with its own
 row (penalties count the drafts before it); prompt logprobs come from the prefill, before a request
 may speculate.
 
-From which batch size speculation stops paying on a GPU is to be measured there
-(config.DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE). A verifying step is not a pure decode, so the decode
+From which batch size speculation stops paying is measured, not guessed (step_costs.py): unless the
+user sets `disable_by_batch_size`, the engine times each verification graph against the decode graph
+of the same batch at start-up and speculates in a step only while the acceptance it observes pays for
+that ratio; where nothing can be timed (CPU, eager mode, a draft model) it stops at
+DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE requests. A verifying step is not a pure decode, so the decode
 CUDA graphs cannot replay it: it replays graphs of its own (engine/worker/verify_graphs.py), every
 sequence padded at the front to 1 + K rows, captured at start-up for batches below
-disable_by_batch_size (up to 64 without one); a step with a chunk of more than 1 + K tokens (a
-prefill), a larger batch or a context of <= 1 + K tokens runs eagerly.
+disable_by_batch_size (up to 64 without one, or with a measured cutoff); a step with a chunk of more
+than 1 + K tokens (a prefill), a larger batch or a context of <= 1 + K tokens runs eagerly.
 """

@@ -2,8 +2,10 @@
 
 Two switches, both cheap, both on the host:
 
-- per step, by batch size (`SpeculativeConfig.disable_by_batch_size`): once that many requests run,
-  the step runs without drafts. A larger batch makes a decode step compute-bound, where the
+- per step, by batch size: with measured step costs (`use_step_costs`, the default where the engine
+  can time its graphs: step_costs.py), a step speculates only while the acceptance observed so far
+  pays for what verifying costs at this batch size; otherwise once `disable_by_batch_size` requests
+  run, the step runs without drafts. A larger batch makes a decode step compute-bound, where the
   rejected drafts' work is no longer free.
 - per request, by acceptance: each speculating step of a request yields accepted / proposed
   drafts (0 when the proposer found nothing: it gained nothing and, under async scheduling, cost
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Optional
 from .draft_slots import DraftSlotsProposer
 from .ngram import NgramProposer
 from .proposer import Proposer
+from .step_costs import ACCEPTED_EMA_WEIGHT, StepCosts, speculation_pays
 
 if TYPE_CHECKING:
     from ..config import SpeculativeConfig
@@ -54,17 +57,29 @@ class SpecDecodeController:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.num_accepted_tokens_per_pos = [0] * config.num_speculative_tokens
+        self.step_costs: Optional[StepCosts] = None
+        # mean drafts accepted per verification (step_costs.py): every draft until observed
+        self.accepted_per_verification = float(config.num_speculative_tokens)
+
+    def use_step_costs(self, costs: Optional[StepCosts]) -> None:
+        """The measured verify / decode costs (None: none measured): with them, and no
+        disable_by_batch_size from the user, each step decides by step_costs.speculation_pays."""
+        self.step_costs = costs if self.config.measured_cutoff else None
 
     # -- before a step --------------------------------------------------------------------------------
     def step_speculates(self, running: list["Request"]) -> bool:
         """Called once per engine step, before anything is drained or scheduled: may this step
-        speculate? (Some running request could, and the batch is below the limit.) Requests whose
-        last step is still in flight count as if its token were known."""
+        speculate? (Some running request could, and it pays at this batch size: measured, or below
+        the limit.) Requests whose last step is still in flight count as if its token were known."""
         self.step += 1
-        limit = self.config.disable_by_batch_size
+        costs = self.step_costs
+        limit = costs.max_batch + 1 if costs is not None else self.config.disable_by_batch_size
         if not running or (limit is not None and len(running) >= limit):
             return False
-        return any(self._may_speculate(request, request.num_pending_tokens) for request in running)
+        if costs is None:
+            return any(self._may_speculate(request, request.num_pending_tokens) for request in running)
+        speculating = sum(self._may_speculate(request, request.num_pending_tokens) for request in running)
+        return speculation_pays(costs, len(running), speculating, self.accepted_per_verification)
 
     def propose(self, running: list["Request"]) -> dict[str, list[int]]:
         """Drafts for this step's speculating requests (every token of theirs known on the host)."""
@@ -93,6 +108,7 @@ class SpecDecodeController:
         """Counts the step's verifications and updates each speculating request's acceptance."""
         if not scheduler_output.num_spec_tokens:
             return
+        verifications, accepted_in_step = 0, 0
         for item in scheduler_output.scheduled:
             if not item.num_spec_tokens:
                 continue
@@ -100,6 +116,8 @@ class SpecDecodeController:
             if tokens is None:
                 continue                          # finished or aborted while the step ran
             accepted = len(tokens) - 1
+            verifications += 1
+            accepted_in_step += accepted
             self.num_drafts += 1
             self.num_draft_tokens += item.num_spec_tokens
             self.num_accepted_tokens += accepted
@@ -108,6 +126,9 @@ class SpecDecodeController:
             request = requests.get(item.request_id)
             if request is not None:
                 self._record(request, accepted / item.num_spec_tokens)
+        if verifications:
+            mean = accepted_in_step / verifications
+            self.accepted_per_verification += ACCEPTED_EMA_WEIGHT * (mean - self.accepted_per_verification)
 
     def _record(self, request: "Request", acceptance: float) -> None:
         state = request.speculation

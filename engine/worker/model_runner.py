@@ -36,6 +36,7 @@ from ..models.registry import get_model_class, is_moe_model
 from ..quantization.base import init_dummy_weights
 from ..spec_decode.draft_model import build_drafter
 from ..spec_decode.rejection import accepted_prefix
+from ..spec_decode.step_costs import StepCosts
 from ..step import (GrammarOutput, ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput,
                     StepHandle)
 from ..utils import startup_timeline
@@ -234,17 +235,19 @@ class ModelRunner:
                 layer.calculate_kv_scales = False
             self._kv_scales_pending = False
 
-    def capture_cuda_graphs(self) -> None:
+    def capture_cuda_graphs(self) -> Optional[StepCosts]:
         """Decode graphs for padded batch sizes up to min(max_num_seqs, 512) (CUDA, not enforce_eager);
-        with speculative decoding, verification graphs too (verify_graphs.py says which batches)."""
+        with speculative decoding, verification graphs too (verify_graphs.py says which batches), and
+        where the engine measures where speculation stops paying, their costs against the decode
+        graphs' (returned; None otherwise). Every TP rank replays the same graphs in the same order."""
         if self.drafter is not None:
             self.drafter.capture_graphs()    # its own (it checks the same conditions)
         if self.device.type != "cuda" or self.config.enforce_eager:
-            return
+            return None
         from pagoda.kernels.backend import use_triton
 
         if not use_triton(self.kv_cache):
-            return          # the torch reference attention has data-dependent shapes
+            return None     # the torch reference attention has data-dependent shapes
         from .cuda_graphs import DecodeGraphs
 
         max_model_len = self.config.model.max_model_len
@@ -258,6 +261,11 @@ class ModelRunner:
 
             self.verify_graphs = VerifyGraphs.for_target(self.model, self.config, pool=self.graphs.pool)
             self.verify_graphs.capture()
+            if self.config.speculative.measured_cutoff:
+                from .verify_graphs import measure_step_costs
+
+                return measure_step_costs(self.graphs, self.verify_graphs, self.kv_cache.shape[2], self.block_size)
+        return None
 
     # -- one step ----------------------------------------------------------------------------------
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:

@@ -36,7 +36,9 @@ cache, taking the padding rows for context. Excluding it keeps the layout correc
 (and the CPU tests an oracle of the GPU one) at the cost of a step or two for contexts of <= q tokens.
 
 Which batches: up to `disable_by_batch_size - 1` when speculation stops at a batch size (no step
-above it verifies drafts), else up to VERIFY_GRAPH_MAX_BATCH; never above max_num_seqs.
+above it verifies drafts), else up to VERIFY_GRAPH_MAX_BATCH; never above max_num_seqs. Where the
+engine measures the cutoff (no limit from the user, n-gram drafts), `measure_step_costs` then times
+each verification graph against the decode graph of the same batch (engine/spec_decode/step_costs.py).
 
 `UniformBatch` holds the static inputs and packs a step into them with device ops only (no host
 sync, any device; about ten small launches before the replay): the CUDA graphs replay it, and the
@@ -53,6 +55,7 @@ import torch
 from pagoda.kernels.metadata import AttentionMetadata
 
 from ..config import EngineConfig
+from ..spec_decode.step_costs import StepCosts
 from ..step import ScheduledRequest
 from ..utils import startup_timeline
 from .cuda_graphs import default_buckets
@@ -64,10 +67,11 @@ logger = logging.getLogger(__name__)
 VERIFY_GRAPH_MAX_BATCH = 64
 
 
-def verify_max_batch(disable_by_batch_size: Optional[int], max_num_seqs: int) -> int:
+def verify_max_batch(disable_by_batch_size: Optional[int], max_num_seqs: int, measured_cutoff: bool = False) -> int:
     """The largest verification batch worth a graph (module docstring): speculation runs only while
-    fewer than `disable_by_batch_size` requests run."""
-    bound = disable_by_batch_size - 1 if disable_by_batch_size else VERIFY_GRAPH_MAX_BATCH
+    fewer than `disable_by_batch_size` requests run, or, with a measured cutoff, wherever the
+    measurement says it pays (up to VERIFY_GRAPH_MAX_BATCH)."""
+    bound = disable_by_batch_size - 1 if disable_by_batch_size and not measured_cutoff else VERIFY_GRAPH_MAX_BATCH
     return max(1, min(bound, max_num_seqs))
 
 
@@ -163,7 +167,8 @@ class VerifyGraphs:
             raise ValueError("verification graphs need speculative decoding (speculative_config), got None")
         max_model_len = config.model.max_model_len
         return cls(model, q=1 + spec.num_speculative_tokens,
-                   max_batch=verify_max_batch(spec.disable_by_batch_size, config.scheduler.max_num_seqs),
+                   max_batch=verify_max_batch(spec.disable_by_batch_size, config.scheduler.max_num_seqs,
+                                              spec.measured_cutoff),
                    max_blocks_per_seq=-(-max_model_len // config.cache.block_size), max_model_len=max_model_len,
                    hidden_size=config.model.hf_config.hidden_size, dtype=config.model.dtype, device=config.device,
                    pool=pool)
@@ -211,3 +216,51 @@ class VerifyGraphs:
 
     def _replay(self, batch: int) -> None:
         self.graphs[batch].replay()
+
+
+# The context each timed sequence attends to in `measure_step_costs` (capped by max_model_len and the cache),
+# and the replays averaged per graph after one untimed.
+TIMING_CONTEXT = 1024
+TIMING_REPLAYS = 3
+
+
+@torch.inference_mode()
+def measure_step_costs(decode: Any, verify: VerifyGraphs, num_blocks: int, block_size: int) -> StepCosts:
+    """Times each verification graph against the decode graph that a plain step of the same batch
+    replays (the smallest decode bucket at or above it), both over TIMING_CONTEXT tokens of context
+    per sequence: the static buffers are pointed at the first blocks of the cache (every sequence
+    the same ones; padding slots -1, nothing written), replayed, then set back to their captured
+    padding. CUDA only (captured graphs)."""
+    q = verify.q
+    context = max(q + 1, min(TIMING_CONTEXT, verify.max_model_len - q, num_blocks * block_size))
+    blocks = torch.arange(-(-context // block_size), device=verify.device, dtype=torch.int32) % num_blocks
+    decode_s, verify_s = [], []
+    for batch in verify.buckets:
+        decode_batch = next(b for b in decode.buckets if b >= batch)
+        decode.seq_lens[:decode_batch].fill_(context)
+        decode.positions[:decode_batch].fill_(context - 1)
+        decode.block_tables[:decode_batch, :blocks.numel()] = blocks
+        decode_s.append(_time_replays(decode.graphs[decode_batch], verify.device))
+        rows = verify.batch
+        rows.seq_lens[:batch].fill_(context)
+        rows.positions[:batch * q].copy_((context - q + torch.arange(q, device=verify.device)).repeat(batch))
+        rows.block_tables[:batch, :blocks.numel()] = blocks
+        verify_s.append(_time_replays(verify.graphs[batch], verify.device))
+    decode.seq_lens.fill_(1)
+    decode.positions.zero_()
+    decode.block_tables.zero_()
+    verify.batch.seq_lens.fill_(q)
+    verify.batch.positions.zero_()
+    verify.batch.block_tables.zero_()
+    return StepCosts(tuple(verify.buckets), tuple(decode_s), tuple(verify_s), context)
+
+
+def _time_replays(graph: Any, device: torch.device) -> float:
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(TIMING_REPLAYS):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3 / TIMING_REPLAYS

@@ -21,6 +21,7 @@ import torch
 
 from ..config import EngineConfig
 from ..distributed.parallel_state import destroy_tensor_parallel, enable_fast_all_reduce, init_tensor_parallel
+from ..spec_decode.step_costs import StepCosts
 from ..step import GrammarOutput, ModelRunnerOutput, SchedulerOutput, StepHandle
 from ..utils.gc_freeze import freeze_startup_heap, thaw_heap
 from .model_runner import ModelRunner
@@ -64,11 +65,13 @@ class Worker:
         assert self.runner is not None, "load_model first"
         return self.runner.determine_num_blocks()
 
-    def initialize_cache(self, num_blocks: int) -> None:
+    def initialize_cache(self, num_blocks: int) -> Optional[StepCosts]:
+        """Allocates the KV cache and captures the graphs; the measured speculation step costs, if any."""
         assert self.runner is not None, "load_model first"
         self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_cuda_graphs()
+        costs = self.runner.capture_cuda_graphs()
         freeze_startup_heap()          # a rank's GC pause would stall every rank at the next collective
+        return costs
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
         """One step; rank 0 returns the sampled tokens, the other ranks None."""

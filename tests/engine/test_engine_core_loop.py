@@ -140,3 +140,28 @@ def test_a_command_queue_hands_over_everything_in_order():
 def test_an_unknown_command_is_a_type_error(core):
     with pytest.raises(TypeError, match="not an engine core command"):
         core.run_loop(ScriptedInbox(["add"]), lambda event: None)
+
+
+def test_measured_step_costs_reach_the_speculation_controller(tiny_checkpoint, caplog):
+    """What the executor measured at start-up decides speculation when the user set no limit."""
+    from pagoda.engine.spec_decode.step_costs import StepCosts
+
+    measured = StepCosts((1, 8, 32), (0.01, 0.01, 0.01), (0.0102, 0.012, 0.02), 1024)
+
+    class MeasuringExecutor(FixedTokenExecutor):
+        def initialize_cache(self, num_blocks: int) -> StepCosts:
+            return measured
+
+    for spec, expected in (({"method": "ngram", "num_speculative_tokens": 2}, measured),
+                           ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 4}, None)):
+        config = EngineArgs(model=str(tiny_checkpoint()), kv_cache_memory_bytes=1 << 20, async_scheduling=False,
+                            skip_tokenizer_init=True, speculative_config=spec).create_config()
+        with caplog.at_level("INFO", logger="pagoda.engine.core.engine_core"):
+            core = EngineCore(config, MeasuringExecutor)
+        try:
+            assert core.spec.step_costs is expected
+            logged = "measured verify / decode step time at 1024 tokens of context: batch 1 1.02x"
+            assert (logged in caplog.text) == (expected is not None)
+        finally:
+            core.shutdown()
+            caplog.clear()

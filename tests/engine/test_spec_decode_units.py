@@ -6,8 +6,6 @@ prefix cache with a rejected draft's KV, or a computed position left wrong, is c
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import random
 from typing import Optional
 
@@ -24,6 +22,7 @@ from pagoda.engine.sampling_params import SamplingParams
 from pagoda.engine.spec_decode import controller as controller_module
 from pagoda.engine.spec_decode.controller import SpecDecodeController
 from pagoda.engine.spec_decode.ngram import NgramProposer, propose_from_tokens
+from pagoda.engine.spec_decode.step_costs import COST_MARGIN, StepCosts, speculation_pays
 from pagoda.engine.step import ModelRunnerOutput, SchedulerOutput
 
 
@@ -43,6 +42,15 @@ def test_config_defaults_and_forms():
                                         "disable_by_batch_size": no_limit}).disable_by_batch_size is None
     assert SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2,
                                     "disable_by_batch_size": 2}).disable_by_batch_size == 2
+    # no limit given: the engine measures the cutoff for n-gram drafts (a draft model's cost is not timed)
+    assert config.auto_cutoff and config.measured_cutoff
+    for given in (None, 0, 8):
+        explicit = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2,
+                                            "disable_by_batch_size": given})
+        assert not explicit.auto_cutoff and not explicit.measured_cutoff
+    draft = SpeculativeConfig.parse({"method": "draft_model", "model": "/d", "num_speculative_tokens": 2})
+    assert draft.auto_cutoff and not draft.measured_cutoff
+    assert draft.disable_by_batch_size == DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE
 
 
 @pytest.mark.parametrize("value, named", [
@@ -195,6 +203,61 @@ def test_controller_pauses_a_request_whose_drafts_fail_then_retries():
                          + list(range(third_start, 61)))
     assert controller.num_drafts == 60 + (60 - len(paused_at))
     assert controller.num_accepted_tokens_per_pos == [60, 60]
+
+
+# -- the measured cutoff (step_costs.py) ---------------------------------------------------------------
+def costs(ratios: dict[int, float]) -> StepCosts:
+    """Step costs whose verify / decode ratio per bucket is `ratios` (decode steps of 10 ms)."""
+    buckets = tuple(sorted(ratios))
+    return StepCosts(buckets, tuple(0.01 for _ in buckets), tuple(0.01 * ratios[b] for b in buckets), 1024)
+
+
+def test_step_costs_ratio_and_rule():
+    table = costs({1: 1.05, 8: 1.3, 32: 2.4, 64: 4.0})
+    assert table.ratio(1) == pytest.approx(1.05) and table.ratio(5) == pytest.approx(1.3)
+    assert table.ratio(64) == pytest.approx(4.0) and table.ratio(65) is None and table.max_batch == 64
+    assert "batch 1 1.05x, 8 1.30x, 32 2.40x, 64 4.00x" in table.describe()
+    margin = 1 + COST_MARGIN
+    # 1 + (s / B) * a >= (1 + margin) * ratio
+    assert speculation_pays(table, 1, 1, 0.2)                           # 1.2 >= 1.155
+    assert not speculation_pays(table, 1, 1, 0.1)                       # 1.1 < 1.155
+    assert speculation_pays(table, 32, 32, 2.4 * margin - 1 + 1e-9)
+    assert not speculation_pays(table, 32, 16, 2.4 * margin - 1)         # half of them: half the gain
+    assert not speculation_pays(table, 65, 65, 4.0)                     # above the graphs: eager, never
+    assert not speculation_pays(table, 4, 0, 4.0)
+    for bad, message in (((), "one decode and one verify time per bucket"), ((2, 1), "ascending"),
+                         ((0,), "ascending batch sizes >= 1")):
+        with pytest.raises(ValueError, match=message):
+            StepCosts(bad, (0.01,) * len(bad), (0.01,) * len(bad), 1)
+    with pytest.raises(ValueError, match="must be > 0 s"):
+        StepCosts((1,), (0.0,), (0.01,), 1)
+
+
+def test_controller_decides_by_measured_costs_and_observed_acceptance():
+    config = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 4})
+    controller = SpecDecodeController(config, max_model_len=512)
+    batch = [decoding(f"r{i}") for i in range(24)]
+    # nothing measured (CPU, eager): the default limit
+    assert not controller.step_speculates(batch)
+    assert controller.step_speculates(batch[:DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE - 1])
+    controller.use_step_costs(costs({1: 1.02, 8: 1.2, 32: 2.0}))
+    assert controller.step_costs is not None
+    assert controller.step_speculates(batch)                            # 24 < 32: 1 + 4 >= 2.2 (optimistic start)
+    assert not controller.step_speculates(batch + [decoding(f"x{i}") for i in range(9)])   # 33: no graph
+    # verifications that accept one draft in four: a -> 1, which no longer pays at 24 (2 < 2.2) but at 8
+    for _ in range(60):
+        scheduled = [item(r.request_id, 4) for r in batch]
+        controller.observe(SchedulerOutput(scheduled=scheduled, num_spec_tokens=4 * len(batch)),
+                           ModelRunnerOutput(spec_token_ids={r.request_id: [1, 2] for r in batch}),
+                           {r.request_id: r for r in batch})
+    assert controller.accepted_per_verification == pytest.approx(1.0, abs=0.01)
+    assert not controller.step_speculates(batch)
+    assert controller.step_speculates(batch[:8])                        # 1 + 1 >= 1.32
+    # a user's limit is kept as given: no measured decision
+    fixed = SpecDecodeController(SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 4,
+                                                          "disable_by_batch_size": 64}), max_model_len=512)
+    fixed.use_step_costs(costs({1: 1.02, 8: 1.2, 32: 2.0}))
+    assert fixed.step_costs is None and fixed.step_speculates(batch + batch)
 
 
 def item(request_id: str, num_spec: int):

@@ -156,6 +156,9 @@ def test_verify_max_batch():
     assert verify_max_batch(None, 256) == VERIFY_GRAPH_MAX_BATCH
     assert verify_max_batch(None, 8) == 8
     assert verify_max_batch(2, 256) == 1
+    # a measured cutoff: graphs wherever the measurement may find that speculation pays
+    assert verify_max_batch(16, 256, measured_cutoff=True) == VERIFY_GRAPH_MAX_BATCH
+    assert verify_max_batch(16, 40, measured_cutoff=True) == 40
 
 
 # -- padded forward == unpadded eager forward -------------------------------------------------------
@@ -301,3 +304,27 @@ def test_captured_graph_replays_the_eager_forward():
             got = graphs.run(ids, positions, metadata)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cache, eager_cache, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_costs_are_measured_and_the_graphs_left_as_captured():
+    from pagoda.engine.worker.cuda_graphs import DecodeGraphs
+    from pagoda.engine.worker.verify_graphs import measure_step_costs
+
+    cuda = torch.device("cuda")
+    model = tiny_model(cuda)
+    cache = random_cache(model, cuda)
+    use_cache(model, cache)
+    decode = DecodeGraphs(model, max_batch=16, max_blocks_per_seq=MAX_BLOCKS, max_model_len=MAX_MODEL_LEN,
+                          hidden_size=64, dtype=torch.float32, device=cuda)
+    decode.capture()
+    verify = VerifyGraphs(model, q=4, max_batch=8, max_blocks_per_seq=MAX_BLOCKS, max_model_len=MAX_MODEL_LEN,
+                          hidden_size=64, dtype=torch.float32, device=cuda, pool=decode.pool)
+    verify.capture()
+    before = cache.clone()
+    costs = measure_step_costs(decode, verify, NUM_BLOCKS, BLOCK_SIZE)
+    assert costs.buckets == (1, 2, 4, 8) and all(t > 0 for t in costs.decode_s + costs.verify_s)
+    assert 4 < costs.context <= MAX_MODEL_LEN
+    assert torch.equal(cache, before), "timing wrote to the KV cache"
+    assert (decode.seq_lens == 1).all() and (verify.batch.seq_lens == 4).all()
+    assert not decode.block_tables.any() and not verify.batch.block_tables.any()
