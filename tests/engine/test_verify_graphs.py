@@ -328,3 +328,63 @@ def test_step_costs_are_measured_and_the_graphs_left_as_captured():
     assert torch.equal(cache, before), "timing wrote to the KV cache"
     assert (decode.seq_lens == 1).all() and (verify.batch.seq_lens == 4).all()
     assert not decode.block_tables.any() and not verify.batch.block_tables.any()
+
+
+def test_step_cost_timing_sets_up_the_static_buffers_and_restores_them(monkeypatch):
+    """`measure_step_costs` with stand-in graphs (CPU): each replay sees every sequence of its bucket at
+    the timing context over valid blocks, nothing written (slots -1); afterwards the buffers hold the
+    captured padding again, and each bucket's ratio is its verify time over its decode time."""
+    from pagoda.engine.worker import verify_graphs as module
+    from pagoda.engine.worker.cuda_graphs import DecodeGraphs
+
+    cpu = torch.device("cpu")
+    q, num_blocks = 3, 10
+    decode = DecodeGraphs(None, max_batch=16, max_blocks_per_seq=MAX_BLOCKS, max_model_len=MAX_MODEL_LEN,
+                          hidden_size=8, dtype=torch.float32, device=cpu)
+    verify = VerifyGraphs(None, q=q, max_batch=6, max_blocks_per_seq=MAX_BLOCKS, max_model_len=MAX_MODEL_LEN,
+                          hidden_size=8, dtype=torch.float32, device=cpu)
+    seen: list[tuple] = []
+    clock = [0.0]
+
+    class StandIn:
+        def __init__(self, kind: str, batch: int, cost_ms: float) -> None:
+            self.kind, self.batch, self.cost_ms = kind, batch, cost_ms
+
+        def replay(self) -> None:
+            buffers = decode if self.kind == "decode" else verify.batch
+            rows = self.batch if self.kind == "decode" else self.batch * q
+            seen.append((self.kind, self.batch, buffers.seq_lens[:self.batch].tolist(),
+                         buffers.positions[:rows].tolist(), buffers.block_tables[:self.batch, :3].tolist(),
+                         int(buffers.slot_mapping.max())))
+            clock[0] += self.cost_ms
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            self.at = None
+
+        def record(self) -> None:
+            self.at = clock[0]
+
+        def elapsed_time(self, end: "Event") -> float:
+            return end.at - self.at
+
+    decode.graphs = {b: StandIn("decode", b, 1.0 + b / 16) for b in decode.buckets}
+    verify.graphs = {b: StandIn("verify", b, 1.2 + b / 4) for b in verify.buckets}
+    monkeypatch.setattr(module.torch.cuda, "Event", Event)
+    monkeypatch.setattr(module.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(module, "TIMING_CONTEXT", 40)
+    costs = module.measure_step_costs(decode, verify, num_blocks, BLOCK_SIZE)
+
+    assert verify.buckets == [1, 2, 4, 6] and costs.buckets == (1, 2, 4, 6) and costs.context == 40
+    # bucket 6 verifies against the decode graph a plain step of 6 replays: bucket 8
+    assert costs.decode_s == pytest.approx(tuple((1.0 + b / 16) / 1e3 for b in (1, 2, 4, 8)))
+    assert costs.ratio(5) == pytest.approx((1.2 + 6 / 4) / (1.0 + 8 / 16))
+    blocks = [b % num_blocks for b in range(3)]
+    for kind, batch, seq_lens, positions, tables, slots in seen:
+        assert seq_lens == [40] * batch and tables == [blocks] * batch and slots == -1
+        assert positions == ([39] * batch if kind == "decode" else [37, 38, 39] * batch)
+    assert [(k, b) for k, b, *_ in seen][:4] == [("decode", 1), ("decode", 1), ("decode", 1), ("decode", 1)]
+    assert len(seen) == 2 * 4 * (1 + module.TIMING_REPLAYS)
+    assert (decode.seq_lens == 1).all() and not decode.positions.any() and not decode.block_tables.any()
+    assert (verify.batch.seq_lens == q).all() and not verify.batch.positions.any()
+    assert not verify.batch.block_tables.any()
