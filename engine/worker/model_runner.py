@@ -40,9 +40,9 @@ from ..spec_decode.step_costs import StepCosts
 from ..step import (GrammarOutput, ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput,
                     StepHandle)
 from ..utils import startup_timeline
-from .sampler import Sampler, SamplingRow, TokenMask
 from . import paged_kv_cache
 from .prompt_logprobs import prompt_logprobs
+from .sampler import Sampler, SamplingRow, TokenMask
 from .step_inputs import BlockTable, PinnedStaging, Placeholders, PromptRows, SamplingLayout, StepInputs
 from .step_profiler import StepProfiler
 
