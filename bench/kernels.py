@@ -14,7 +14,7 @@ to the torch reference's time.
 Shapes: hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336, KV block 16, bf16.
 Decode: batch 1 / 32 / 256 x context 512 / 2k / 8k. Prefill: 8 x 512 fresh prompts (and 1 x 4096).
 A windowed layer with sinks (window 1024): decode 32 x 8k and prefill 1 x 4096 count only the window's work.
-FP8 (e4m3) KV cache: decode 32 x 2k and 256 x 1k / 2k, and the cache write, at 1 byte an element.
+FP8 (e4m3) KV cache: decode 32 x 2k and 256 x 1k / 2k, prefill 8 x 512, and the cache write, at 1 byte an element.
 Norm / rotary / silu / cache write: 256 and 8192 tokens. Weight-only (W4A16 g128 vs bf16): qkv, o,
 gate_up and down at M = 1 / 16 / 64 / 256, and GGUF Q6_K's 6-bit format at down, M = 1 / 16 / 256; FP8
 W8A8 vs bf16 likewise. Times are medians of triton.testing.do_bench,
@@ -124,6 +124,13 @@ def attention_cases() -> Iterator[Case]:
             lambda q=q, kc=kc, vc=vc, md=md: paged_attention_ref(q, kc, vc, md, scale, **fp8_scales),
             bytes_moved=batch * context * kv_bytes_per_token // DTYPE.itemsize + 2 * q.numel() * q.element_size(),
         )
+    q, kc, vc, md = paged_batch([(512, 512)] * 8, cache_dtype=torch.float8_e4m3fn)
+    yield Case(
+        "attention", "prefill fp8 kv", "8 x 512 tokens",
+        lambda q=q, kc=kc, vc=vc, md=md: attention_triton.paged_attention(q, kc, vc, md, scale, **fp8_scales),
+        lambda q=q, kc=kc, vc=vc, md=md: paged_attention_ref(q, kc, vc, md, scale, **fp8_scales),
+        flops=4 * 8 * 512 * 513 / 2 * NUM_HEADS * HEAD_DIM,
+    )
     # a windowed layer with sinks (gpt-oss / Mistral style, window 1024): only the window is read or computed
     window = 1024
     features = dict(sliding_window=window, sinks=torch.zeros(NUM_HEADS, device="cuda"))
