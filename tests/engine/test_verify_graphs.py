@@ -279,12 +279,20 @@ def test_runner_on_the_verification_path_gives_the_plain_tokens(make_llm, async_
 
 # -- CUDA: capture and replay ------------------------------------------------------------------------
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_captured_graph_replays_the_eager_forward():
-    cuda = torch.device("cuda")
-    model = tiny_model(cuda)
-    cache = random_cache(model, cuda)
+@pytest.fixture
+def cuda_model() -> tuple[torch.nn.Module, torch.Tensor]:
+    """The tiny model on CUDA with a random KV cache in place: (model, cache)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = tiny_model(torch.device("cuda"))
+    cache = random_cache(model, torch.device("cuda"))
     use_cache(model, cache)
+    return model, cache
+
+
+def test_captured_graph_replays_the_eager_forward(cuda_model):
+    cuda = torch.device("cuda")
+    model, cache = cuda_model
     q = 4
     graphs = VerifyGraphs(model, q=q, max_batch=8, max_blocks_per_seq=MAX_BLOCKS, max_model_len=MAX_MODEL_LEN,
                           hidden_size=64, dtype=torch.float32, device=cuda)
@@ -306,15 +314,12 @@ def test_captured_graph_replays_the_eager_forward():
         torch.testing.assert_close(cache, eager_cache, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_step_costs_are_measured_and_the_graphs_left_as_captured():
+def test_step_costs_are_measured_and_the_graphs_left_as_captured(cuda_model):
     from pagoda.engine.worker.cuda_graphs import DecodeGraphs
     from pagoda.engine.worker.verify_graphs import measure_step_costs
 
     cuda = torch.device("cuda")
-    model = tiny_model(cuda)
-    cache = random_cache(model, cuda)
-    use_cache(model, cache)
+    model, cache = cuda_model
     decode = DecodeGraphs(model, max_batch=16, max_blocks_per_seq=MAX_BLOCKS, max_model_len=MAX_MODEL_LEN,
                           hidden_size=64, dtype=torch.float32, device=cuda)
     decode.capture()

@@ -99,34 +99,22 @@ CONFIGS = [
     pytest.param(5, GemmConfig(16, 64, 256, split_k=2), id="m5-split2-many-groups"),
     pytest.param(70, GemmConfig(64, 32, 64), id="m70-two-row-tiles"),
     pytest.param(17, GemmConfig(16, 16, 32), id="m17-narrow-tiles"),
+    pytest.param(1, GemmConfig(1, 16, 16, split_k=2), id="m1-16-wide-tiles"),     # 6 bits: one top-bits word a row
+    pytest.param(2, GemmConfig(2, 32, 256), id="m2-wide-gemv"),
 ]
+# int4 with zeros in groups of 64; 6-bit values (Q6_K's format, joined from two planes) in 16-value groups
+# under super-scales
+TILED_FORMATS = [pytest.param((4, 64, "zeros", 1), id="int4-g64"), pytest.param((6, 16, "super_int8", 4), id="six-bit")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m,config", CONFIGS)
-def test_explicit_tilings(m, config, dtype, device):
-    """Split-K (float32 partial sums), tiles of one group or several, several row tiles."""
+@pytest.mark.parametrize("weight_format", TILED_FORMATS)
+def test_explicit_tilings(weight_format, m, config, dtype, device):
+    """Split-K (float32 partial sums), tiles of one group or several, several row tiles, GEMV and GEMM."""
     n, k = 48, 512
-    weight = make_weight(n, k, 4, 64, "zeros", device, seed=1)
-    x = torch.randn(m, k, device=device).to(dtype)
-    bias = torch.randn(n, device=device).to(dtype)
-    assert_close(weight_only_triton.weight_only_linear(x, weight, bias, config=config),
-                 weight_only_linear_ref(x, weight, bias))
-
-
-SIX_BIT_CONFIGS = CONFIGS + [
-    pytest.param(1, GemmConfig(1, 16, 16, split_k=2), id="m1-16-wide-tiles"),     # one top-bits word a row
-    pytest.param(2, GemmConfig(2, 32, 256), id="m2-wide-gemv"),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("m,config", SIX_BIT_CONFIGS)
-def test_six_bit_planes_on_every_tiling(m, config, dtype, device):
-    """6-bit values (Q6_K's format) joined from their two planes on GEMV and GEMM tiles of every width,
-    split or not, with 16-value groups under super-scales."""
-    n, k = 48, 512
-    weight = make_weight(n, k, 6, 16, "super_int8", device, seed=4)
+    bits, group, variant, seed = weight_format
+    weight = make_weight(n, k, bits, group, variant, device, seed=seed)
     x = torch.randn(m, k, device=device).to(dtype)
     bias = torch.randn(n, device=device).to(dtype)
     assert_close(weight_only_triton.weight_only_linear(x, weight, bias, config=config),
